@@ -1,0 +1,118 @@
+"""What a data source holds: counts per class, image sizes and modes, and which files were skipped and why."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+from medpfl.data.base import ImageSource, Skipped
+from medpfl.errors import MedPFLError
+
+# Above this many distinct sizes the report gives the range instead of listing them.
+MAX_LISTED_SIZES = 8
+
+
+@dataclass
+class InspectReport:
+    """Summary of one source, built from headers (and a cheap decode of every file when verified)."""
+
+    kind: str
+    root: str
+    n_items: int
+    class_counts: dict[str, int]
+    sizes: dict[str, int]  # "HxW" -> items; empty when there are more than MAX_LISTED_SIZES distinct sizes
+    size_range: tuple[tuple[int, int], tuple[int, int]] | None  # ((min H, min W), (max H, max W))
+    modes: dict[str, int]
+    skipped: list[Skipped] = field(default_factory=list)
+    verified: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready form."""
+        return asdict(self)
+
+
+def _item_size(source: ImageSource, item: Any) -> tuple[int, int]:
+    """Item size from its listing header, or by decoding it when the source recorded none (small sources)."""
+    size = item.provenance.get("size")
+    if size is not None:
+        return int(size[0]), int(size[1])
+    shape = source.load(item).shape
+    return int(shape[0]), int(shape[1])
+
+
+def inspect_source(
+    spec: str | os.PathLike[str] | ImageSource | None,
+    strict: bool = False,
+    verify: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+    **options: Any,
+) -> InspectReport:
+    """Open (or take) a source and summarise it; `verify` decodes every file cheaply, `strict` fails on any skip."""
+    from medpfl.data.sources import open_source
+
+    source = spec if isinstance(spec, ImageSource) else open_source(spec, **options)
+    verified = False
+    if verify and hasattr(source, "verify"):
+        source.verify(progress=progress)  # drops failing items, records them in source.skipped
+        verified = True
+    skipped = list(getattr(source, "skipped", []))
+    if strict and skipped:
+        listing = "; ".join(f"{s.path} ({s.reason})" for s in skipped)
+        raise MedPFLError(
+            f"{len(skipped)} file(s) could not be used: {listing}; fix or remove them, or run without strict mode."
+        )
+    counts = Counter(it.class_name for it in source.items)
+    class_counts = {c: counts.get(c, 0) for c in source.classes}
+    sizes = Counter(_item_size(source, it) for it in source.items)
+    size_range = None
+    if sizes:
+        hs, ws = [s[0] for s in sizes], [s[1] for s in sizes]
+        size_range = ((min(hs), min(ws)), (max(hs), max(ws)))
+    listed = (
+        {f"{h}x{w}": n for (h, w), n in sorted(sizes.items(), key=lambda kv: (-kv[1], kv[0]))}
+        if len(sizes) <= MAX_LISTED_SIZES
+        else {}
+    )
+    modes = Counter(str(it.provenance.get("mode", "unknown")) for it in source.items)
+    root = getattr(source, "root", None) or getattr(source, "path", None) or (spec if isinstance(spec, str) else "")
+    return InspectReport(
+        kind=getattr(source, "name", type(source).__name__),
+        root=str(root),
+        n_items=len(source.items),
+        class_counts=class_counts,
+        sizes=listed,
+        size_range=size_range,
+        modes=dict(modes.most_common()),
+        skipped=skipped,
+        verified=verified,
+    )
+
+
+def format_report(report: InspectReport) -> Any:
+    """A rich renderable (tables) of the report, for printing with a rich Console."""
+    from rich.console import Group
+    from rich.table import Table
+
+    summary = Table(title=f"{report.kind} source: {report.root}", show_header=False, title_justify="left")
+    summary.add_row("images", str(report.n_items))
+    summary.add_row("classes", str(len(report.class_counts)))
+    if report.sizes:
+        summary.add_row("sizes (HxW)", ", ".join(f"{s} ({n})" for s, n in report.sizes.items()))
+    elif report.size_range is not None:
+        (h0, w0), (h1, w1) = report.size_range
+        summary.add_row("sizes (HxW)", f"{h0}x{w0} .. {h1}x{w1} (many distinct)")
+    summary.add_row("modes", ", ".join(f"{m} ({n})" for m, n in report.modes.items()) or "-")
+    summary.add_row("verified", "every file decoded" if report.verified else "headers only")
+    summary.add_row("skipped", str(len(report.skipped)))
+    classes = Table("label", "class", "images", title="Classes", title_justify="left")
+    for i, (name, n) in enumerate(report.class_counts.items()):
+        classes.add_row(str(i), name, str(n))
+    parts: list[Any] = [summary, classes]
+    if report.skipped:
+        skipped = Table("file", "reason", title="Skipped files", title_justify="left")
+        for s in report.skipped:
+            skipped.add_row(s.path, s.reason)
+        parts.append(skipped)
+    return Group(*parts)
