@@ -83,10 +83,12 @@ def verify_by_file(
     return kept, new
 
 
-def describe_error(exc: BaseException) -> str:
-    """A one-line reason from an exception, for the skipped list."""
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+def describe_error(exc: BaseException, limit: int = 200) -> str:
+    """A one-line reason from an exception, for the skipped list (decoder messages often span lines)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def class_index(names: Iterable[str]) -> tuple[list[str], dict[str, int]]:
