@@ -396,7 +396,8 @@ def _readme(rows: list[dict[str, Any]], digest: str) -> str:
         f"{len(rows)} real medical images, {SIZE}x{SIZE} RGB uint8 (grey modalities replicated), classes:",
         "  " + ", ".join(f"{c} {n}" for c, n in Counter(r["class"] for r in rows).items()),
         "Cut (seeded crops at several scales, frames, slices) from images shipped inside pip packages;",
-        "CT/MR/CR windowed with slope/intercept and a 0.5-99.5 percentile window, MONOCHROME1 inverted.",
+        "DICOM rescaled by slope/intercept; CT shown in the file's VOI window (else W400 L40), MR and CR in a",
+        "0.5-99.5 percentile window; MONOCHROME1 inverted. Same package versions give byte-identical builds.",
         f"Per-image provenance and the recommended grouped train/test split: {PREFIX}-provenance.csv.",
         "Groups: one source image, a run of neighbouring frames/slices, or a disjoint region of a large image.",
         "Caveat: for X-ray, fundus and histology some test regions come from the same image (patient) as",
@@ -407,7 +408,10 @@ def _readme(rows: list[dict[str, Any]], digest: str) -> str:
     for file, row in by_file.items():
         lines.append(f"  {file} [{row['package']} {row['version']}] {row['origin']}; {row['licence']}; {row['n']}")
     lines += ["", "Licences: pydicom, pydicom-data and nibabel are MIT; GDCM data BSD-3-Clause; scikit-image data",
-              "CC0 or 'no known copyright restrictions' as stated in skimage.data docstrings. Nothing GPL.", ""]
+              "CC0 or 'no known copyright restrictions' as stated in skimage.data docstrings. Nothing GPL.",
+              "693_UNCR.dcm (a pydicom bug-report file) and explicit_VR-UN.dcm (TCIA) are documented only by the",
+              "pydicom test-data README and ship under pydicom-data's MIT licence; the rest come from NEMA WG04,",
+              "GDCM, nibabel and scikit-image with stated terms.", ""]
     return "\n".join(lines)
 
 
