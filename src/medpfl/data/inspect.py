@@ -76,7 +76,7 @@ def inspect_source(
         else {}
     )
     modes = Counter(str(it.provenance.get("mode", "unknown")) for it in source.items)
-    root = getattr(source, "root", None) or getattr(source, "path", None) or (spec if isinstance(spec, str) else "")
+    root = getattr(source, "root", None) or getattr(source, "path", None) or spec or "embedded default"
     return InspectReport(
         kind=getattr(source, "name", type(source).__name__),
         root=str(root),
