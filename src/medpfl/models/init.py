@@ -33,7 +33,10 @@ def _reset_norm(module: nn.Module) -> None:
 
 @torch.no_grad()
 def init_weights(model: nn.Module, scheme: str = "default", generator: torch.Generator | None = None) -> nn.Module:
-    """Re-initialise every parameter of `model` in place with `scheme`, drawing only from `generator`."""
+    """Re-initialise every parameter of `model` in place with `scheme`, drawing only from `generator`.
+
+    A missing generator means seed 0, never the global RNG; returns `model` for chaining.
+    """
     if scheme not in INIT_SCHEMES:
         raise MedPFLError(f"Unknown --init '{scheme}'; choose one of: {', '.join(INIT_SCHEMES)}.")
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
