@@ -1,0 +1,57 @@
+"""What the adversary holds, kept apart from the ground truth it tries to recover.
+
+A curious server (or an eavesdropper) sees the server payload it sent and each victim's observed
+update. Attack code receives only these two objects; originals and true labels stay with the scorer.
+Every tensor here is stacked over victims: dimension 0 indexes the victim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """What the attacker is granted beyond the raw update."""
+
+    knows_labels: bool = False  # Inverting Gradients, as the paper ran it, is handed the true labels
+    knows_batch_size: bool = True
+
+
+@dataclass
+class ServerPayload:
+    """The architecture and, for each victim, the weights it computed its update on."""
+
+    model: nn.Module  # the architecture; its own parameters are ignored in favour of `params`
+    params: dict[str, torch.Tensor]  # name -> V x (parameter shape)
+    num_classes: int
+    image_shape: tuple[int, int, int]  # C, H, W
+
+    @property
+    def n_victims(self) -> int:
+        return next(iter(self.params.values())).shape[0]
+
+
+@dataclass
+class ObservedUpdate:
+    """Exactly what the adversary holds of each victim's update, nothing more."""
+
+    gradients: dict[str, torch.Tensor]  # name -> V x (parameter shape), averaged over the victim's batch
+    batch_size: int  # images behind each victim's update
+    labels: torch.Tensor | None = None  # V x B, only when the threat model grants them
+
+
+@dataclass
+class Reconstruction:
+    """An attack's answer for each victim, and what it cost."""
+
+    images: torch.Tensor  # V x B x C x H x W in [0,1]
+    labels: torch.Tensor  # V x B recovered labels
+    objective: torch.Tensor  # V, the attacker's own final objective (lower is better)
+    evaluations: torch.Tensor  # V, objective (gradient) evaluations spent
+    diverged: torch.Tensor  # V bool: the optimisation broke down; the images are not a real answer
+    seconds: float  # wall time of the attack alone
+    extra: dict = field(default_factory=dict)
