@@ -1,0 +1,42 @@
+"""Gradient-inversion attacks: what an adversary reconstructs from an observed update."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload, ThreatModel
+from medpfl.errors import MedPFLError
+
+ATTACKS = {
+    "dlg": "Deep Leakage from Gradients: L-BFGS on image and soft label (Zhu et al. 2019)",
+    "idlg": "Improved DLG: label from the last layer, L-BFGS on the image (Zhao et al. 2020)",
+    "cpl": "Catastrophic privacy leakage: iDLG with a patterned start (Wei et al. 2020)",
+    "invgrad": "Inverting Gradients: cosine distance, TV, signed Adam, restarts (Geiping et al. 2020)",
+}
+# The model each attack was run on in the paper, used when no --model is given.
+DEFAULT_MODELS = {"dlg": "lenet-dlg", "idlg": "lenet-idlg", "cpl": "lenet-cpl", "invgrad": "resnet18"}
+# The paper hands Inverting Gradients the true labels; the others find them themselves.
+THREAT_MODELS = {name: ThreatModel(knows_labels=name == "invgrad") for name in ATTACKS}
+
+
+def build_attack(name: str, **settings: Any):
+    """The attack `name` with the paper's settings, overridden by `settings`."""
+    if name not in ATTACKS:
+        raise MedPFLError(f"Unknown --attack '{name}'; choose one of: {', '.join(ATTACKS)}.")
+    if name == "invgrad":
+        from medpfl.attacks.inverting_gradients import invgrad as factory
+    else:
+        from medpfl.attacks import gradient_matching
+
+        factory = getattr(gradient_matching, name)
+    attack = factory()
+    for key, value in settings.items():
+        if not hasattr(attack.settings, key):
+            valid = ", ".join(attack.settings.__dataclass_fields__)
+            raise MedPFLError(f"Attack '{name}' has no setting '{key}'; valid settings: {valid}.")
+        setattr(attack.settings, key, value)
+    return attack
+
+
+__all__ = ["ATTACKS", "DEFAULT_MODELS", "THREAT_MODELS", "ObservedUpdate", "Reconstruction", "ServerPayload",
+           "ThreatModel", "build_attack"]

@@ -1,0 +1,83 @@
+"""A run directory: its config, seed and library versions, and results written as they finish."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from medpfl.errors import MedPFLError
+
+_LIBRARIES = ("medpfl", "torch", "numpy", "scipy", "pillow", "pydicom", "nibabel", "scikit-image")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python, the libraries results depend on, and the device used."""
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    versions["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    versions["torch_threads"] = str(torch.get_num_threads())
+    return versions
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write JSON atomically, so an interrupted run never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def open_run_dir(out: str | os.PathLike[str], config: dict[str, Any], resume: bool = True) -> Path:
+    """Create `out` and record the config there; an existing run resumes only with the same config."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MedPFLError(f"Cannot create the output folder '{path}' ({exc.strerror}); pass a writable --out.") from exc
+    config_file = path / "config.json"
+    record = {"config": config, "seed": config.get("seed"), "versions": library_versions(), "argv": sys.argv}
+    if config_file.exists() and (path / "results.jsonl").exists():
+        previous = json.loads(config_file.read_text()).get("config")
+        if previous != config:
+            changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
+            raise MedPFLError(
+                f"'{path}' holds a run with other settings ({', '.join(changed)}); pass a new --out "
+                "or the same settings to resume it."
+            )
+        if not resume:
+            (path / "results.jsonl").unlink()
+        else:  # drop a last line cut short by an interruption, so new results start on a clean line
+            kept = [json.dumps(r) + "\n" for r in read_results(path)]
+            (path / "results.jsonl").write_text("".join(kept))
+    write_json(config_file, record)
+    return path
+
+
+def read_results(path: Path) -> Iterator[dict[str, Any]]:
+    """Finished results of a run; a last line cut short by an interruption is ignored."""
+    results = path / "results.jsonl"
+    if not results.exists():
+        return
+    for line in results.read_text().splitlines():
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            continue
+
+
+def append_result(path: Path, result: dict[str, Any]) -> None:
+    """Append one finished result and flush it to disk at once."""
+    with open(path / "results.jsonl", "a") as f:
+        f.write(json.dumps(result) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
