@@ -62,7 +62,7 @@ def count_labels(update: ObservedUpdate, payload: ServerPayload) -> torch.Tensor
     present = g < 0
     # Classes whose gradient says "present" get one each (as many as fit, most negative first) ...
     order = g.argsort(-1)
-    counts = torch.zeros_like(counts)
+    counts = torch.zeros_like(g, dtype=torch.long)
     for v in range(g.shape[0]):
         for k in order[v][present[v][order[v]]][:B].tolist():
             counts[v, k] = 1

@@ -28,9 +28,19 @@ class OptimResult:
     diverged: torch.Tensor  # V bool: loss or gradient became NaN/inf (x is the last finite point)
 
 
-def _evaluate(objective: Objective, x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    loss, grad = objective(x, idx)
-    return loss.detach(), grad.detach()
+class _Rows:
+    """Per-victim optimiser state of the victims still running, one row each.
+
+    Rows of finished victims are dropped at once, so every tensor op of a step touches only running
+    victims and the (large) curvature history is never gathered or copied on the way.
+    """
+
+    def __init__(self, **tensors: torch.Tensor) -> None:
+        self.__dict__.update(tensors)
+
+    def keep(self, mask: torch.Tensor) -> None:
+        for name, value in list(self.__dict__.items()):
+            setattr(self, name, value[mask])
 
 
 def lbfgs(
@@ -55,119 +65,119 @@ def lbfgs(
     V, D = x0.shape
     dev, dt = x0.device, x0.dtype
     m = history_size
-    x = x0.detach().clone()
-    loss = torch.full((V,), float("nan"), device=dev, dtype=dt)
-    prev_g = torch.zeros_like(x)
-    prev_loss = torch.zeros(V, device=dev, dtype=dt)
-    d = torch.zeros_like(x)
-    t = torch.zeros(V, device=dev, dtype=dt)
-    h_diag = torch.ones(V, device=dev, dtype=dt)
-    # Curvature pairs in a ring buffer per victim; `head` is the oldest slot, `count` the number held.
-    S = torch.zeros(V, m, D, device=dev, dtype=dt)
-    Y = torch.zeros(V, m, D, device=dev, dtype=dt)
-    SY = torch.zeros(V, m, m, device=dev, dtype=dt)  # SY[v, i, j] = s_i . y_j, kept up to date incrementally
-    rho = torch.zeros(V, m, device=dev, dtype=dt)
-    head = torch.zeros(V, dtype=torch.long, device=dev)
-    count = torch.zeros(V, dtype=torch.long, device=dev)
-
-    n_iter = torch.zeros(V, dtype=torch.long, device=dev)  # iterations over all steps (torch's state['n_iter'])
-    iter_in_step = torch.zeros(V, dtype=torch.long, device=dev)
-    evals_in_step = torch.zeros(V, dtype=torch.long, device=dev)
-    step = torch.zeros(V, dtype=torch.long, device=dev)
-    evaluations = torch.zeros(V, dtype=torch.long, device=dev)
-    at_step_start = torch.ones(V, dtype=torch.bool, device=dev)  # next evaluation opens a new .step() call
-    active = torch.ones(V, dtype=torch.bool, device=dev)
-    diverged = torch.zeros(V, dtype=torch.bool, device=dev)
-    converged = torch.zeros(V, dtype=torch.bool, device=dev)
+    zeros = lambda *shape, dtype=dt: torch.zeros(*shape, device=dev, dtype=dtype)  # noqa: E731
+    # Results, indexed by victim.
+    out = OptimResult(x=x0.detach().clone(), loss=torch.full((V,), float("nan"), device=dev, dtype=dt),
+                      evaluations=zeros(V, dtype=torch.long), steps=zeros(V, dtype=torch.long),
+                      converged=zeros(V, dtype=torch.bool), diverged=zeros(V, dtype=torch.bool))
+    r = _Rows(
+        victim=torch.arange(V, device=dev), x=x0.detach().clone(), loss=zeros(V), prev_g=zeros(V, D),
+        prev_loss=zeros(V), d=zeros(V, D), t=zeros(V), h_diag=torch.ones(V, device=dev, dtype=dt),
+        # Curvature pairs in a ring buffer per victim: `head` is the oldest slot, `count` how many are held,
+        # SY[i, j] = s_i . y_j kept up to date as pairs arrive.
+        S=zeros(V, m, D), Y=zeros(V, m, D), SY=zeros(V, m, m), rho=zeros(V, m),
+        head=zeros(V, dtype=torch.long), count=zeros(V, dtype=torch.long),
+        n_iter=zeros(V, dtype=torch.long),  # iterations over all steps (torch's state['n_iter'])
+        iter_in_step=zeros(V, dtype=torch.long), evals_in_step=zeros(V, dtype=torch.long),
+        step=zeros(V, dtype=torch.long), evaluations=zeros(V, dtype=torch.long),
+        at_step_start=torch.ones(V, dtype=torch.bool, device=dev),  # next evaluation opens a new .step()
+        converged=zeros(V, dtype=torch.bool), diverged=zeros(V, dtype=torch.bool), evaluated=zeros(V, dtype=torch.bool),
+    )
     slots = torch.arange(m, device=dev)
 
-    while bool(active.any()):
-        idx = active.nonzero().squeeze(1)
-        f, grad = _evaluate(objective, x[idx], idx)
-        evaluations[idx] += 1
+    def finish(mask: torch.Tensor) -> None:
+        """Record the victims in `mask` as done and drop their rows."""
+        if bool(mask.any()):
+            v = r.victim[mask]
+            out.x[v], out.evaluations[v], out.steps[v] = r.x[mask], r.evaluations[mask], r.step[mask]
+            out.converged[v], out.diverged[v] = r.converged[mask], r.diverged[mask]
+            out.loss[v] = torch.where(r.evaluated[mask], r.loss[mask], out.loss[v])
+            r.keep(~mask)
+
+    while r.victim.numel():
+        f, grad = objective(r.x, r.victim)
+        f, grad = f.detach(), grad.detach()
+        r.evaluations += 1
         bad = ~(torch.isfinite(f) & torch.isfinite(grad).all(1))
         if bool(bad.any()):
             # Step back to the last finite point so the victim's iterate stays usable for a restart.
-            x[idx[bad]] -= t[idx[bad], None] * d[idx[bad]]
-            diverged[idx[bad]] = True
-            active[idx[bad]] = False
-            keep = ~bad
-            idx, f, grad = idx[keep], f[keep], grad[keep]
-            if idx.numel() == 0:
-                continue
-        loss[idx] = f
+            r.x[bad] -= r.t[bad, None] * r.d[bad]
+            r.diverged |= bad
+            finish(bad)
+            f, grad = f[~bad], grad[~bad]
+            if not r.victim.numel():
+                break
+        r.loss, r.evaluated = f, torch.ones_like(r.evaluated)
         opt_cond = grad.abs().amax(1) <= tolerance_grad
-        starting = at_step_start[idx]
-        evals_in_step[idx] = torch.where(starting, 1, evals_in_step[idx] + 1)
+        starting = r.at_step_start
+        r.evals_in_step = torch.where(starting, 1, r.evals_in_step + 1)
         # After an in-step evaluation torch checks its stopping rules; any of them ends the .step() call.
         # The next call re-evaluates the same point (same loss and gradient), so that evaluation is skipped.
-        moved = (d[idx] * t[idx, None]).abs().amax(1) <= tolerance_change
-        flat = (f - prev_loss[idx]).abs() < tolerance_change
-        ends = ~starting & (opt_cond | moved | flat | (evals_in_step[idx] >= max_eval))
-        step[idx] += ends.long()
-        evals_in_step[idx] = torch.where(ends, 1, evals_in_step[idx])
-        iter_in_step[idx] = torch.where(ends | starting, 0, iter_in_step[idx])
+        moved = (r.d * r.t[:, None]).abs().amax(1) <= tolerance_change
+        flat = (f - r.prev_loss).abs() < tolerance_change
+        ends = ~starting & (opt_cond | moved | flat | (r.evals_in_step >= max_eval))
+        r.step += (ends | (opt_cond & starting)).long()
+        r.evals_in_step = torch.where(ends, 1, r.evals_in_step)
+        r.iter_in_step = torch.where(ends | starting, 0, r.iter_in_step)
         # A point whose gradient is under tolerance is final: every later .step() returns at once.
-        converged[idx[opt_cond]] = True
-        step[idx] += (opt_cond & starting).long()
-        done = opt_cond | (step[idx] >= steps)
-        active[idx[done]] = False
-        idx, f, grad = idx[~done], f[~done], grad[~done]
-        if idx.numel() == 0:
-            continue
+        r.converged |= opt_cond
+        done = opt_cond | (r.step >= steps)
+        if bool(done.any()):
+            finish(done)
+            f, grad = f[~done], grad[~done]
+            if not r.victim.numel():
+                break
 
-        first = n_iter[idx] == 0
-        n_iter[idx] += 1
-        iter_in_step[idx] += 1
+        first = r.n_iter == 0
+        r.n_iter += 1
+        r.iter_in_step += 1
         # Update the curvature history with the last step (not on a victim's very first iteration).
-        s_new = d[idx] * t[idx, None]
-        y_new = grad - prev_g[idx]
+        s_new = r.d * r.t[:, None]
+        y_new = grad - r.prev_g
         ys = (y_new * s_new).sum(1)
         add = ~first & (ys > 1e-10)
         if bool(add.any()):
-            a_idx = idx[add]
-            full = count[a_idx] == m
-            slot = torch.where(full, head[a_idx], (head[a_idx] + count[a_idx]) % m)
-            head[a_idx] = torch.where(full, (head[a_idx] + 1) % m, head[a_idx])
-            count[a_idx] = torch.where(full, count[a_idx], count[a_idx] + 1)
-            s_a, y_a = s_new[add], y_new[add]
-            S[a_idx, slot] = s_a
-            Y[a_idx, slot] = y_a
-            rho[a_idx, slot] = 1.0 / ys[add]
-            SY[a_idx, slot, :] = torch.einsum("vd,vmd->vm", s_a, Y[a_idx])
-            SY[a_idx, :, slot] = torch.einsum("vmd,vd->vm", S[a_idx], y_a)
-            h_diag[a_idx] = ys[add] / (y_a * y_a).sum(1)
-        h_diag[idx[first]] = 1.0
+            rows = add.nonzero().squeeze(1)
+            full = r.count[rows] == m
+            slot = torch.where(full, r.head[rows], (r.head[rows] + r.count[rows]) % m)
+            r.head[rows] = torch.where(full, (r.head[rows] + 1) % m, r.head[rows])
+            r.count[rows] += (~full).long()
+            r.S[rows, slot] = s_new[rows]
+            r.Y[rows, slot] = y_new[rows]
+            r.rho[rows, slot] = 1.0 / ys[rows]
+            # The new pair's dot products with every held pair: one pass over S and Y for all rows.
+            s_dot_y = torch.bmm(r.Y, s_new[:, :, None])[:, :, 0]
+            y_dot_s = torch.bmm(r.S, y_new[:, :, None])[:, :, 0]
+            r.SY[rows, slot, :] = s_dot_y[rows]
+            r.SY[rows, :, slot] = y_dot_s[rows]
+            r.h_diag[rows] = ys[rows] / (y_new[rows] * y_new[rows]).sum(1)
+        r.h_diag = torch.where(first, 1.0, r.h_diag)
 
-        direction = _two_loop(grad, S[idx], Y[idx], SY[idx], rho[idx], head[idx], count[idx], h_diag[idx], slots)
-        d[idx] = direction
-        prev_g[idx] = grad
-        prev_loss[idx] = f
+        direction = _two_loop(grad, r.S, r.Y, r.SY, r.rho, r.head, r.count, r.h_diag, slots)
+        r.d, r.prev_g, r.prev_loss = direction, grad, f
         t_first = torch.clamp(1.0 / grad.abs().sum(1), max=1.0) * lr
-        t[idx] = torch.where(first, t_first, torch.full_like(t_first, lr))
-        gtd = (grad * direction).sum(1)
+        r.t = torch.where(first, t_first, torch.full_like(t_first, lr))
         # Not a descent direction: torch breaks, and every later .step() recomputes the same direction.
-        stuck = gtd > -tolerance_change
-        active[idx[stuck]] = False
-        converged[idx[stuck]] = True
-        step[idx[stuck]] += 1
-        idx = idx[~stuck]
-        if idx.numel() == 0:
-            continue
-        x[idx] += t[idx, None] * d[idx]
+        stuck = (grad * direction).sum(1) > -tolerance_change
+        r.converged |= stuck
+        r.step += stuck.long()
+        finish(stuck)
+        if not r.victim.numel():
+            break
+        r.x = r.x + r.t[:, None] * r.d
+        r.evaluated = torch.zeros_like(r.evaluated)
         # At max_iter torch moves without evaluating and ends the call; the next call evaluates first.
-        last = iter_in_step[idx] >= max_iter
-        step[idx] += last.long()
-        at_step_start[idx] = last
-        finished = last & (step[idx] >= steps)
-        active[idx[finished]] = False
+        last = r.iter_in_step >= max_iter
+        r.step += last.long()
+        r.at_step_start = last
+        finish(last & (r.step >= steps))
 
-    # The final iterate of a victim that ended on a move has no loss yet: evaluate once for the report.
-    stale = ~diverged & (evaluations > 0)
+    # A victim that ended on a move has no loss at its final iterate yet: evaluate once for the report.
+    stale = ~out.diverged & (out.evaluations > 0)
     if bool(stale.any()):
         idx = stale.nonzero().squeeze(1)
-        loss[idx] = _evaluate(objective, x[idx], idx)[0]
-    return OptimResult(x=x, loss=loss, evaluations=evaluations, steps=step, converged=converged, diverged=diverged)
+        out.loss[idx] = objective(out.x[idx], idx)[0].detach()
+    return out
 
 
 def _two_loop(

@@ -1,0 +1,181 @@
+"""Throughput of the batched attack engine against a plain per-image implementation, in one process.
+
+The reference is the paper's setting written plainly: one image at a time, torch.optim.LBFGS, 300
+steps, a fresh sigmoid LeNet with U(-0.5, 0.5) weights per image. The engine attacks the same images,
+from the same starting points, on the same models, all victims in one vectorised optimisation.
+
+    python benchmarks/attack_throughput.py                      # iDLG and CPL, 64 images, JSON to stdout
+    python benchmarks/attack_throughput.py --attacks idlg --n-images 16 --scaling 1,8,32,128 --out b.json
+
+Peak memory is measured around each phase: resident-set growth on CPU (sampled), or
+torch.cuda.max_memory_allocated on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from medpfl.attacks import DEFAULT_MODELS, ObservedUpdate, ServerPayload, build_attack
+from medpfl.attacks.reference import reference_gradient_matching
+from medpfl.data import ImageDataset, sample_items
+from medpfl.data.embedded import embedded_source
+from medpfl.experiments.run_dir import library_versions
+from medpfl.fl.gradients import site_gradients, stack_params
+from medpfl.metrics.image import ssim
+from medpfl.metrics.privacy import SUCCESS_SSIM
+from medpfl.models.registry import build_model
+
+
+class PeakMemory:
+    """Peak memory in MiB above the level at entry: CUDA allocations, or the process's resident set."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.peak_mib = device, 0.0
+
+    @staticmethod
+    def _rss_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._rss_mib())
+            time.sleep(0.01)
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._base = self._peak = self._rss_mib()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mib = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mib = self._peak - self._base
+
+
+def victims(attack_name: str, images: torch.Tensor, labels: torch.Tensor, K: int, device: torch.device):
+    """One fresh paper LeNet per image and the gradient each victim shares."""
+    models = [build_model(DEFAULT_MODELS[attack_name], K, 3, images.shape[-1], seed=v).to(device)
+              for v in range(len(images))]
+    params = stack_params([dict(m.named_parameters()) for m in models])
+    x, y = images[:, None].to(device), labels[:, None].to(device)
+    gradients = site_gradients(models[0], params, x, y, K)
+    return models, ServerPayload(models[0], params, K, tuple(images.shape[1:])), ObservedUpdate(gradients, 1)
+
+
+def quality(recon: torch.Tensor, originals: torch.Tensor) -> dict[str, float]:
+    s = ssim(recon.cpu(), originals.cpu())
+    return {"asr": float((s >= SUCCESS_SSIM).float().mean()), "mean_ssim": float(s.mean())}
+
+
+def run_engine(attack_name: str, images, labels, K, steps, device, victims_per_batch: int) -> dict:
+    attack = build_attack(attack_name, steps=steps, divergence_restarts=0)
+    models, payload, update = victims(attack_name, images, labels, K, device)
+    recon, seconds, evaluations = [], 0.0, 0
+    with PeakMemory(device) as memory:
+        for lo in range(0, len(images), victims_per_batch):
+            part = slice(lo, lo + victims_per_batch)
+            sub_payload = ServerPayload(payload.model, {n: p[part] for n, p in payload.params.items()},
+                                        K, payload.image_shape)
+            sub_update = ObservedUpdate({n: g[part] for n, g in update.gradients.items()}, 1)
+            result = attack.reconstruct(sub_payload, sub_update, torch.Generator().manual_seed(lo))
+            recon.append(result.images[:, 0])
+            seconds += result.seconds
+            evaluations += int(result.evaluations.sum())
+    recon = torch.cat(recon)
+    return {"images_per_second": len(images) / seconds, "seconds": seconds, "peak_memory_mib": memory.peak_mib,
+            "evaluations_per_image": evaluations / len(images), **quality(recon, images)}
+
+
+def run_reference(attack_name: str, images, labels, K, steps, device, victims_per_batch: int) -> dict:
+    attack = build_attack(attack_name, steps=steps)
+    models, _, update = victims(attack_name, images, labels, K, device)
+    recon, seconds, evaluations = [], 0.0, 0
+    with PeakMemory(device) as memory:
+        for lo in range(0, len(images), victims_per_batch):
+            # The engine's starting points for this batch of victims, drawn the same way.
+            starts = attack.initial_images(min(victims_per_batch, len(images) - lo), tuple(images.shape[1:]),
+                                           torch.Generator().manual_seed(lo))
+            for j, start in enumerate(starts):
+                v = lo + j
+                observed = [update.gradients[n][v] for n, _ in models[v].named_parameters()]
+                image, _, sec, ev = reference_gradient_matching(
+                    models[v], observed, start[None].to(device), labels[v:v + 1].to(device), K, attack.settings)
+                recon.append(image[0])
+                seconds += sec
+                evaluations += ev
+    recon = torch.stack(recon)
+    return {"images_per_second": len(images) / seconds, "seconds": seconds, "peak_memory_mib": memory.peak_mib,
+            "evaluations_per_image": evaluations / len(images), **quality(recon, images)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attacks", default="idlg,cpl")
+    parser.add_argument("--n-images", type=int, default=64)
+    parser.add_argument("--reference-images", type=int, default=None,
+                        help="attack only the first N images with the slow reference (default: all)")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--victims-per-batch", type=int, default=64)
+    parser.add_argument("--scaling", default="1,8,32,128", help="victim counts for the scaling table ('' to skip)")
+    parser.add_argument("--scaling-attack", default="idlg")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+
+    source = embedded_source()
+    K = len(source.classes)
+    counts = [int(c) for c in args.scaling.split(",") if c]
+    n_pool = max([args.n_images, *counts])
+    items = sample_items(source.items, n_pool, seed=0)
+    images, labels = ImageDataset(source, items, size=args.image_size).load_batch(range(n_pool))
+
+    report = {"benchmark": "attack_throughput", "n_images": args.n_images, "steps": args.steps,
+              "image_size": args.image_size, "victims_per_batch": args.victims_per_batch,
+              "device": str(device), "versions": library_versions(), "attacks": {}, "scaling": []}
+    for name in args.attacks.split(","):
+        x, y = images[:args.n_images], labels[:args.n_images]
+        engine = run_engine(name, x, y, K, args.steps, device, args.victims_per_batch)
+        n_ref = args.reference_images or args.n_images
+        # The reference sees the same first n_ref images, started where the engine started them.
+        reference = run_reference(name, x[:n_ref], y[:n_ref], K, args.steps, device, args.victims_per_batch)
+        engine_same = engine if n_ref == args.n_images else None
+        report["attacks"][name] = {
+            "model": DEFAULT_MODELS[name], "reference": {**reference, "n_images": n_ref},
+            "engine": {**engine, "n_images": args.n_images},
+            "speedup": engine["images_per_second"] / reference["images_per_second"],
+            **({} if engine_same else {"note": "reference ran on the first reference_images images only"}),
+        }
+        print(json.dumps({name: report["attacks"][name]}, indent=2), flush=True)
+    for n in counts:
+        row = run_engine(args.scaling_attack, images[:n], labels[:n], K, args.steps, device, n)
+        report["scaling"].append({"victims": n, "images_per_second": row["images_per_second"],
+                                  "peak_memory_mib": row["peak_memory_mib"]})
+        print(json.dumps(report["scaling"][-1]), flush=True)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Inverting Gradients on small models and real retina crops: recovery, restart choice, batches, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from skimage import data
+
+from medpfl.attacks.inverting_gradients import InvertingGradients, InvertingGradientsSettings, invgrad, median_filter
+from medpfl.attacks.threat import ObservedUpdate, ServerPayload
+from medpfl.data.transforms import to_tensor
+from medpfl.fl.gradients import model_params, site_gradients
+from medpfl.metrics.image import ssim
+from medpfl.models.registry import build_model
+
+SIZE, K = 16, 4
+
+
+@pytest.fixture(scope="module")
+def crops() -> torch.Tensor:
+    """Three real 3 x 16 x 16 images: disjoint crops of scikit-image's fundus photograph."""
+    retina = data.retina().astype(np.float32) / 255.0
+    boxes = [(600, 600), (200, 900), (900, 300)]
+    return torch.stack([to_tensor(retina[r : r + 400, c : c + 400], SIZE, 3) for r, c in boxes])
+
+
+def observe(name: str, images: torch.Tensor, labels: torch.Tensor, norm: str = "group", grant: bool = True):
+    """Payload and update of V victims (images V x B x C x H x W) sharing one freshly built model."""
+    model = build_model(name, K, 3, SIZE, norm=norm)
+    params = model_params(model, images.shape[0])
+    gradients = site_gradients(model, params, images, labels, K)
+    payload = ServerPayload(model, params, K, (3, SIZE, SIZE))
+    return payload, ObservedUpdate(gradients, images.shape[1], labels=labels if grant else None)
+
+
+def test_defaults_are_the_papers() -> None:
+    s = InvertingGradientsSettings()
+    assert (s.steps, s.restarts, s.lr, s.signed, s.tv_weight, s.top_layers) == (24000, 8, 0.1, True, 1e-6, 10)
+    assert s.decay_at == (3 / 8, 5 / 8, 7 / 8) and s.boxed and s.median_filter
+    attack = invgrad(steps=800, tv_weight=1e-2)
+    assert attack.name == "invgrad" and attack.config()["tv_weight"] == 1e-2
+    assert [attack.step_size(i) for i in (0, 299, 300, 499, 500, 700, 799)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.0001, 0.0001])
+    with pytest.raises(TypeError):
+        invgrad(stepz=3)
+
+
+def test_median_filter_removes_salt_and_keeps_flat() -> None:
+    flat = torch.full((2, 3, 8, 8), 0.3)
+    assert torch.equal(median_filter(flat), flat)
+    salted = flat.clone()
+    salted[0, 1, 4, 4] = 1.0
+    assert torch.allclose(median_filter(salted), flat)
+
+
+def test_recovers_real_images_with_granted_labels(crops: torch.Tensor) -> None:
+    originals = crops[:2, None]
+    payload, update = observe("convnet", originals, torch.tensor([[1], [2]]))
+    rec = invgrad(steps=300, restarts=1).reconstruct(payload, update, torch.Generator().manual_seed(0))
+    got = ssim(rec.images[:, 0], originals[:, 0])
+    unrelated = ssim(crops[2:3].expand(2, -1, -1, -1), originals[:, 0])
+    noise = ssim(torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)), originals[:, 0])
+    assert (got > unrelated + 0.15).all() and (got > noise + 0.4).all(), (got, unrelated, noise)
+    assert torch.equal(rec.labels, update.labels) and not rec.diverged.any()
+    assert rec.evaluations.tolist() == [301, 301]  # 300 steps plus scoring the final iterate
+
+
+def test_restart_choice_is_the_lowest_attacker_objective(crops: torch.Tensor) -> None:
+    payload, update = observe("lenet-dlg", crops[:2, None], torch.tensor([[0], [3]]))
+    rec = invgrad(steps=20, restarts=3).reconstruct(payload, update, torch.Generator().manual_seed(0))
+    per_candidate = rec.extra["candidate_objective"]
+    assert per_candidate.shape == (2, 3) and torch.isfinite(per_candidate).all()
+    assert torch.equal(rec.objective, per_candidate.min(1).values)
+    assert torch.equal(rec.extra["chosen_restart"], per_candidate.argmin(1))
+    assert rec.evaluations.tolist() == [63, 63]
+
+
+def test_chunks_give_the_same_answer(crops: torch.Tensor) -> None:
+    payload, update = observe("lenet-dlg", crops[:2, None], torch.tensor([[0], [3]]))
+    runs = [invgrad(steps=10, restarts=2, candidates_per_batch=c).reconstruct(
+        payload, update, torch.Generator().manual_seed(4)) for c in (None, 2, 1)]
+    for other in runs[1:]:
+        assert torch.allclose(other.images, runs[0].images, atol=1e-5)
+        assert torch.allclose(other.extra["candidate_objective"], runs[0].extra["candidate_objective"], atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_batch_of_two_with_recovered_labels(crops: torch.Tensor, norm: str) -> None:
+    images = torch.stack([crops[:2], crops[1:]])  # V=2 victims, B=2 images each
+    labels = torch.tensor([[0, 2], [1, 1]])
+    payload, update = observe("convnet", images, labels, norm=norm, grant=False)
+    rec = invgrad(steps=5, restarts=2).reconstruct(payload, update, torch.Generator().manual_seed(0))
+    assert rec.images.shape == (2, 2, 3, SIZE, SIZE) and rec.labels.shape == (2, 2)
+    assert rec.images.min() >= 0 and rec.images.max() <= 1
+    assert rec.seconds > 0 and not rec.diverged.any()
+
+
+def test_resnet18_batchnorm_runs_under_vmap(crops: torch.Tensor) -> None:
+    payload, update = observe("resnet18", crops[:2, None], torch.tensor([[1], [3]]), norm="batch")
+    rec = invgrad(steps=1, restarts=1).reconstruct(payload, update, torch.Generator().manual_seed(0))
+    assert rec.images.shape == (2, 1, 3, SIZE, SIZE) and torch.isfinite(rec.objective).all()
+
+
+def test_same_seed_same_output(crops: torch.Tensor) -> None:
+    payload, update = observe("lenet-dlg", crops[:1, None], torch.tensor([[2]]))
+    attack = InvertingGradients(steps=15, restarts=2)
+    a, b = (attack.reconstruct(payload, update, torch.Generator().manual_seed(7)) for _ in range(2))
+    c = attack.reconstruct(payload, update, torch.Generator().manual_seed(8))
+    assert torch.equal(a.images, b.images) and torch.equal(a.objective, b.objective)
+    assert not torch.equal(a.images, c.images)
+
+
+def test_diverged_candidates_are_never_chosen(crops: torch.Tensor) -> None:
+    payload, update = observe("lenet-dlg", crops[:2, None], torch.tensor([[0], [1]]))
+    # Victim 0's observed gradient is NaN: all its restarts diverge; victim 1 is untouched.
+    update.gradients = {n: g.clone() for n, g in update.gradients.items()}
+    for g in update.gradients.values():
+        g[0] = float("nan")
+    rec = invgrad(steps=5, restarts=2, top_layers=None).reconstruct(payload, update, torch.Generator().manual_seed(0))
+    assert rec.diverged.tolist() == [True, False]
+    assert rec.images.isfinite().all() and rec.images.min() >= 0 and rec.images.max() <= 1
+    assert torch.isfinite(rec.objective[1])
