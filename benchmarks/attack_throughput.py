@@ -86,7 +86,7 @@ def quality(recon: torch.Tensor, originals: torch.Tensor) -> dict[str, float]:
 
 
 def run_engine(attack_name: str, images, labels, K, steps, device, victims_per_batch: int) -> dict:
-    attack = build_attack(attack_name, steps=steps, divergence_restarts=0)
+    attack = build_attack(attack_name, steps=steps, restarts=0)
     models, payload, update = victims(attack_name, images, labels, K, device)
     recon, seconds, evaluations = [], 0.0, 0
     with PeakMemory(device) as memory:

@@ -42,7 +42,7 @@ def test_batched_lbfgs_follows_torch_lbfgs_per_victim(real_images):
     images, labels = x[:2, None].double(), y[:2, None]
     models, payload, update = victims("lenet-idlg", images, labels, K, torch.float64)
     settings = GradientMatchingSettings(steps=4, max_iter=5, history_size=6)
-    attack = build_attack("idlg", steps=4, max_iter=5, history_size=6, divergence_restarts=0)
+    attack = build_attack("idlg", steps=4, max_iter=5, history_size=6, restarts=0)
     start = attack.initial_images(2, images.shape[2:], torch.Generator().manual_seed(0)).double()
     result = attack.reconstruct(payload, update, torch.Generator().manual_seed(0))
     for v in range(2):

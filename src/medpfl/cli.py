@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     attack.add_argument("--n-images", type=int, default=32, help="images attacked in all")
     attack.add_argument("--seed", type=int, default=0)
     attack.add_argument("--steps", type=int, help="optimiser steps (paper: 300 L-BFGS, 24000 Adam)")
-    attack.add_argument("--restarts", type=int, help="Inverting Gradients restarts (paper: 8)")
+    attack.add_argument("--restarts", type=int,
+                        help="Inverting Gradients: restarts (paper: 8); L-BFGS attacks: fresh starts for failed victims")
     attack.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other attack setting, e.g. --set tv_weight=1e-4 (repeatable)")
     attack.add_argument("--norm", default="batch", choices=("batch", "group", "none"))

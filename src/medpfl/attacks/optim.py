@@ -73,9 +73,10 @@ def lbfgs(
     r = _Rows(
         victim=torch.arange(V, device=dev), x=x0.detach().clone(), loss=zeros(V), prev_g=zeros(V, D),
         prev_loss=zeros(V), d=zeros(V, D), t=zeros(V), h_diag=torch.ones(V, device=dev, dtype=dt),
-        # Curvature pairs in a ring buffer per victim: `head` is the oldest slot, `count` how many are held,
-        # SY[i, j] = s_i . y_j kept up to date as pairs arrive.
-        S=zeros(V, m, D), Y=zeros(V, m, D), SY=zeros(V, m, m), rho=zeros(V, m),
+        # Curvature pairs in a ring buffer per victim, steps s in W[:m] and gradient changes y in W[m:]:
+        # `head` is the oldest slot, `count` how many are held; SY[i, j] = s_i . y_j and YY[i, j] = y_i . y_j
+        # are kept up to date as pairs arrive.
+        W=zeros(V, 2 * m, D), SY=zeros(V, m, m), YY=zeros(V, m, m), rho=zeros(V, m),
         head=zeros(V, dtype=torch.long), count=zeros(V, dtype=torch.long),
         n_iter=zeros(V, dtype=torch.long),  # iterations over all steps (torch's state['n_iter'])
         iter_in_step=zeros(V, dtype=torch.long), evals_in_step=zeros(V, dtype=torch.long),
@@ -135,6 +136,10 @@ def lbfgs(
         s_new = r.d * r.t[:, None]
         y_new = grad - r.prev_g
         ys = (y_new * s_new).sum(1)
+        # One pass over the history for all dot products this iteration needs (before the new pair
+        # goes in; its own products are filled in below).
+        dots = torch.bmm(torch.stack([s_new, y_new, grad], dim=1), r.W.transpose(1, 2)).transpose(1, 2)
+        Sg, Yg = dots[:, :m, 2], dots[:, m:, 2]
         add = ~first & (ys > 1e-10)
         if bool(add.any()):
             rows = add.nonzero().squeeze(1)
@@ -142,18 +147,21 @@ def lbfgs(
             slot = torch.where(full, r.head[rows], (r.head[rows] + r.count[rows]) % m)
             r.head[rows] = torch.where(full, (r.head[rows] + 1) % m, r.head[rows])
             r.count[rows] += (~full).long()
-            r.S[rows, slot] = s_new[rows]
-            r.Y[rows, slot] = y_new[rows]
-            r.rho[rows, slot] = 1.0 / ys[rows]
-            # The new pair's dot products with every held pair: one pass over S and Y for all rows.
-            s_dot_y = torch.bmm(r.Y, s_new[:, :, None])[:, :, 0]
-            y_dot_s = torch.bmm(r.S, y_new[:, :, None])[:, :, 0]
-            r.SY[rows, slot, :] = s_dot_y[rows]
-            r.SY[rows, :, slot] = y_dot_s[rows]
-            r.h_diag[rows] = ys[rows] / (y_new[rows] * y_new[rows]).sum(1)
+            s_a, y_a, ys_a, yy_a = s_new[rows], y_new[rows], ys[rows], (y_new[rows] ** 2).sum(1)
+            r.W[rows, slot], r.W[rows, m + slot] = s_a, y_a
+            r.rho[rows, slot] = 1.0 / ys_a
+            r.SY[rows, slot, :] = dots[rows, m:, 0]  # s_new . y_j
+            r.SY[rows, :, slot] = dots[rows, :m, 1]  # s_i . y_new
+            r.SY[rows, slot, slot] = ys_a
+            r.YY[rows, slot, :] = dots[rows, m:, 1]
+            r.YY[rows, :, slot] = dots[rows, m:, 1]
+            r.YY[rows, slot, slot] = yy_a
+            Sg[rows, slot] = (s_a * grad[rows]).sum(1)
+            Yg[rows, slot] = (y_a * grad[rows]).sum(1)
+            r.h_diag[rows] = ys_a / yy_a
         r.h_diag = torch.where(first, 1.0, r.h_diag)
 
-        direction = _two_loop(grad, r.S, r.Y, r.SY, r.rho, r.head, r.count, r.h_diag, slots)
+        direction = _two_loop(grad, Sg, Yg, r.W, r.SY, r.YY, r.rho, r.head, r.count, r.h_diag, slots)
         r.d, r.prev_g, r.prev_loss = direction, grad, f
         t_first = torch.clamp(1.0 / grad.abs().sum(1), max=1.0) * lr
         r.t = torch.where(first, t_first, torch.full_like(t_first, lr))
@@ -182,9 +190,11 @@ def lbfgs(
 
 def _two_loop(
     grad: torch.Tensor,
-    S: torch.Tensor,
-    Y: torch.Tensor,
+    Sg: torch.Tensor,
+    Yg: torch.Tensor,
+    W: torch.Tensor,
     SY: torch.Tensor,
+    YY: torch.Tensor,
     rho: torch.Tensor,
     head: torch.Tensor,
     count: torch.Tensor,
@@ -193,26 +203,32 @@ def _two_loop(
 ) -> torch.Tensor:
     """L-BFGS direction -H g for each victim, as torch's two-loop recursion computes it.
 
-    The recursion's two sequential loops are two unit-triangular linear systems in the history
-    order, so all victims and all history entries are handled by a few batched matrix products.
+    The recursion's two sequential loops are two unit-triangular linear systems in the history order.
+    Given the pairs' dot products with g and with each other, they cost no pass over the history;
+    the direction itself is one pass: d = -h g - h Y^T alpha + S^T c.
     """
-    m = S.shape[1]
+    m = SY.shape[1]
     order = (head[:, None] + slots[None, :]) % m  # order[v, i] = slot of the i-th oldest pair
     valid = slots[None, :] < count[:, None]
+    both = valid[:, :, None] & valid[:, None, :]
+
+    def in_order(matrix: torch.Tensor) -> torch.Tensor:
+        rows = torch.gather(matrix, 1, order[:, :, None].expand(-1, -1, m))
+        return torch.gather(rows, 2, order[:, None, :].expand(-1, m, -1)) * both
+
     r = torch.where(valid, torch.gather(rho, 1, order), 0.0)  # rho in history order, 0 for empty slots
-    P = torch.gather(torch.gather(SY, 1, order[:, :, None].expand(-1, -1, m)), 2, order[:, None, :].expand(-1, m, -1))
-    P = P * (valid[:, :, None] & valid[:, None, :])
+    P, G = in_order(SY), in_order(YY)
     eye = torch.eye(m, device=grad.device, dtype=grad.dtype)
-    q = -grad
-    # First loop (newest to oldest): alpha_i = rho_i s_i.(q - sum_{j>i} alpha_j y_j).
-    s_q = torch.gather(torch.einsum("vmd,vd->vm", S, q), 1, order)
+    h = h_diag[:, None]
+    # First loop (newest to oldest): alpha_i = rho_i s_i.(q - sum_{j>i} alpha_j y_j), q = -g.
     upper = eye + r[:, :, None] * torch.triu(P, diagonal=1)
+    s_q = -torch.gather(Sg, 1, order)
     alpha = torch.linalg.solve_triangular(upper, (r * s_q)[:, :, None], upper=True, unitriangular=True)[:, :, 0]
-    alpha_slots = torch.zeros_like(alpha).scatter(1, order, alpha)
-    r0 = (q - torch.einsum("vm,vmd->vd", alpha_slots, Y)) * h_diag[:, None]
+    # r0 = h (q - Y^T alpha), so y_i . r0 = h (-y_i.g - sum_j (y_i.y_j) alpha_j).
+    y_r0 = h * (-torch.gather(Yg, 1, order) - torch.bmm(G, alpha[:, :, None])[:, :, 0])
     # Second loop (oldest to newest): c_i = alpha_i - rho_i y_i.(r0 + sum_{j<i} c_j s_j).
-    y_r0 = torch.gather(torch.einsum("vmd,vd->vm", Y, r0), 1, order)
     lower = eye + r[:, :, None] * torch.tril(P.transpose(1, 2), diagonal=-1)
     c = torch.linalg.solve_triangular(lower, (alpha - r * y_r0)[:, :, None], upper=False, unitriangular=True)[:, :, 0]
-    c_slots = torch.zeros_like(c).scatter(1, order, c)
-    return r0 + torch.einsum("vm,vmd->vd", c_slots, S)
+    coefficients = torch.cat([torch.zeros_like(c).scatter(1, order, c),
+                              torch.zeros_like(alpha).scatter(1, order, -h * alpha)], dim=1)
+    return -h * grad + torch.bmm(coefficients[:, None, :], W)[:, 0]
