@@ -23,18 +23,21 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="medpfl", description=__doc__)
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    # --quiet is accepted after the command too; SUPPRESS keeps it from resetting the top-level one.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="what a data source holds").add_subparsers(dest="data_command", required=True)
-    inspect = data.add_parser("inspect", help="count images per class, sizes and modes, and name broken files")
+    inspect = data.add_parser("inspect", parents=[common], help="count images per class, sizes and modes, and name broken files")
     inspect.add_argument("source", nargs="?", help="class folders, .npz, DICOM or NIfTI (default: embedded set)")
     inspect.add_argument("--strict", action="store_true", help="fail if any file is broken")
     inspect.add_argument("--no-verify", action="store_true", help="read headers only, do not decode every file")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
-    sample = data.add_parser("sample", help="build (once) and locate the embedded real-image set")
+    sample = data.add_parser("sample", parents=[common], help="build (once) and locate the embedded real-image set")
     sample.add_argument("--rebuild", action="store_true", help="build it again even if cached")
 
-    attack = commands.add_parser("attack", help="reconstruct images from shared updates and score the leak")
+    attack = commands.add_parser("attack", parents=[common], help="reconstruct images from shared updates and score the leak")
     attack.add_argument("--data", help="class folders, .npz, DICOM or NIfTI (default: embedded real images)")
     attack.add_argument("--attack", default="idlg", choices=sorted(ATTACKS))
     attack.add_argument("--model", choices=sorted(MODELS), help="default: the model the paper used for the attack")
