@@ -12,7 +12,6 @@ Adam is elementwise, so one Adam over the whole candidate tensor is exactly one 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -101,8 +100,7 @@ class InvertingGradients:
 
         start = time.perf_counter()
         fmodel = functional_model(payload.model)
-        # Label recovery probes the model under vmap, so it gets the BatchNorm-free copy too.
-        labels = recover_labels(update, dataclasses.replace(payload, model=fmodel)).to(dev)
+        labels = recover_labels(update, payload).to(dev)
         targets = F.one_hot(labels, K).to(dev, dt)
         weights = top_layer_weights(update.gradients, s.top_layers)
         # Tensors no victim selects add exactly zero to the cosine; leaving them out of the sums
