@@ -131,13 +131,21 @@ def _l2_objective(payload: ServerPayload, update: ObservedUpdate, fixed_targets:
     in_dims = (0, 0, 0, 0 if fixed_targets is not None else None)
     batched = vmap(grad_and_value(victim_loss), in_dims=in_dims)
 
+    selected: dict = {}
+
+    def select(victims: torch.Tensor) -> tuple:
+        """The running victims' weights, updates and targets; copied only when the set changes."""
+        if selected.get("victims") is None or not torch.equal(selected["victims"], victims):
+            # Victims are a sorted subset of range(V): all of them needs no copy at all.
+            pick = (lambda t: t) if len(victims) == V else (lambda t: t[victims])
+            selected["victims"] = victims
+            selected["args"] = ({n: pick(p) for n, p in payload.params.items()},
+                                {n: pick(g) for n, g in update.gradients.items()},
+                                pick(fixed_targets) if fixed_targets is not None else None)
+        return selected["args"]
+
     def objective(z: torch.Tensor, victims: torch.Tensor):
-        # Victims are a sorted subset of range(V): all of them needs no copy of the weights.
-        pick = (lambda t: t) if len(victims) == V else (lambda t: t[victims])
-        params = {n: pick(p) for n, p in payload.params.items()}
-        observed = {n: pick(g) for n, g in update.gradients.items()}
-        targets = pick(fixed_targets) if fixed_targets is not None else None
-        gradient, loss = batched(z, params, observed, targets)
+        gradient, loss = batched(z, *select(victims))
         return loss, gradient
 
     return objective
