@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from rich.console import Console
@@ -82,7 +83,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
     from medpfl.data import format_report, inspect_source
 
     bar, update = _progress(args.quiet, "checking files")
-    with bar or _Null():
+    with bar or nullcontext():
         report = inspect_source(args.source, strict=args.strict, verify=not args.no_verify, progress=update)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
@@ -118,7 +119,7 @@ def cmd_attack(args: argparse.Namespace) -> None:
                              device=args.device, settings=settings)
     run = Path(args.out or f"runs/{config.attack}-{config.model_name}-seed{config.seed}")
     bar, update = _progress(args.quiet, f"{config.attack} on {config.model_name}")
-    with bar or _Null():
+    with bar or nullcontext():
         summary = run_attack(config, run, resume=not args.fresh, progress=update)
     table = Table(title=f"{summary['attack']} on {summary['model']}, {summary['n_images']} images of {summary['data']}")
     for column in ("ASR", "mean SSIM", "mean PSNR", "mean MSE", "label acc.", "re-id", "s / image"):
@@ -128,14 +129,6 @@ def cmd_attack(args: argparse.Namespace) -> None:
                   f"{summary['seconds_per_image']:.2f}")
     out.print(table)
     out.print(f"Results in {run}/ (summary.json, results.jsonl, reconstructions.png)")
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 COMMANDS = {("data", "inspect"): cmd_data_inspect, ("data", "sample"): cmd_data_sample, ("attack", None): cmd_attack}

@@ -181,7 +181,7 @@ def lbfgs(
         finish(last & (r.step >= steps))
 
     # A victim that ended on a move has no loss at its final iterate yet: evaluate once for the report.
-    stale = ~out.diverged & (out.evaluations > 0)
+    stale = ~out.diverged & out.loss.isnan()
     if bool(stale.any()):
         idx = stale.nonzero().squeeze(1)
         out.loss[idx] = objective(out.x[idx], idx)[0].detach()
