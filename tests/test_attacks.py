@@ -8,6 +8,7 @@ import torch
 from medpfl.attacks import ObservedUpdate, ServerPayload, build_attack
 from medpfl.attacks.gradient_matching import GradientMatchingSettings
 from medpfl.attacks.labels import count_labels, idlg_labels
+from medpfl.attacks.optim import Restart, lbfgs
 from medpfl.attacks.reference import reference_gradient_matching
 from medpfl.data import ImageDataset, sample_items
 from medpfl.data.embedded import embedded_source
@@ -51,6 +52,32 @@ def test_batched_lbfgs_follows_torch_lbfgs_per_victim(real_images):
             models[v], observed, start[v:v + 1], labels[v], K, settings)
         assert torch.allclose(result.images[v, 0], expected[0], atol=1e-10), f"victim {v} left torch's path"
         assert result.evaluations[v] <= evaluations  # re-evaluations of the same point are skipped
+
+
+def _double_well(x: torch.Tensor, victims: torch.Tensor):
+    """Per victim sum of (x^2 - 1)^2 + x/2: a deep basin near -1 and a shallow one near +1."""
+    return ((x * x - 1) ** 2 + 0.5 * x).sum(1), 4 * x * (x * x - 1) + 0.5
+
+
+def test_restart_in_place_reruns_only_unsatisfied_victims_and_keeps_each_ones_best_run():
+    shallow, deep = torch.full((1, 4), 1.2, dtype=torch.float64), torch.full((1, 4), -1.2, dtype=torch.float64)
+    alone = lbfgs(_double_well, torch.cat([shallow, deep]), steps=20)
+    assert alone.loss[0] > 0 > alone.loss[1] and alone.runs.tolist() == [1, 1]
+
+    # Unsatisfied with the shallow basin: victim 0 starts again from the deep side; victim 1 runs once.
+    fresh = lambda n: deep.expand(n, -1).clone()  # noqa: E731
+    result = lbfgs(_double_well, torch.cat([shallow, deep]), steps=20,
+                   restart=Restart(tries=3, unsatisfied=lambda v, loss: loss > 0, draw=fresh))
+    assert result.runs.tolist() == [2, 1]
+    assert torch.allclose(result.x, alone.x[[1, 1]]) and (result.loss < 0).all()
+    assert result.evaluations[0] == alone.evaluations.sum()  # both runs are charged to victim 0
+
+    # Never satisfied, and every fresh start is worse: the first run is the answer.
+    result = lbfgs(_double_well, deep, steps=20,
+                   restart=Restart(tries=2, unsatisfied=lambda v, loss: torch.ones_like(loss, dtype=torch.bool),
+                                   draw=lambda n: shallow.expand(n, -1).clone()))
+    assert result.runs.tolist() == [3]
+    assert torch.equal(result.x, alone.x[1:]) and result.loss.item() == alone.loss[1].item()
 
 
 def test_idlg_recovers_a_real_image_and_scores_an_unrelated_one_low(real_images):

@@ -16,7 +16,7 @@ from torch.func import grad_and_value, vmap
 
 from medpfl.attacks.labels import recover_labels
 from medpfl.attacks.objectives import l2_distance
-from medpfl.attacks.optim import lbfgs
+from medpfl.attacks.optim import Restart, lbfgs
 from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload
 from medpfl.fl.gradients import functional_model, parameter_gradient
 
@@ -85,23 +85,13 @@ class GradientMatchingAttack:
                 x = torch.cat([x, torch.randn(n, B * K, generator=generator)], dim=1)
             return x.to(dev, dt)
 
-        run = dict(steps=s.steps, lr=s.lr, max_iter=s.max_iter, history_size=s.history_size,
-                   tolerance_grad=s.tolerance_grad, tolerance_change=s.tolerance_change)
-        result = lbfgs(objective, draw(V), **run)
-        evaluations = result.evaluations.clone()
+        # The attacker judges a run by its own objective alone, relative to the observed gradient's size.
         scale = sum((g.flatten(1) ** 2).sum(1) for g in update.gradients.values()).clamp_min(1e-30)
-        for _ in range(s.restarts):
-            failed = result.diverged | ~(result.loss / scale <= s.restart_above)
-            if not bool(failed.any()):
-                break
-            # Only failed victims start again; the objective indexes them by their own victim number.
-            again = failed.nonzero().squeeze(1)
-            retry = lbfgs(lambda z, i: objective(z, again[i]), draw(len(again)), **run)
-            evaluations[again] += retry.evaluations
-            better = ~retry.diverged & ((retry.loss < result.loss[again]) | result.diverged[again])
-            keep = again[better]
-            result.x[keep], result.loss[keep] = retry.x[better], retry.loss[better]
-            result.diverged[keep] = False
+        restart = Restart(tries=s.restarts, draw=draw,
+                          unsatisfied=lambda victims, loss: ~(loss / scale[victims] <= s.restart_above))
+        result = lbfgs(objective, draw(V), steps=s.steps, lr=s.lr, max_iter=s.max_iter,
+                       history_size=s.history_size, tolerance_grad=s.tolerance_grad,
+                       tolerance_change=s.tolerance_change, restart=restart)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - start
@@ -112,7 +102,8 @@ class GradientMatchingAttack:
         else:
             labels = fixed_targets.argmax(-1)
         return Reconstruction(images=images.detach(), labels=labels, objective=result.loss,
-                              evaluations=evaluations, diverged=result.diverged, seconds=seconds)
+                              evaluations=result.evaluations, diverged=result.diverged, seconds=seconds,
+                              extra={"runs": result.runs})
 
 
 def _l2_objective(payload: ServerPayload, update: ObservedUpdate, fixed_targets: torch.Tensor | None,
@@ -136,8 +127,8 @@ def _l2_objective(payload: ServerPayload, update: ObservedUpdate, fixed_targets:
     def select(victims: torch.Tensor) -> tuple:
         """The running victims' weights, updates and targets; copied only when the set changes."""
         if selected.get("victims") is None or not torch.equal(selected["victims"], victims):
-            # Victims are a sorted subset of range(V): all of them needs no copy at all.
-            pick = (lambda t: t) if len(victims) == V else (lambda t: t[victims])
+            everyone = len(victims) == V and torch.equal(victims, torch.arange(V, device=victims.device))
+            pick = (lambda t: t) if everyone else (lambda t: t[victims])
             selected["victims"] = victims
             selected["args"] = ({n: pick(p) for n, p in payload.params.items()},
                                 {n: pick(g) for n, g in update.gradients.items()},

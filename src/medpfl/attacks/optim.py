@@ -18,20 +18,34 @@ Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Ten
 
 @dataclass
 class OptimResult:
-    """Where each victim ended, and what it cost."""
+    """Where each victim ended (its best run, when it ran more than once), and what it cost."""
 
     x: torch.Tensor  # V x D final iterates
-    loss: torch.Tensor  # V, objective at the final iterate
-    evaluations: torch.Tensor  # V, objective evaluations spent on each victim
-    steps: torch.Tensor  # V, optimiser steps (calls of torch's .step) completed
-    converged: torch.Tensor  # V bool: stopped before the step budget because nothing would move any more
-    diverged: torch.Tensor  # V bool: loss or gradient became NaN/inf (x is the last finite point)
+    loss: torch.Tensor  # V, objective at the final iterate (NaN when every run diverged)
+    evaluations: torch.Tensor  # V, objective evaluations spent on each victim, all runs together
+    steps: torch.Tensor  # V, optimiser steps (calls of torch's .step) of the kept run
+    converged: torch.Tensor  # V bool: the kept run stopped early because nothing would move any more
+    diverged: torch.Tensor  # V bool: every run's loss or gradient became NaN/inf (x: a last finite point)
+    runs: torch.Tensor  # V, how many runs the victim had (1 + its restarts)
+
+
+@dataclass
+class Restart:
+    """Start a finished victim again from a fresh point while the others keep running.
+
+    A victim runs again while its best run so far diverged or is `unsatisfied` with it, up to `tries`
+    more runs. Restarting in place keeps the batch full: no victim waits for the slowest one.
+    """
+
+    tries: int
+    unsatisfied: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (victims, best loss) -> bool each
+    draw: Callable[[int], torch.Tensor]  # n fresh starting points, n x D
 
 
 class _Rows:
-    """Per-victim optimiser state of the victims still running, one row each.
+    """Per-run optimiser state of the runs in progress, one row each.
 
-    Rows of finished victims are dropped at once, so every tensor op of a step touches only running
+    Rows of finished runs are dropped at once, so every tensor op of a step touches only running
     victims and the (large) curvature history is never gathered or copied on the way.
     """
 
@@ -41,6 +55,10 @@ class _Rows:
     def keep(self, mask: torch.Tensor) -> None:
         for name, value in list(self.__dict__.items()):
             setattr(self, name, value[mask])
+
+    def extend(self, other: "_Rows") -> None:
+        for name, value in list(self.__dict__.items()):
+            setattr(self, name, torch.cat([value, getattr(other, name)]))
 
 
 def lbfgs(
@@ -53,12 +71,14 @@ def lbfgs(
     tolerance_grad: float = 1e-7,
     tolerance_change: float = 1e-9,
     history_size: int = 100,
+    restart: Restart | None = None,
 ) -> OptimResult:
-    """L-BFGS for V victims at once, each following exactly what `torch.optim.LBFGS` (no line search)
-    would do over `steps` calls of `.step(closure)` on that victim alone.
+    """L-BFGS for V victims at once, each run following exactly what `torch.optim.LBFGS` (no line
+    search) would do over `steps` calls of `.step(closure)` on that victim alone.
 
-    A victim stops early when torch's optimiser would no longer move it: its gradient falls under
-    `tolerance_grad`, or its search direction is no longer a descent direction.
+    A run stops early when torch's optimiser would no longer move it: its gradient falls under
+    `tolerance_grad`, or its search direction is no longer a descent direction. With `restart`, a
+    victim whose run ends unsatisfactorily starts again at once, in the finished run's place.
     """
     if max_eval is None:
         max_eval = max_iter * 5 // 4
@@ -69,46 +89,72 @@ def lbfgs(
     # Results, indexed by victim.
     out = OptimResult(x=x0.detach().clone(), loss=torch.full((V,), float("nan"), device=dev, dtype=dt),
                       evaluations=zeros(V, dtype=torch.long), steps=zeros(V, dtype=torch.long),
-                      converged=zeros(V, dtype=torch.bool), diverged=zeros(V, dtype=torch.bool))
-    r = _Rows(
-        victim=torch.arange(V, device=dev), x=x0.detach().clone(), loss=zeros(V), prev_g=zeros(V, D),
-        prev_loss=zeros(V), d=zeros(V, D), t=zeros(V), h_diag=torch.ones(V, device=dev, dtype=dt),
-        # Curvature pairs in a ring buffer per victim, steps s in W[:m] and gradient changes y in W[m:]:
-        # `head` is the oldest slot, `count` how many are held; SY[i, j] = s_i . y_j and YY[i, j] = y_i . y_j
-        # are kept up to date as pairs arrive.
-        W=zeros(V, 2 * m, D), SY=zeros(V, m, m), YY=zeros(V, m, m), rho=zeros(V, m),
-        head=zeros(V, dtype=torch.long), count=zeros(V, dtype=torch.long),
-        n_iter=zeros(V, dtype=torch.long),  # iterations over all steps (torch's state['n_iter'])
-        iter_in_step=zeros(V, dtype=torch.long), evals_in_step=zeros(V, dtype=torch.long),
-        step=zeros(V, dtype=torch.long), evaluations=zeros(V, dtype=torch.long),
-        at_step_start=torch.ones(V, dtype=torch.bool, device=dev),  # next evaluation opens a new .step()
-        converged=zeros(V, dtype=torch.bool), diverged=zeros(V, dtype=torch.bool), evaluated=zeros(V, dtype=torch.bool),
-    )
+                      converged=zeros(V, dtype=torch.bool), diverged=zeros(V, dtype=torch.bool),
+                      runs=zeros(V, dtype=torch.long))
+
+    def new_rows(victims: torch.Tensor, x: torch.Tensor) -> _Rows:
+        n = len(victims)
+        return _Rows(
+            victim=victims, x=x.detach().clone(), loss=zeros(n), prev_g=zeros(n, D),
+            prev_loss=zeros(n), d=zeros(n, D), t=zeros(n), h_diag=torch.ones(n, device=dev, dtype=dt),
+            # Curvature pairs in a ring buffer per run, steps s in W[:m] and gradient changes y in W[m:]:
+            # `head` is the oldest slot, `count` how many are held; SY[i, j] = s_i . y_j and YY[i, j] = y_i . y_j
+            # are kept up to date as pairs arrive.
+            W=zeros(n, 2 * m, D), SY=zeros(n, m, m), YY=zeros(n, m, m), rho=zeros(n, m),
+            head=zeros(n, dtype=torch.long), count=zeros(n, dtype=torch.long),
+            n_iter=zeros(n, dtype=torch.long),  # iterations over all steps (torch's state['n_iter'])
+            iter_in_step=zeros(n, dtype=torch.long), evals_in_step=zeros(n, dtype=torch.long),
+            step=zeros(n, dtype=torch.long), evaluations=zeros(n, dtype=torch.long),
+            at_step_start=torch.ones(n, dtype=torch.bool, device=dev),  # next evaluation opens a new .step()
+            # Ended on a move: the next evaluation only reports the loss at the final point.
+            closing=zeros(n, dtype=torch.bool),
+            converged=zeros(n, dtype=torch.bool), diverged=zeros(n, dtype=torch.bool),
+        )
+
+    r = new_rows(torch.arange(V, device=dev), x0)
     slots = torch.arange(m, device=dev)
+    waiting: list[torch.Tensor] = []  # victims to start again before the next evaluation
 
-    def finish(mask: torch.Tensor) -> None:
-        """Record the victims in `mask` as done and drop their rows."""
+    def finish(mask: torch.Tensor) -> torch.Tensor:
+        """Record the runs in `mask` as done and drop their rows; returns ~mask to filter this step's values."""
         if bool(mask.any()):
-            v = r.victim[mask]
-            out.x[v], out.evaluations[v], out.steps[v] = r.x[mask], r.evaluations[mask], r.step[mask]
-            out.converged[v], out.diverged[v] = r.converged[mask], r.diverged[mask]
-            out.loss[v] = torch.where(r.evaluated[mask], r.loss[mask], out.loss[v])
+            v, diverged = r.victim[mask], r.diverged[mask]
+            loss = torch.where(diverged, float("nan"), r.loss[mask])
+            # Keep a victim's best run: any finite run beats a diverged one, else the lower loss wins.
+            better = (out.runs[v] == 0) | (out.diverged[v] & ~diverged) | (~diverged & (loss < out.loss[v]))
+            kept = v[better]
+            out.x[kept], out.loss[kept], out.steps[kept] = r.x[mask][better], loss[better], r.step[mask][better]
+            out.converged[kept], out.diverged[kept] = r.converged[mask][better], diverged[better]
+            out.evaluations[v] += r.evaluations[mask]
+            out.runs[v] += 1
             r.keep(~mask)
+            if restart is not None:
+                again = (out.runs[v] <= restart.tries) & (out.diverged[v] | restart.unsatisfied(v, out.loss[v]))
+                waiting.append(v[again])
+        return ~mask
 
-    while r.victim.numel():
+    while True:
+        if waiting:
+            victims = torch.cat(waiting)
+            waiting.clear()
+            if victims.numel():
+                r.extend(new_rows(victims, restart.draw(len(victims))))
+        if not r.victim.numel():
+            break
         f, grad = objective(r.x, r.victim)
         f, grad = f.detach(), grad.detach()
-        r.evaluations += 1
+        r.evaluations += (~r.closing).long()
         bad = ~(torch.isfinite(f) & torch.isfinite(grad).all(1))
         if bool(bad.any()):
-            # Step back to the last finite point so the victim's iterate stays usable for a restart.
+            # Step back to the last finite point so the victim's iterate stays usable.
             r.x[bad] -= r.t[bad, None] * r.d[bad]
             r.diverged |= bad
-            finish(bad)
-            f, grad = f[~bad], grad[~bad]
-            if not r.victim.numel():
-                break
-        r.loss, r.evaluated = f, torch.ones_like(r.evaluated)
+            keep = finish(bad)
+            f, grad = f[keep], grad[keep]
+        r.loss = f
+        # A run that ended on a move was evaluated only to report the loss where it ended.
+        keep = finish(r.closing)
+        f, grad = f[keep], grad[keep]
         opt_cond = grad.abs().amax(1) <= tolerance_grad
         starting = r.at_step_start
         r.evals_in_step = torch.where(starting, 1, r.evals_in_step + 1)
@@ -122,12 +168,10 @@ def lbfgs(
         r.iter_in_step = torch.where(ends | starting, 0, r.iter_in_step)
         # A point whose gradient is under tolerance is final: every later .step() returns at once.
         r.converged |= opt_cond
-        done = opt_cond | (r.step >= steps)
-        if bool(done.any()):
-            finish(done)
-            f, grad = f[~done], grad[~done]
-            if not r.victim.numel():
-                break
+        keep = finish(opt_cond | (r.step >= steps))
+        f, grad = f[keep], grad[keep]
+        if not r.victim.numel():
+            continue
 
         first = r.n_iter == 0
         r.n_iter += 1
@@ -170,21 +214,13 @@ def lbfgs(
         r.converged |= stuck
         r.step += stuck.long()
         finish(stuck)
-        if not r.victim.numel():
-            break
         r.x = r.x + r.t[:, None] * r.d
-        r.evaluated = torch.zeros_like(r.evaluated)
         # At max_iter torch moves without evaluating and ends the call; the next call evaluates first.
         last = r.iter_in_step >= max_iter
         r.step += last.long()
         r.at_step_start = last
-        finish(last & (r.step >= steps))
+        r.closing = last & (r.step >= steps)
 
-    # A victim that ended on a move has no loss at its final iterate yet: evaluate once for the report.
-    stale = ~out.diverged & out.loss.isnan()
-    if bool(stale.any()):
-        idx = stale.nonzero().squeeze(1)
-        out.loss[idx] = objective(out.x[idx], idx)[0].detach()
     return out
 
 

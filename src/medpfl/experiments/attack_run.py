@@ -119,6 +119,7 @@ def _score(path: Path, dataset: ImageDataset, victim: int, B: int, originals: to
         "diverged": bool(result.diverged[j]),
         "objective": float(result.objective[j]),
         "evaluations": int(result.evaluations[j]),
+        **({"runs": int(result.extra["runs"][j])} if "runs" in result.extra else {}),
         # Victims are attacked together; each is charged an equal share of the batch's wall time.
         "seconds": result.seconds / n_in_batch,
     }
