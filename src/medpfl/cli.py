@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="Inverting Gradients: restarts (paper: 8); L-BFGS attacks: fresh starts for failed victims")
     attack.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other attack setting, e.g. --set tv_weight=1e-4 (repeatable)")
+    attack.add_argument("--labels", choices=("granted", "recovered"),
+                        help="hand the attacker the true labels, or make it recover them from the update "
+                             "(default: as the paper ran the attack: granted for invgrad only)")
     attack.add_argument("--norm", default="batch", choices=("batch", "group", "none"))
     attack.add_argument("--victims-per-batch", type=int, default=64, help="victims attacked at once (memory)")
     attack.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
@@ -116,7 +119,7 @@ def cmd_attack(args: argparse.Namespace) -> None:
     config = AttackRunConfig(attack=args.attack, data=args.data, model=args.model, image_size=args.image_size,
                              channels=args.channels, batch_size=args.batch_size, n_images=args.n_images,
                              seed=args.seed, norm=args.norm, victims_per_batch=args.victims_per_batch,
-                             device=args.device, settings=settings)
+                             device=args.device, settings=settings, labels=args.labels)
     run = Path(args.out or f"runs/{config.attack}-{config.model_name}-seed{config.seed}")
     bar, update = _progress(args.quiet, f"{config.attack} on {config.model_name}")
     with bar or nullcontext():

@@ -43,6 +43,15 @@ class AttackRunConfig:
     reid_gallery: int = 2000  # at most this many images of the source to re-identify against
     device: str = "cpu"
     settings: dict[str, Any] = field(default_factory=dict)  # attack settings, e.g. {"steps": 100}
+    labels: str | None = None  # "granted" or "recovered"; None: as the paper ran the attack
+
+    @property
+    def labels_granted(self) -> bool:
+        if self.labels is None:
+            return THREAT_MODELS[self.attack].knows_labels
+        if self.labels not in ("granted", "recovered"):
+            raise MedPFLError(f"--labels must be 'granted' or 'recovered', got '{self.labels}'.")
+        return self.labels == "granted"
 
     @property
     def model_name(self) -> str:
@@ -61,7 +70,8 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
     items = sample_items(source.items, config.n_images, config.seed)
     dataset = ImageDataset(source, items, size=config.image_size, channels=config.channels)
     K = len(source.classes)
-    record = {**asdict(config), "model": config.model_name, "attack_settings": attack.config()}
+    record = {**asdict(config), "model": config.model_name, "labels_granted": config.labels_granted,
+              "attack_settings": attack.config()}
     path = open_run_dir(out, record, resume=resume)
     (path / "images").mkdir(exist_ok=True)
 
@@ -79,7 +89,7 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
         params = {n: p.to(device) for n, p in stack_params([dict(m.named_parameters()) for m in models]).items()}
         # The site's side: what each victim computes and shares. Ground truth stays on this side.
         gradients = site_gradients(models[0], params, images, labels, K)
-        granted = labels if THREAT_MODELS[config.attack].knows_labels else None
+        granted = labels if config.labels_granted else None
         payload = ServerPayload(models[0].to(device), params, K, tuple(images.shape[2:]))
         update = ObservedUpdate(gradients, B, labels=granted)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + victims[0])
