@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     attack.add_argument("--labels", choices=("granted", "recovered"),
                         help="hand the attacker the true labels, or make it recover them from the update "
                              "(default: as the paper ran the attack: granted for invgrad only)")
+    attack.add_argument("--bn-mode", choices=("train", "eval"),
+                        help="BatchNorm in the sites' training step: batch statistics (train) or running "
+                             "statistics (eval); default: as the paper ran the attack: eval for invgrad only")
     attack.add_argument("--norm", default="batch", choices=("batch", "group", "none"))
     attack.add_argument("--victims-per-batch", type=int, default=64, help="victims attacked at once (memory)")
     attack.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
@@ -119,7 +122,8 @@ def cmd_attack(args: argparse.Namespace) -> None:
     config = AttackRunConfig(attack=args.attack, data=args.data, model=args.model, image_size=args.image_size,
                              channels=args.channels, batch_size=args.batch_size, n_images=args.n_images,
                              seed=args.seed, norm=args.norm, victims_per_batch=args.victims_per_batch,
-                             device=args.device, settings=settings, labels=args.labels)
+                             device=args.device, settings=settings, labels=args.labels,
+                             bn_mode=args.bn_mode)
     run = Path(args.out or f"runs/{config.attack}-{config.model_name}-seed{config.seed}")
     bar, update = _progress(args.quiet, f"{config.attack} on {config.model_name}")
     with bar or nullcontext():

@@ -15,6 +15,9 @@ ATTACKS = {
 }
 # The model each attack was run on in the paper, used when no --model is given.
 DEFAULT_MODELS = {"dlg": "lenet-dlg", "idlg": "lenet-idlg", "cpl": "lenet-cpl", "invgrad": "resnet18"}
+# The Inverting Gradients paper computed updates with the network in eval mode (BatchNorm on its
+# running statistics); a site's ordinary training step normalises with batch statistics.
+DEFAULT_BN_MODES = {name: "eval" if name == "invgrad" else "train" for name in ATTACKS}
 # The paper hands Inverting Gradients the true labels; the others find them themselves.
 THREAT_MODELS = {name: ThreatModel(knows_labels=name == "invgrad") for name in ATTACKS}
 
@@ -38,5 +41,5 @@ def build_attack(name: str, **settings: Any):
     return attack
 
 
-__all__ = ["ATTACKS", "DEFAULT_MODELS", "THREAT_MODELS", "ObservedUpdate", "Reconstruction", "ServerPayload",
+__all__ = ["ATTACKS", "DEFAULT_BN_MODES", "DEFAULT_MODELS", "THREAT_MODELS", "ObservedUpdate", "Reconstruction", "ServerPayload",
            "ThreatModel", "build_attack"]

@@ -109,7 +109,7 @@ class GradientMatchingAttack:
 def _l2_objective(payload: ServerPayload, update: ObservedUpdate, fixed_targets: torch.Tensor | None,
                   batch: int, shape: tuple[int, int, int]):
     """objective(z, victims) for the batched optimiser: z holds each victim's flat images (+ soft labels)."""
-    fmodel = functional_model(payload.model)
+    fmodel = functional_model(payload.model, payload.bn_mode)
     n_pixels = batch * shape[0] * shape[1] * shape[2]
     V = payload.n_victims
 

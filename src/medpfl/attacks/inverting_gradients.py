@@ -99,7 +99,7 @@ class InvertingGradients:
         dev, dt = some.device, some.dtype
 
         start = time.perf_counter()
-        fmodel = functional_model(payload.model)
+        fmodel = functional_model(payload.model, payload.bn_mode)
         labels = recover_labels(update, payload).to(dev)
         targets = F.one_hot(labels, K).to(dev, dt)
         weights = top_layer_weights(update.gradients, s.top_layers)

@@ -38,7 +38,7 @@ def mean_probabilities(payload: ServerPayload, n_probe: int = 32, seed: int = 0)
     """The attacker's estimate of each victim's average softmax output, from random probe images. V x K."""
     gen = torch.Generator().manual_seed(seed)
     probe = torch.rand(n_probe, *payload.image_shape, generator=gen)
-    model = functional_model(payload.model)  # BatchNorm on batch statistics, as under vmap it must
+    model = functional_model(payload.model, payload.bn_mode)
     some = next(iter(payload.params.values()))
     probe = probe.to(device=some.device, dtype=some.dtype)
 

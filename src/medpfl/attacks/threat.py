@@ -29,6 +29,7 @@ class ServerPayload:
     params: dict[str, torch.Tensor]  # name -> V x (parameter shape)
     num_classes: int
     image_shape: tuple[int, int, int]  # C, H, W
+    bn_mode: str = "train"  # how the sites' training step runs BatchNorm: batch ("train") or running ("eval") stats
 
     @property
     def n_victims(self) -> int:

@@ -13,11 +13,11 @@ from typing import Any, Callable
 
 import torch
 
-from medpfl.attacks import DEFAULT_MODELS, THREAT_MODELS, ObservedUpdate, ServerPayload, build_attack
+from medpfl.attacks import DEFAULT_BN_MODES, DEFAULT_MODELS, THREAT_MODELS, ObservedUpdate, ServerPayload, build_attack
 from medpfl.data import ImageDataset, open_source, sample_items
 from medpfl.errors import MedPFLError
 from medpfl.experiments.run_dir import append_result, open_run_dir, read_results, write_json
-from medpfl.fl.gradients import site_gradients, stack_params
+from medpfl.fl.gradients import BN_MODES, site_gradients, stack_params
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score, reidentified
 from medpfl.models.registry import build_model
 from medpfl.report.images import comparison_grid, load_png, save_png
@@ -44,6 +44,14 @@ class AttackRunConfig:
     device: str = "cpu"
     settings: dict[str, Any] = field(default_factory=dict)  # attack settings, e.g. {"steps": 100}
     labels: str | None = None  # "granted" or "recovered"; None: as the paper ran the attack
+    bn_mode: str | None = None  # BatchNorm in the sites' step: "train" or "eval"; None: as the paper ran it
+
+    @property
+    def bn_mode_used(self) -> str:
+        mode = self.bn_mode or DEFAULT_BN_MODES[self.attack]
+        if mode not in BN_MODES:
+            raise MedPFLError(f"--bn-mode must be one of {', '.join(BN_MODES)}, got '{mode}'.")
+        return mode
 
     @property
     def labels_granted(self) -> bool:
@@ -71,6 +79,7 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
     dataset = ImageDataset(source, items, size=config.image_size, channels=config.channels)
     K = len(source.classes)
     record = {**asdict(config), "model": config.model_name, "labels_granted": config.labels_granted,
+              "bn_mode_used": config.bn_mode_used,
               "attack_settings": attack.config()}
     path = open_run_dir(out, record, resume=resume)
     (path / "images").mkdir(exist_ok=True)
@@ -88,9 +97,9 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
         models = [_victim_model(config, K, v) for v in victims]
         params = {n: p.to(device) for n, p in stack_params([dict(m.named_parameters()) for m in models]).items()}
         # The site's side: what each victim computes and shares. Ground truth stays on this side.
-        gradients = site_gradients(models[0], params, images, labels, K)
+        gradients = site_gradients(models[0], params, images, labels, K, config.bn_mode_used)
         granted = labels if config.labels_granted else None
-        payload = ServerPayload(models[0].to(device), params, K, tuple(images.shape[2:]))
+        payload = ServerPayload(models[0].to(device), params, K, tuple(images.shape[2:]), config.bn_mode_used)
         update = ObservedUpdate(gradients, B, labels=granted)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + victims[0])
         result = attack.reconstruct(payload, update, generator)

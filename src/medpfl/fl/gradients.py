@@ -14,13 +14,23 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 
-def functional_model(model: nn.Module) -> nn.Module:
-    """A copy of `model` fit for torch.func: BatchNorm uses batch statistics and tracks none.
+BN_MODES = ("train", "eval")
 
-    A site's training step normalises with its batch statistics; running averages would be updated
-    in place, which a vectorised map over victims cannot do and which does not change the gradient.
+
+def functional_model(model: nn.Module, bn_mode: str = "train") -> nn.Module:
+    """A copy of `model` fit for torch.func, with BatchNorm as the site's training step runs it.
+
+    "train": BatchNorm normalises with the batch's own statistics and tracks none (running averages
+    would be updated in place, which a vectorised map over victims cannot do and which does not
+    change the gradient). "eval": BatchNorm uses the model's running statistics, as the Inverting
+    Gradients paper computed its updates (the network in eval mode).
     """
-    clone = copy.deepcopy(model).train()
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+    clone = copy.deepcopy(model)
+    if bn_mode == "eval":
+        return clone.eval()
+    clone.train()
     torch.func.replace_all_batch_norm_modules_(clone)
     return clone
 
@@ -48,10 +58,11 @@ def parameter_gradient(
 
 
 def site_gradients(
-    model: nn.Module, params: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor, num_classes: int
+    model: nn.Module, params: dict[str, torch.Tensor], images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+    bn_mode: str = "train",
 ) -> dict[str, torch.Tensor]:
     """Each victim's shared gradient: params V x ..., images V x B x C x H x W, labels V x B."""
-    fmodel = functional_model(model)
+    fmodel = functional_model(model, bn_mode)
     targets = F.one_hot(labels, num_classes).to(images.dtype)
     per_victim = vmap(lambda p, x, t: parameter_gradient(fmodel, p, x, t))
     with torch.no_grad():
