@@ -94,14 +94,16 @@ def test_inverting_gradients_runs_from_the_command_line(tmp_path):
     assert run(["attack", "--attack", "invgrad", "--model", "convnet", "--restarts", "2", "--n-images", "2",
                 "--out", str(out), *QUICK]) == 0
     assert json.loads((out / "summary.json").read_text())["model"] == "convnet"
-    assert json.loads((out / "config.json").read_text())["config"]["labels_granted"] is True
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["labels_granted"] is True and config["bn_mode_used"] == "eval"  # as the paper ran it
 
 
 def test_inverting_gradients_can_be_made_to_recover_the_labels_of_a_batch(tmp_path):
     out = tmp_path / "run"
     assert run(["attack", "--attack", "invgrad", "--model", "convnet", "--labels", "recovered", "--restarts", "1",
-                "--batch-size", "2", "--n-images", "4", "--out", str(out), *QUICK]) == 0
-    assert json.loads((out / "config.json").read_text())["config"]["labels_granted"] is False
+                "--bn-mode", "train", "--batch-size", "2", "--n-images", "4", "--out", str(out), *QUICK]) == 0
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["labels_granted"] is False and config["bn_mode_used"] == "train"
     assert json.loads((out / "summary.json").read_text())["label_accuracy"] == 1.0
 
 

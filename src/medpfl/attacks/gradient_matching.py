@@ -36,7 +36,8 @@ class GradientMatchingSettings:
     # Fresh starts for victims whose run diverged or ended with a gradient distance above
     # `restart_above` times the observed gradient's squared norm. The attacker judges by its own
     # objective alone: on the embedded set, successes end below 1e-7 and failures above 1e-3.
-    restarts: int = 3
+    # A restart costs only the victims that need it and runs in place, so the budget is generous.
+    restarts: int = 7
     restart_above: float = 1e-4
 
 
