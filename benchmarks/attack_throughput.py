@@ -8,18 +8,22 @@ from the same starting points, on the same models, all victims in one vectorised
     python benchmarks/attack_throughput.py --attacks idlg --n-images 16 --scaling 1,8,32,128 --out b.json
 
 Peak memory is measured around each phase: resident-set growth on CPU (sampled), or
-torch.cuda.max_memory_allocated on a GPU.
+torch.cuda.max_memory_allocated on a GPU. Each attack also reports a ceiling: the FLOPs of one
+evaluation (counted by torch) at the machine's measured matrix-multiply peak bound how much faster
+than the reference any implementation could evaluate the objective.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import threading
 import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from medpfl.attacks import DEFAULT_MODELS, ObservedUpdate, ServerPayload, build_attack
 from medpfl.attacks.reference import reference_gradient_matching
@@ -126,6 +130,46 @@ def run_reference(attack_name: str, images, labels, K, steps, device, victims_pe
             "evaluations_per_image": evaluations / len(images), **quality(recon, images)}
 
 
+def peak_matmul_gflops(device: torch.device) -> float:
+    """The machine's float32 matrix-multiply rate: an upper bound for any implementation's arithmetic."""
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    began, n = time.perf_counter(), 10
+    for _ in range(n):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * 2048**3 * n / (time.perf_counter() - began) / 1e9
+
+
+def flops_per_evaluation(attack_name: str, image, label, K, device) -> float:
+    """Floating-point operations of one gradient-distance evaluation (forward, gradient, backward)."""
+    attack = build_attack(attack_name)
+    models, _, update = victims(attack_name, image[None], label[None], K, device)
+    observed = [update.gradients[n][0] for n, _ in models[0].named_parameters()]
+    start = attack.initial_images(1, tuple(image.shape), torch.Generator().manual_seed(0)).to(device)
+    one_evaluation = dataclasses.replace(attack.settings, steps=1, max_iter=1)
+    with FlopCounterMode(display=False) as counter:
+        *_, evaluations = reference_gradient_matching(models[0], observed, start, label[None].to(device), K,
+                                                      one_evaluation)
+    return counter.get_total_flops() / evaluations
+
+
+def ceiling(attack_name: str, reference: dict, image, label, K, device) -> dict:
+    """How much faster than the reference any implementation could be per evaluation on this machine."""
+    flops = flops_per_evaluation(attack_name, image, label, K, device)
+    peak = peak_matmul_gflops(device)
+    per_evaluation = reference["seconds"] / (reference["evaluations_per_image"] * reference["n_images"])
+    return {"flops_per_evaluation": flops, "peak_matmul_gflops": peak,
+            "reference_seconds_per_evaluation": per_evaluation,
+            "reference_gflops": flops / per_evaluation / 1e9,
+            # Every FLOP at the peak matrix-multiply rate and nothing else: no real code gets there.
+            "speedup_ceiling_per_evaluation": per_evaluation / (flops / (peak * 1e9))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attacks", default="idlg,cpl")
@@ -159,11 +203,13 @@ def main() -> None:
         engine = run_engine(name, x, y, K, args.steps, device, args.victims_per_batch)
         n_ref = args.reference_images or args.n_images
         # The reference sees the same first n_ref images, started where the engine started them.
-        reference = run_reference(name, x[:n_ref], y[:n_ref], K, args.steps, device, args.victims_per_batch)
+        reference = {**run_reference(name, x[:n_ref], y[:n_ref], K, args.steps, device, args.victims_per_batch),
+                     "n_images": n_ref}
         report["attacks"][name] = {
-            "model": DEFAULT_MODELS[name], "reference": {**reference, "n_images": n_ref},
+            "model": DEFAULT_MODELS[name], "reference": reference,
             "engine": {**engine, "n_images": args.n_images},
             "speedup": engine["images_per_second"] / reference["images_per_second"],
+            "ceiling": ceiling(name, reference, x[0], y[0], K, device),
             **({} if n_ref == args.n_images else {"note": "reference ran on the first reference_images images only"}),
         }
         print(json.dumps({name: report["attacks"][name]}, indent=2), flush=True)
