@@ -95,7 +95,7 @@ def lbfgs(
     def new_rows(victims: torch.Tensor, x: torch.Tensor) -> _Rows:
         n = len(victims)
         return _Rows(
-            victim=victims, x=x.detach().clone(), loss=zeros(n), prev_g=zeros(n, D),
+            victim=victims, x=x.detach().to(dev, dt).clone(), loss=zeros(n), prev_g=zeros(n, D),
             prev_loss=zeros(n), d=zeros(n, D), t=zeros(n), h_diag=torch.ones(n, device=dev, dtype=dt),
             # Curvature pairs in a ring buffer per run, steps s in W[:m] and gradient changes y in W[m:]:
             # `head` is the oldest slot, `count` how many are held; SY[i, j] = s_i . y_j and YY[i, j] = y_i . y_j
