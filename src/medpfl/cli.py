@@ -19,7 +19,8 @@ out = Console()
 
 
 def _parser() -> argparse.ArgumentParser:
-    from medpfl.attacks import ATTACKS
+    from medpfl.attacks import ATTACKS, LABEL_ACCESS
+    from medpfl.fl.gradients import BN_MODES
     from medpfl.models.registry import MODELS
 
     parser = argparse.ArgumentParser(prog="medpfl", description=__doc__)
@@ -52,10 +53,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="Inverting Gradients: restarts (paper: 8); L-BFGS attacks: fresh starts for failed victims")
     attack.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other attack setting, e.g. --set tv_weight=1e-4 (repeatable)")
-    attack.add_argument("--labels", choices=("granted", "recovered"),
+    attack.add_argument("--labels", choices=LABEL_ACCESS,
                         help="hand the attacker the true labels, or make it recover them from the update "
                              "(default: as the paper ran the attack: granted for invgrad only)")
-    attack.add_argument("--bn-mode", choices=("train", "eval"),
+    attack.add_argument("--bn-mode", choices=BN_MODES,
                         help="BatchNorm in the sites' training step: batch statistics (train) or running "
                              "statistics (eval); default: as the paper ran the attack: eval for invgrad only")
     attack.add_argument("--norm", default="batch", choices=("batch", "group", "none"))

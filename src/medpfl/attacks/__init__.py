@@ -19,6 +19,7 @@ DEFAULT_MODELS = {"dlg": "lenet-dlg", "idlg": "lenet-idlg", "cpl": "lenet-cpl", 
 # running statistics); a site's ordinary training step normalises with batch statistics.
 DEFAULT_BN_MODES = {name: "eval" if name == "invgrad" else "train" for name in ATTACKS}
 # The paper hands Inverting Gradients the true labels; the others find them themselves.
+LABEL_ACCESS = ("granted", "recovered")
 THREAT_MODELS = {name: ThreatModel(knows_labels=name == "invgrad") for name in ATTACKS}
 
 
@@ -41,5 +42,5 @@ def build_attack(name: str, **settings: Any):
     return attack
 
 
-__all__ = ["ATTACKS", "DEFAULT_BN_MODES", "DEFAULT_MODELS", "THREAT_MODELS", "ObservedUpdate", "Reconstruction", "ServerPayload",
-           "ThreatModel", "build_attack"]
+__all__ = ["ATTACKS", "DEFAULT_BN_MODES", "DEFAULT_MODELS", "LABEL_ACCESS", "THREAT_MODELS", "ObservedUpdate",
+           "Reconstruction", "ServerPayload", "ThreatModel", "build_attack"]

@@ -107,24 +107,24 @@ def lbfgs(
             step=zeros(n, dtype=torch.long), evaluations=zeros(n, dtype=torch.long),
             at_step_start=torch.ones(n, dtype=torch.bool, device=dev),  # next evaluation opens a new .step()
             # Ended on a move: the next evaluation only reports the loss at the final point.
-            closing=zeros(n, dtype=torch.bool),
-            converged=zeros(n, dtype=torch.bool), diverged=zeros(n, dtype=torch.bool),
+            closing=zeros(n, dtype=torch.bool), converged=zeros(n, dtype=torch.bool),
         )
 
     r = new_rows(torch.arange(V, device=dev), x0)
     slots = torch.arange(m, device=dev)
     waiting: list[torch.Tensor] = []  # victims to start again before the next evaluation
 
-    def finish(mask: torch.Tensor) -> torch.Tensor:
+    def finish(mask: torch.Tensor, diverged: bool = False) -> torch.Tensor:
         """Record the runs in `mask` as done and drop their rows; returns ~mask to filter this step's values."""
         if bool(mask.any()):
-            v, diverged = r.victim[mask], r.diverged[mask]
-            loss = torch.where(diverged, float("nan"), r.loss[mask])
+            v = r.victim[mask]
+            broke = torch.full_like(v, diverged, dtype=torch.bool)
+            loss = torch.where(broke, float("nan"), r.loss[mask])
             # Keep a victim's best run: any finite run beats a diverged one, else the lower loss wins.
-            better = (out.runs[v] == 0) | (out.diverged[v] & ~diverged) | (~diverged & (loss < out.loss[v]))
+            better = (out.runs[v] == 0) | (out.diverged[v] & ~broke) | (~broke & (loss < out.loss[v]))
             kept = v[better]
             out.x[kept], out.loss[kept], out.steps[kept] = r.x[mask][better], loss[better], r.step[mask][better]
-            out.converged[kept], out.diverged[kept] = r.converged[mask][better], diverged[better]
+            out.converged[kept], out.diverged[kept] = r.converged[mask][better], broke[better]
             out.evaluations[v] += r.evaluations[mask]
             out.runs[v] += 1
             r.keep(~mask)
@@ -148,8 +148,7 @@ def lbfgs(
         if bool(bad.any()):
             # Step back to the last finite point so the victim's iterate stays usable.
             r.x[bad] -= r.t[bad, None] * r.d[bad]
-            r.diverged |= bad
-            keep = finish(bad)
+            keep = finish(bad, diverged=True)
             f, grad = f[keep], grad[keep]
         r.loss = f
         # A run that ended on a move was evaluated only to report the loss where it ended.

@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 import torch
 
-from medpfl.attacks import DEFAULT_BN_MODES, DEFAULT_MODELS, THREAT_MODELS, ObservedUpdate, ServerPayload, build_attack
+from medpfl.attacks import (DEFAULT_BN_MODES, DEFAULT_MODELS, LABEL_ACCESS, THREAT_MODELS, ObservedUpdate,
+                            ServerPayload, build_attack)
 from medpfl.data import ImageDataset, open_source, sample_items
 from medpfl.errors import MedPFLError
 from medpfl.experiments.run_dir import append_result, open_run_dir, read_results, write_json
@@ -57,8 +58,8 @@ class AttackRunConfig:
     def labels_granted(self) -> bool:
         if self.labels is None:
             return THREAT_MODELS[self.attack].knows_labels
-        if self.labels not in ("granted", "recovered"):
-            raise MedPFLError(f"--labels must be 'granted' or 'recovered', got '{self.labels}'.")
+        if self.labels not in LABEL_ACCESS:
+            raise MedPFLError(f"--labels must be one of {', '.join(LABEL_ACCESS)}, got '{self.labels}'.")
         return self.labels == "granted"
 
     @property
@@ -78,9 +79,9 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
     items = sample_items(source.items, config.n_images, config.seed)
     dataset = ImageDataset(source, items, size=config.image_size, channels=config.channels)
     K = len(source.classes)
-    record = {**asdict(config), "model": config.model_name, "labels_granted": config.labels_granted,
-              "bn_mode_used": config.bn_mode_used,
-              "attack_settings": attack.config()}
+    bn_mode, labels_granted = config.bn_mode_used, config.labels_granted
+    record = {**asdict(config), "model": config.model_name, "labels_granted": labels_granted,
+              "bn_mode_used": bn_mode, "attack_settings": attack.config()}
     path = open_run_dir(out, record, resume=resume)
     (path / "images").mkdir(exist_ok=True)
 
@@ -97,9 +98,9 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
         models = [_victim_model(config, K, v) for v in victims]
         params = {n: p.to(device) for n, p in stack_params([dict(m.named_parameters()) for m in models]).items()}
         # The site's side: what each victim computes and shares. Ground truth stays on this side.
-        gradients = site_gradients(models[0], params, images, labels, K, config.bn_mode_used)
-        granted = labels if config.labels_granted else None
-        payload = ServerPayload(models[0].to(device), params, K, tuple(images.shape[2:]), config.bn_mode_used)
+        gradients = site_gradients(models[0], params, images, labels, K, bn_mode)
+        granted = labels if labels_granted else None
+        payload = ServerPayload(models[0].to(device), params, K, tuple(images.shape[2:]), bn_mode)
         update = ObservedUpdate(gradients, B, labels=granted)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + victims[0])
         result = attack.reconstruct(payload, update, generator)
