@@ -54,6 +54,41 @@ def test_batched_lbfgs_follows_torch_lbfgs_per_victim(real_images):
         assert result.evaluations[v] <= evaluations  # re-evaluations of the same point are skipped
 
 
+def _rosenbrock(scale: torch.Tensor):
+    """Per victim a chained Rosenbrock valley of its own steepness: objective(x, victims) and its plain form."""
+    def plain(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return (a * (x[..., 1:] - x[..., :-1] ** 2) ** 2 + (1 - x[..., :-1]) ** 2).sum(-1)
+
+    def objective(x: torch.Tensor, victims: torch.Tensor):
+        x = x.detach().requires_grad_(True)
+        loss = plain(x, scale[victims, None])
+        return loss.detach(), torch.autograd.grad(loss.sum(), x)[0]
+    return objective, plain
+
+
+def test_batched_lbfgs_follows_torch_lbfgs_through_a_full_history():
+    """Victims that stop at different times and whose short history is replaced many times over."""
+    scale = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)
+    x0 = torch.tensor([[-1.2, 1.0, -0.5, 0.3, 1.5, -1.0]], dtype=torch.float64).repeat(3, 1)
+    x0 += 0.1 * torch.arange(3, dtype=torch.float64)[:, None]
+    objective, plain = _rosenbrock(scale)
+    settings = dict(lr=1.0, max_iter=7, history_size=3, tolerance_grad=1e-9, tolerance_change=1e-12)
+    result = lbfgs(objective, x0, steps=12, **settings)
+    for v in range(3):
+        x = x0[v].clone().requires_grad_(True)
+        optimizer = torch.optim.LBFGS([x], **settings)
+
+        def closure():
+            optimizer.zero_grad()
+            loss = plain(x, scale[v])
+            loss.backward()
+            return loss
+        for _ in range(12):
+            optimizer.step(closure)
+        assert torch.allclose(result.x[v], x.detach(), atol=1e-12, rtol=0), f"victim {v} left torch's path"
+        assert optimizer.state[x]["n_iter"] > 3 * settings["history_size"]  # the history was replaced
+
+
 def _double_well(x: torch.Tensor, victims: torch.Tensor):
     """Per victim sum of (x^2 - 1)^2 + x/2: a deep basin near -1 and a shallow one near +1."""
     return ((x * x - 1) ** 2 + 0.5 * x).sum(1), 4 * x * (x * x - 1) + 0.5

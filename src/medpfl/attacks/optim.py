@@ -180,31 +180,44 @@ def lbfgs(
         y_new = grad - r.prev_g
         ys = (y_new * s_new).sum(1)
         # One pass over the history for all dot products this iteration needs (before the new pair
-        # goes in; its own products are filled in below).
-        dots = torch.bmm(torch.stack([s_new, y_new, grad], dim=1), r.W.transpose(1, 2)).transpose(1, 2)
-        Sg, Yg = dots[:, :m, 2], dots[:, m:, 2]
+        # goes in; its own products are filled in below), read out in history order.
+        dots = torch.bmm(torch.stack([s_new, y_new, grad], dim=1), r.W.transpose(1, 2))
+        order = (r.head[:, None] + slots[None, :]) % m  # order[v, i] = slot of the i-th oldest pair
+        in_order = lambda k, half: torch.gather(dots[:, k, half * m:(half + 1) * m], 1, order)  # noqa: E731
+        Sg, Yg = in_order(2, 0), in_order(2, 1)
         add = ~first & (ys > 1e-10)
         if bool(add.any()):
-            rows = add.nonzero().squeeze(1)
-            full = r.count[rows] == m
-            slot = torch.where(full, r.head[rows], (r.head[rows] + r.count[rows]) % m)
-            r.head[rows] = torch.where(full, (r.head[rows] + 1) % m, r.head[rows])
-            r.count[rows] += (~full).long()
-            s_a, y_a, ys_a, yy_a = s_new[rows], y_new[rows], ys[rows], (y_new[rows] ** 2).sum(1)
-            r.W[rows, slot], r.W[rows, m + slot] = s_a, y_a
-            r.rho[rows, slot] = 1.0 / ys_a
-            r.SY[rows, slot, :] = dots[rows, m:, 0]  # s_new . y_j
-            r.SY[rows, :, slot] = dots[rows, :m, 1]  # s_i . y_new
-            r.SY[rows, slot, slot] = ys_a
-            r.YY[rows, slot, :] = dots[rows, m:, 1]
-            r.YY[rows, :, slot] = dots[rows, m:, 1]
-            r.YY[rows, slot, slot] = yy_a
-            Sg[rows, slot] = (s_a * grad[rows]).sum(1)
-            Yg[rows, slot] = (y_a * grad[rows]).sum(1)
-            r.h_diag[rows] = ys_a / yy_a
+            s_y, s_ynew, y_ynew = in_order(0, 1), in_order(1, 0), in_order(1, 1)
+            # A full history drops its oldest pair: everything kept in history order moves up one place.
+            evict = add & (r.count == m)
+            if bool(evict.any()):
+                def drop_oldest(t: torch.Tensor) -> torch.Tensor:
+                    moved = t.roll(-1, 1) if t.dim() == 2 else t.roll((-1, -1), (1, 2))
+                    return torch.where(evict.view(-1, *[1] * (t.dim() - 1)), moved, t)
+                r.SY, r.YY, r.rho = drop_oldest(r.SY), drop_oldest(r.YY), drop_oldest(r.rho)
+                Sg, Yg, s_y, s_ynew, y_ynew = map(drop_oldest, (Sg, Yg, s_y, s_ynew, y_ynew))
+            at = torch.where(evict, m - 1, r.count)  # the new pair's place in history order
+            slot = torch.where(evict, r.head, (r.head + r.count) % m)
+            r.head = torch.where(evict, (r.head + 1) % m, r.head)
+            r.count = r.count + (add & ~evict).long()
+            yy = (y_new ** 2).sum(1)
+            rows, a = add.nonzero().squeeze(1), at[add]
+            r.W[rows, slot[add]], r.W[rows, m + slot[add]] = s_new[add], y_new[add]
+            r.rho[rows, a] = 1.0 / ys[add]
+            r.SY[rows, a, :], r.SY[rows, :, a] = s_y[add], s_ynew[add]  # s_new . y_j and s_i . y_new
+            r.YY[rows, a, :], r.YY[rows, :, a] = y_ynew[add], y_ynew[add]
+            r.SY[rows, a, a], r.YY[rows, a, a] = ys[add], yy[add]
+            Sg[rows, a] = (s_new[add] * grad[add]).sum(1)
+            Yg[rows, a] = (y_new[add] * grad[add]).sum(1)
+            r.h_diag = torch.where(add, ys / yy, r.h_diag)
         r.h_diag = torch.where(first, 1.0, r.h_diag)
 
-        direction = _two_loop(grad, Sg, Yg, r.W, r.SY, r.YY, r.rho, r.head, r.count, r.h_diag, slots)
+        coefficients = _two_loop(Sg, Yg, r.SY, r.YY, r.rho, r.h_diag)
+        # Back to the ring's slot order for the one pass over the history: d = -h g + [S; Y]^T coefficients.
+        order = (r.head[:, None] + slots[None, :]) % m  # the oldest pair may have moved on
+        slot_order = torch.cat([order, order + m], dim=1)
+        coefficients = torch.zeros_like(coefficients).scatter(1, slot_order, coefficients)
+        direction = -r.h_diag[:, None] * grad + torch.bmm(coefficients[:, None, :], r.W)[:, 0]
         r.d, r.prev_g, r.prev_loss = direction, grad, f
         t_first = torch.clamp(1.0 / grad.abs().sum(1), max=1.0) * lr
         r.t = torch.where(first, t_first, torch.full_like(t_first, lr))
@@ -224,46 +237,23 @@ def lbfgs(
 
 
 def _two_loop(
-    grad: torch.Tensor,
-    Sg: torch.Tensor,
-    Yg: torch.Tensor,
-    W: torch.Tensor,
-    SY: torch.Tensor,
-    YY: torch.Tensor,
-    rho: torch.Tensor,
-    head: torch.Tensor,
-    count: torch.Tensor,
-    h_diag: torch.Tensor,
-    slots: torch.Tensor,
+    Sg: torch.Tensor, Yg: torch.Tensor, SY: torch.Tensor, YY: torch.Tensor, rho: torch.Tensor, h_diag: torch.Tensor
 ) -> torch.Tensor:
-    """L-BFGS direction -H g for each victim, as torch's two-loop recursion computes it.
+    """Coefficients of the L-BFGS direction -H g = -h g + S^T c + Y^T (-h alpha), as torch's two-loop
+    recursion computes it; everything in history order (oldest first), empty places all zero.
 
-    The recursion's two sequential loops are two unit-triangular linear systems in the history order.
-    Given the pairs' dot products with g and with each other, they cost no pass over the history;
-    the direction itself is one pass: d = -h g - h Y^T alpha + S^T c.
+    The recursion's two sequential loops are two unit-triangular linear systems in the history order:
+    given the pairs' dot products with g (Sg, Yg) and with each other (SY, YY), they need no pass over
+    the history. Returns [c, -h alpha] per victim (V x 2m).
     """
-    m = SY.shape[1]
-    order = (head[:, None] + slots[None, :]) % m  # order[v, i] = slot of the i-th oldest pair
-    valid = slots[None, :] < count[:, None]
-    both = valid[:, :, None] & valid[:, None, :]
-
-    def in_order(matrix: torch.Tensor) -> torch.Tensor:
-        rows = torch.gather(matrix, 1, order[:, :, None].expand(-1, -1, m))
-        return torch.gather(rows, 2, order[:, None, :].expand(-1, m, -1)) * both
-
-    r = torch.where(valid, torch.gather(rho, 1, order), 0.0)  # rho in history order, 0 for empty slots
-    P, G = in_order(SY), in_order(YY)
-    eye = torch.eye(m, device=grad.device, dtype=grad.dtype)
     h = h_diag[:, None]
     # First loop (newest to oldest): alpha_i = rho_i s_i.(q - sum_{j>i} alpha_j y_j), q = -g.
-    upper = eye + r[:, :, None] * torch.triu(P, diagonal=1)
-    s_q = -torch.gather(Sg, 1, order)
-    alpha = torch.linalg.solve_triangular(upper, (r * s_q)[:, :, None], upper=True, unitriangular=True)[:, :, 0]
+    # A unit-triangular solve reads only the strict triangle it is told, so no masking is needed.
+    upper = rho[:, :, None] * SY
+    alpha = torch.linalg.solve_triangular(upper, (-rho * Sg)[:, :, None], upper=True, unitriangular=True)[:, :, 0]
     # r0 = h (q - Y^T alpha), so y_i . r0 = h (-y_i.g - sum_j (y_i.y_j) alpha_j).
-    y_r0 = h * (-torch.gather(Yg, 1, order) - torch.bmm(G, alpha[:, :, None])[:, :, 0])
+    y_r0 = h * (-Yg - torch.bmm(YY, alpha[:, :, None])[:, :, 0])
     # Second loop (oldest to newest): c_i = alpha_i - rho_i y_i.(r0 + sum_{j<i} c_j s_j).
-    lower = eye + r[:, :, None] * torch.tril(P.transpose(1, 2), diagonal=-1)
-    c = torch.linalg.solve_triangular(lower, (alpha - r * y_r0)[:, :, None], upper=False, unitriangular=True)[:, :, 0]
-    coefficients = torch.cat([torch.zeros_like(c).scatter(1, order, c),
-                              torch.zeros_like(alpha).scatter(1, order, -h * alpha)], dim=1)
-    return -h * grad + torch.bmm(coefficients[:, None, :], W)[:, 0]
+    lower = rho[:, :, None] * SY.transpose(1, 2)
+    c = torch.linalg.solve_triangular(lower, (alpha - rho * y_r0)[:, :, None], upper=False, unitriangular=True)[:, :, 0]
+    return torch.cat([c, -h * alpha], dim=1)
