@@ -101,6 +101,8 @@ def lbfgs(
             # `head` is the oldest slot, `count` how many are held; SY[i, j] = s_i . y_j and YY[i, j] = y_i . y_j
             # are kept up to date as pairs arrive.
             W=zeros(n, 2 * m, D), SY=zeros(n, m, m), YY=zeros(n, m, m), rho=zeros(n, m),
+            # Last iteration's products of the pairs with g_prev and its direction's coefficients (history order).
+            prev_Sg=zeros(n, m), prev_Yg=zeros(n, m), coef=zeros(n, 2 * m),
             head=zeros(n, dtype=torch.long), count=zeros(n, dtype=torch.long),
             n_iter=zeros(n, dtype=torch.long),  # iterations over all steps (torch's state['n_iter'])
             iter_in_step=zeros(n, dtype=torch.long), evals_in_step=zeros(n, dtype=torch.long),
@@ -179,15 +181,18 @@ def lbfgs(
         s_new = r.d * r.t[:, None]
         y_new = grad - r.prev_g
         ys = (y_new * s_new).sum(1)
-        # One pass over the history for all dot products this iteration needs (before the new pair
-        # goes in; its own products are filled in below), read out in history order.
-        dots = torch.bmm(torch.stack([s_new, y_new, grad], dim=1), r.W.transpose(1, 2))
+        # One pass over the history per iteration: its pairs' products with the new gradient, in history
+        # order. The new pair's products with the others follow from last iteration's without another
+        # pass: s_i.y = s_i.g - s_i.g_prev, y_i.y likewise, and s = t d with d = -h g_prev + [S; Y]^T coef.
         order = (r.head[:, None] + slots[None, :]) % m  # order[v, i] = slot of the i-th oldest pair
-        in_order = lambda k, half: torch.gather(dots[:, k, half * m:(half + 1) * m], 1, order)  # noqa: E731
-        Sg, Yg = in_order(2, 0), in_order(2, 1)
+        dots = torch.bmm(grad[:, None, :], r.W.transpose(1, 2))[:, 0]
+        Sg, Yg = torch.gather(dots[:, :m], 1, order), torch.gather(dots[:, m:], 1, order)
         add = ~first & (ys > 1e-10)
         if bool(add.any()):
-            s_y, s_ynew, y_ynew = in_order(0, 1), in_order(1, 0), in_order(1, 1)
+            s_ynew, y_ynew = Sg - r.prev_Sg, Yg - r.prev_Yg
+            coef_s, coef_y = r.coef[:, None, :m], r.coef[:, None, m:]
+            s_y = r.t[:, None] * (-r.h_diag[:, None] * r.prev_Yg
+                                  + torch.bmm(coef_s, r.SY)[:, 0] + torch.bmm(coef_y, r.YY)[:, 0])
             # A full history drops its oldest pair: everything kept in history order moves up one place.
             evict = add & (r.count == m)
             if bool(evict.any()):
@@ -213,11 +218,12 @@ def lbfgs(
         r.h_diag = torch.where(first, 1.0, r.h_diag)
 
         coefficients = _two_loop(Sg, Yg, r.SY, r.YY, r.rho, r.h_diag)
+        r.prev_Sg, r.prev_Yg, r.coef = Sg, Yg, coefficients
         # Back to the ring's slot order for the one pass over the history: d = -h g + [S; Y]^T coefficients.
         order = (r.head[:, None] + slots[None, :]) % m  # the oldest pair may have moved on
         slot_order = torch.cat([order, order + m], dim=1)
-        coefficients = torch.zeros_like(coefficients).scatter(1, slot_order, coefficients)
-        direction = -r.h_diag[:, None] * grad + torch.bmm(coefficients[:, None, :], r.W)[:, 0]
+        in_slots = torch.zeros_like(coefficients).scatter(1, slot_order, coefficients)
+        direction = -r.h_diag[:, None] * grad + torch.bmm(in_slots[:, None, :], r.W)[:, 0]
         r.d, r.prev_g, r.prev_loss = direction, grad, f
         t_first = torch.clamp(1.0 / grad.abs().sum(1), max=1.0) * lr
         r.t = torch.where(first, t_first, torch.full_like(t_first, lr))
