@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.func import grad_and_value, vmap
 
 from medpfl.attacks import ObservedUpdate, ServerPayload, build_attack
 from medpfl.attacks.gradient_matching import GradientMatchingSettings
 from medpfl.attacks.labels import count_labels, idlg_labels
+from medpfl.attacks.lenet_matching import lenet_gradient_distance
+from medpfl.attacks.objectives import l2_distance
 from medpfl.attacks.optim import Restart, lbfgs
 from medpfl.attacks.reference import reference_gradient_matching
 from medpfl.data import ImageDataset, sample_items
 from medpfl.data.embedded import embedded_source
-from medpfl.fl.gradients import site_gradients, stack_params
+from medpfl.fl.gradients import functional_model, parameter_gradient, site_gradients, stack_params
 from medpfl.metrics.image import ssim
 from medpfl.metrics.privacy import match_and_score
 from medpfl.models.registry import build_model
@@ -52,6 +56,32 @@ def test_batched_lbfgs_follows_torch_lbfgs_per_victim(real_images):
             models[v], observed, start[v:v + 1], labels[v], K, settings)
         assert torch.allclose(result.images[v, 0], expected[0], atol=1e-10), f"victim {v} left torch's path"
         assert result.evaluations[v] <= evaluations  # re-evaluations of the same point are skipped
+
+
+@pytest.mark.parametrize("model_name", ["lenet-dlg", "lenet-idlg", "lenet-cpl"])
+@pytest.mark.parametrize("batch,soft_labels", [(1, False), (2, True)])
+def test_lenet_objective_written_out_equals_autograd_of_the_site_gradient(real_images, model_name, batch, soft_labels):
+    """The explicit LeNet passes give torch.func's loss and gradient (images and DLG's soft labels)."""
+    x, y, K = real_images
+    images, labels = x[:6].reshape(3, 2, *x.shape[1:])[:, :batch].double(), y[:6].reshape(3, 2)[:, :batch]
+    models, payload, update = victims(model_name, images, labels, K, torch.float64)
+    n_pixels = images[0].numel()
+    z = torch.randn(3, n_pixels + (batch * K if soft_labels else 0), dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(0))
+    targets = None if soft_labels else F.one_hot(torch.tensor([[1, 4], [0, 0], [5, 2]])[:, :batch], K).double()
+    fmodel = functional_model(models[0])
+
+    def victim_loss(z, params, observed, targets):
+        candidate = z[:n_pixels].reshape(images.shape[1:])
+        targets = z[n_pixels:].reshape(batch, K).softmax(-1) if targets is None else targets
+        return l2_distance(parameter_gradient(fmodel, params, candidate, targets), observed)
+
+    expected_grad, expected = vmap(grad_and_value(victim_loss), in_dims=(0, 0, 0, None if soft_labels else 0))(
+        z, payload.params, update.gradients, targets)
+    loss, gradient = lenet_gradient_distance(models[0], z, payload.params, update.gradients, targets, batch,
+                                             tuple(images.shape[2:]))
+    assert torch.allclose(loss, expected, rtol=1e-10, atol=0)
+    assert torch.allclose(gradient, expected_grad, rtol=1e-9, atol=1e-12 * expected_grad.abs().max())
 
 
 def _rosenbrock(scale: torch.Tensor):

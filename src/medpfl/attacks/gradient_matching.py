@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.func import grad_and_value, vmap
 
 from medpfl.attacks.labels import recover_labels
+from medpfl.attacks.lenet_matching import is_lenet, lenet_gradient_distance
 from medpfl.attacks.objectives import l2_distance
 from medpfl.attacks.optim import Restart, lbfgs
 from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload
@@ -120,8 +121,13 @@ def _l2_objective(payload: ServerPayload, update: ObservedUpdate, fixed_targets:
             targets = z[n_pixels:].reshape(batch, -1).softmax(-1)
         return l2_distance(parameter_gradient(fmodel, params, images, targets), observed)
 
-    in_dims = (0, 0, 0, 0 if fixed_targets is not None else None)
-    batched = vmap(grad_and_value(victim_loss), in_dims=in_dims)
+    if is_lenet(payload.model):
+        # The paper's LeNets: the same loss and gradient from explicit grouped convolutions (much faster).
+        def batched(z, params, observed, targets):
+            loss, gradient = lenet_gradient_distance(payload.model, z, params, observed, targets, batch, shape)
+            return gradient, loss
+    else:
+        batched = vmap(grad_and_value(victim_loss), in_dims=(0, 0, 0, 0 if fixed_targets is not None else None))
 
     selected: dict = {}
 
