@@ -20,6 +20,12 @@ from medpfl.models.lenet import LeNet
 _conv_backward = torch.ops.aten.convolution_backward
 
 
+def _join(a: torch.Tensor, b: torch.Tensor, groups: int, axis: int) -> torch.Tensor:
+    """Concatenate two grouped tensors group by group; `axis` holds groups x channels (1 for B x (V*C) x H x W
+    activations, 0 for (V*out) x in x k x k weights), so two convolutions can run as one."""
+    return torch.cat([a.unflatten(axis, (groups, -1)), b.unflatten(axis, (groups, -1))], axis + 1).flatten(axis, axis + 1)
+
+
 def is_lenet(model: nn.Module) -> bool:
     return isinstance(model, LeNet)
 
@@ -124,34 +130,42 @@ def lenet_gradient_distance(
         if i > 0:
             d_act = conv.input_grad(d_pre[i], acts[i])
         r_w.insert(0, 2 * residual(g_w - observed_like(f"{conv.name}.weight", g_w)))
-        r_b.insert(0, 2 * residual(g_b - observed_like(f"{conv.name}.bias", g_b)).reshape(-1, 1, 1))
+        r_b.insert(0, 2 * residual(g_b - observed_like(f"{conv.name}.bias", g_b)))
     loss = torch.stack(distance).sum(0)
 
     # Reverse of the backward pass, first layer up: adjoints of each layer's pre-activation gradient
     # (from its weight, bias and input gradients) and of its output (through the sigmoid's slope).
-    act_bar = [torch.zeros_like(a) for a in acts]
+    act_bar: list[torch.Tensor | None] = [None] * len(acts)
+
+    def accumulate(i: int, contribution: torch.Tensor) -> None:
+        act_bar[i] = contribution if act_bar[i] is None else act_bar[i].add_(contribution)
+
     d_act_bar = None
     for i, conv in enumerate(convs):
-        d_pre_bar = conv(padded[i], r_w[i]) + r_b[i]
-        if d_act_bar is not None:
-            d_pre_bar = d_pre_bar + conv(conv.pad(d_act_bar))
-        act_bar[i] = act_bar[i] + conv.input_grad(d_pre[i], acts[i], r_w[i])
+        if d_act_bar is None:
+            d_pre_bar = conv(padded[i], r_w[i], r_b[i])
+        else:  # weight-gradient and input-gradient adjoints in one convolution
+            both = _join(padded[i], conv.pad(d_act_bar), conv.V, 1)
+            d_pre_bar = conv(both, torch.cat([r_w[i], conv.weight], 1), r_b[i])
         d_act_bar = d_pre_bar * slopes[i]
-        act_bar[i + 1] = act_bar[i + 1] + d_pre_bar * d_acts[i] * (1 - 2 * acts[i + 1])
+        # d_pre = d_act * a (1 - a): its adjoint w.r.t. a is d_pre_bar * d_act * (1 - 2a).
+        accumulate(i + 1, d_pre_bar.mul_(torch.addcmul(d_acts[i], d_acts[i], acts[i + 1], value=-2)))
 
     # ... through the classifier's gradient and the cross-entropy's ...
     d_feat_bar = d_act_bar.reshape(B, V, -1).transpose(0, 1)
     d_logits_bar = (torch.bmm(d_feat_bar, w_fc.transpose(1, 2)) + 2 * torch.bmm(feat, diff_wfc.transpose(1, 2))
                     + r_bfc[:, None])
-    feat_bar = torch.bmm(2 * d_logits, diff_wfc)
     p_bar = d_logits_bar * mass / B
     logits_bar = p * (p_bar - (p_bar * p).sum(-1, keepdim=True))
-    feat_bar = feat_bar + torch.bmm(logits_bar, w_fc)
-    act_bar[-1] = act_bar[-1] + feat_bar.transpose(0, 1).reshape(acts[-1].shape)
+    feat_bar = torch.bmm(2 * d_logits, diff_wfc).add_(torch.bmm(logits_bar, w_fc))
+    accumulate(len(convs), feat_bar.transpose(0, 1).reshape(acts[-1].shape))
 
-    # ... and of the forward pass, top layer down, to the images.
+    # ... and of the forward pass, top layer down, to the images; each layer's input also receives the
+    # adjoint of its weight gradient (through d_pre), in the same convolution.
     for i in reversed(range(len(convs))):
-        act_bar[i] = act_bar[i] + convs[i].input_grad(act_bar[i + 1] * slopes[i], acts[i])
+        conv = convs[i]
+        grads = _join(d_pre[i], act_bar[i + 1].mul_(slopes[i]), conv.V, 1)
+        accumulate(i, conv.input_grad(grads, acts[i], _join(r_w[i], conv.weight, conv.V, 0)))
     x_bar = act_bar[0].reshape(B, V, C * H * W).transpose(0, 1).reshape(V, n_pixels)
     if not soft:
         return loss, x_bar
