@@ -96,14 +96,16 @@ def _rosenbrock(scale: torch.Tensor):
     return objective, plain
 
 
-def test_batched_lbfgs_follows_torch_lbfgs_through_a_full_history():
-    """Victims that stop at different times and whose short history is replaced many times over."""
+@pytest.mark.parametrize("max_active", [None, 2, 1])
+def test_batched_lbfgs_follows_torch_lbfgs_through_a_full_history(max_active):
+    """Victims that stop at different times and whose short history is replaced many times over; with
+    max_active, waiting victims start as running ones finish, and nothing else changes."""
     scale = torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)
     x0 = torch.tensor([[-1.2, 1.0, -0.5, 0.3, 1.5, -1.0]], dtype=torch.float64).repeat(3, 1)
     x0 += 0.1 * torch.arange(3, dtype=torch.float64)[:, None]
     objective, plain = _rosenbrock(scale)
     settings = dict(lr=1.0, max_iter=7, history_size=3, tolerance_grad=1e-9, tolerance_change=1e-12)
-    result = lbfgs(objective, x0, steps=12, **settings)
+    result = lbfgs(objective, x0, steps=12, max_active=max_active, **settings)
     for v in range(3):
         x = x0[v].clone().requires_grad_(True)
         optimizer = torch.optim.LBFGS([x], **settings)
@@ -136,6 +138,9 @@ def test_restart_in_place_reruns_only_unsatisfied_victims_and_keeps_each_ones_be
     assert result.runs.tolist() == [2, 1]
     assert torch.allclose(result.x, alone.x[[1, 1]]) and (result.loss < 0).all()
     assert result.evaluations[0] == alone.evaluations.sum()  # both runs are charged to victim 0
+    one_at_a_time = lbfgs(_double_well, torch.cat([shallow, deep]), steps=20, max_active=1,
+                          restart=Restart(tries=3, unsatisfied=lambda v, loss: loss > 0, draw=fresh))
+    assert torch.equal(one_at_a_time.x, result.x) and torch.equal(one_at_a_time.runs, result.runs)
 
     # Never satisfied, and every fresh start is worse: the first run is the answer.
     result = lbfgs(_double_well, deep, steps=20,

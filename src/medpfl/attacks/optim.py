@@ -72,6 +72,7 @@ def lbfgs(
     tolerance_change: float = 1e-9,
     history_size: int = 100,
     restart: Restart | None = None,
+    max_active: int | None = None,
 ) -> OptimResult:
     """L-BFGS for V victims at once, each run following exactly what `torch.optim.LBFGS` (no line
     search) would do over `steps` calls of `.step(closure)` on that victim alone.
@@ -79,6 +80,9 @@ def lbfgs(
     A run stops early when torch's optimiser would no longer move it: its gradient falls under
     `tolerance_grad`, or its search direction is no longer a descent direction. With `restart`, a
     victim whose run ends unsatisfactorily starts again at once, in the finished run's place.
+    With `max_active`, at most that many runs are in progress at a time (restarts first, then the
+    victims not yet started, in order), which bounds memory and keeps the batch at a size the
+    hardware handles well until the very end.
     """
     if max_eval is None:
         max_eval = max_iter * 5 // 4
@@ -112,7 +116,9 @@ def lbfgs(
             closing=zeros(n, dtype=torch.bool), converged=zeros(n, dtype=torch.bool),
         )
 
-    r = new_rows(torch.arange(V, device=dev), x0)
+    active = V if max_active is None else max(1, min(max_active, V))
+    r = new_rows(torch.arange(active, device=dev), x0[:active])
+    queued = active  # victims queued..V-1 have not started yet
     slots = torch.arange(m, device=dev)
     waiting: list[torch.Tensor] = []  # victims to start again before the next evaluation
 
@@ -141,6 +147,10 @@ def lbfgs(
             waiting.clear()
             if victims.numel():
                 r.extend(new_rows(victims, restart.draw(len(victims))))
+        room = min(active - len(r.victim), V - queued)
+        if room > 0:
+            r.extend(new_rows(torch.arange(queued, queued + room, device=dev), x0[queued:queued + room]))
+            queued += room
         if not r.victim.numel():
             break
         f, grad = objective(r.x, r.victim)
