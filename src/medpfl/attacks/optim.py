@@ -103,8 +103,8 @@ def lbfgs(
             prev_loss=zeros(n), d=zeros(n, D), t=zeros(n), h_diag=torch.ones(n, device=dev, dtype=dt),
             # Curvature pairs in a ring buffer per run, steps s in W[:m] and gradient changes y in W[m:]:
             # `head` is the oldest slot, `count` how many are held; SY[i, j] = s_i . y_j and YY[i, j] = y_i . y_j
-            # are kept up to date as pairs arrive.
-            W=zeros(n, 2 * m, D), SY=zeros(n, m, m), YY=zeros(n, m, m), rho=zeros(n, m),
+            # in history order are kept up to date as pairs arrive (SY's diagonal is 1 at empty places).
+            W=zeros(n, 2 * m, D), SY=torch.eye(m, device=dev, dtype=dt).repeat(n, 1, 1), YY=zeros(n, m, m),
             # Last iteration's products of the pairs with g_prev and its direction's coefficients (history order).
             prev_Sg=zeros(n, m), prev_Yg=zeros(n, m), coef=zeros(n, 2 * m),
             head=zeros(n, dtype=torch.long), count=zeros(n, dtype=torch.long),
@@ -209,7 +209,7 @@ def lbfgs(
                 def drop_oldest(t: torch.Tensor) -> torch.Tensor:
                     moved = t.roll(-1, 1) if t.dim() == 2 else t.roll((-1, -1), (1, 2))
                     return torch.where(evict.view(-1, *[1] * (t.dim() - 1)), moved, t)
-                r.SY, r.YY, r.rho = drop_oldest(r.SY), drop_oldest(r.YY), drop_oldest(r.rho)
+                r.SY, r.YY = drop_oldest(r.SY), drop_oldest(r.YY)
                 Sg, Yg, s_y, s_ynew, y_ynew = map(drop_oldest, (Sg, Yg, s_y, s_ynew, y_ynew))
             at = torch.where(evict, m - 1, r.count)  # the new pair's place in history order
             slot = torch.where(evict, r.head, (r.head + r.count) % m)
@@ -218,7 +218,6 @@ def lbfgs(
             yy = (y_new ** 2).sum(1)
             rows, a = add.nonzero().squeeze(1), at[add]
             r.W[rows, slot[add]], r.W[rows, m + slot[add]] = s_new[add], y_new[add]
-            r.rho[rows, a] = 1.0 / ys[add]
             r.SY[rows, a, :], r.SY[rows, :, a] = s_y[add], s_ynew[add]  # s_new . y_j and s_i . y_new
             r.YY[rows, a, :], r.YY[rows, :, a] = y_ynew[add], y_ynew[add]
             r.SY[rows, a, a], r.YY[rows, a, a] = ys[add], yy[add]
@@ -227,7 +226,7 @@ def lbfgs(
             r.h_diag = torch.where(add, ys / yy, r.h_diag)
         r.h_diag = torch.where(first, 1.0, r.h_diag)
 
-        coefficients = _two_loop(Sg, Yg, r.SY, r.YY, r.rho, r.h_diag)
+        coefficients = _two_loop(Sg, Yg, r.SY, r.YY, r.h_diag)
         r.prev_Sg, r.prev_Yg, r.coef = Sg, Yg, coefficients
         # Back to the ring's slot order for the one pass over the history: d = -h g + [S; Y]^T coefficients.
         order = (r.head[:, None] + slots[None, :]) % m  # the oldest pair may have moved on
@@ -252,24 +251,22 @@ def lbfgs(
     return out
 
 
-def _two_loop(
-    Sg: torch.Tensor, Yg: torch.Tensor, SY: torch.Tensor, YY: torch.Tensor, rho: torch.Tensor, h_diag: torch.Tensor
-) -> torch.Tensor:
+def _two_loop(Sg: torch.Tensor, Yg: torch.Tensor, SY: torch.Tensor, YY: torch.Tensor, h_diag: torch.Tensor) -> torch.Tensor:
     """Coefficients of the L-BFGS direction -H g = -h g + S^T c + Y^T (-h alpha), as torch's two-loop
-    recursion computes it; everything in history order (oldest first), empty places all zero.
+    recursion computes it; everything in history order (oldest first).
 
-    The recursion's two sequential loops are two unit-triangular linear systems in the history order:
-    given the pairs' dot products with g (Sg, Yg) and with each other (SY, YY), they need no pass over
-    the history. Returns [c, -h alpha] per victim (V x 2m).
+    The recursion's two sequential loops are two triangular linear systems in the history order, with
+    s_i.y_i = 1/rho_i on the diagonal of SY (1 at empty places, whose products are all zero): given the
+    pairs' dot products with g (Sg, Yg) and with each other (SY, YY), they need no pass over the
+    history. Returns [c, -h alpha] per victim (V x 2m).
     """
     h = h_diag[:, None]
     # First loop (newest to oldest): alpha_i = rho_i s_i.(q - sum_{j>i} alpha_j y_j), q = -g.
-    # A unit-triangular solve reads only the strict triangle it is told, so no masking is needed.
-    upper = rho[:, :, None] * SY
-    alpha = torch.linalg.solve_triangular(upper, (-rho * Sg)[:, :, None], upper=True, unitriangular=True)[:, :, 0]
+    # A triangular solve reads only the triangle it is told, so SY serves both loops as it is.
+    alpha = torch.linalg.solve_triangular(SY, -Sg[:, :, None], upper=True)[:, :, 0]
     # r0 = h (q - Y^T alpha), so y_i . r0 = h (-y_i.g - sum_j (y_i.y_j) alpha_j).
     y_r0 = h * (-Yg - torch.bmm(YY, alpha[:, :, None])[:, :, 0])
     # Second loop (oldest to newest): c_i = alpha_i - rho_i y_i.(r0 + sum_{j<i} c_j s_j).
-    lower = rho[:, :, None] * SY.transpose(1, 2)
-    c = torch.linalg.solve_triangular(lower, (alpha - rho * y_r0)[:, :, None], upper=False, unitriangular=True)[:, :, 0]
+    ys = SY.diagonal(dim1=1, dim2=2)
+    c = torch.linalg.solve_triangular(SY.transpose(1, 2), (ys * alpha - y_r0)[:, :, None], upper=False)[:, :, 0]
     return torch.cat([c, -h * alpha], dim=1)
