@@ -179,6 +179,13 @@ def ceiling(attack_name: str, reference: dict, engine: dict, image, label, K, de
             "speedup_ceiling": per_evaluation_ceiling / needed}
 
 
+def save(report: dict, out: Path | None) -> None:
+    """Write the report so far: a long run keeps every finished measurement."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--attacks", default="idlg,cpl")
@@ -225,6 +232,7 @@ def main() -> None:
             **({} if n_ref == args.n_images else {"note": "reference ran on the first reference_images images only"}),
         }
         print(json.dumps({name: report["attacks"][name]}, indent=2), flush=True)
+        save(report, args.out)
     for n in counts:
         row = run_engine(args.scaling_attack, images[:n], labels[:n], K, args.scaling_steps, device, n)
         report["scaling"].append({"victims": n, "steps": args.scaling_steps,
@@ -232,10 +240,8 @@ def main() -> None:
                                   "evaluations_per_second": row["evaluations_per_image"] * row["images_per_second"],
                                   "peak_memory_mib": row["peak_memory_mib"]})
         print(json.dumps(report["scaling"][-1]), flush=True)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+        save(report, args.out)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
