@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="BatchNorm in the sites' training step: batch statistics (train) or running "
                              "statistics (eval); default: as the paper ran the attack: eval for invgrad only")
     attack.add_argument("--norm", default="batch", choices=("batch", "group", "none"))
-    attack.add_argument("--victims-per-batch", type=int, default=64, help="victims attacked at once (memory)")
+    attack.add_argument("--victims-per-batch", type=int, default=64,
+                        help="victims per vectorised attack, results written after each (bounds memory)")
     attack.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     attack.add_argument("--out", default=None, help="run directory (default: runs/ATTACK-MODEL-seedS)")
     attack.add_argument("--fresh", action="store_true", help="start over instead of resuming --out")
