@@ -23,7 +23,8 @@ _conv_backward = torch.ops.aten.convolution_backward
 def _join(a: torch.Tensor, b: torch.Tensor, groups: int, axis: int) -> torch.Tensor:
     """Concatenate two grouped tensors group by group; `axis` holds groups x channels (1 for B x (V*C) x H x W
     activations, 0 for (V*out) x in x k x k weights), so two convolutions can run as one."""
-    return torch.cat([a.unflatten(axis, (groups, -1)), b.unflatten(axis, (groups, -1))], axis + 1).flatten(axis, axis + 1)
+    parts = [t.unflatten(axis, (groups, -1)) for t in (a, b)]
+    return torch.cat(parts, axis + 1).flatten(axis, axis + 1)
 
 
 def is_lenet(model: nn.Module) -> bool:
@@ -40,7 +41,7 @@ class _Conv:
 
     def __init__(self, conv: nn.Conv2d, name: str, params: dict[str, torch.Tensor]) -> None:
         weight = params[f"{name}.weight"]
-        self.V, self.out_channels = weight.shape[:2]
+        self.V = weight.shape[0]
         self.name, self.stride, self.padding = name, conv.stride, conv.padding
         self.kernel = weight.shape[-1]
         self.weight = weight.reshape(-1, *weight.shape[2:])  # (V*out) x in x k x k
@@ -62,7 +63,8 @@ class _Conv:
             return _conv_backward(grad_out, x, weight, None, self.stride, self.padding, [1, 1], False, [0, 0],
                                   self.V, [True, False, False])[0]
         V, k = self.V, self.kernel
-        flipped = weight.reshape(V, -1, *weight.shape[1:]).transpose(1, 2).flip(-1, -2).reshape(-1, weight.shape[0] // V, k, k)
+        per_victim = weight.reshape(V, -1, *weight.shape[1:])  # V x out x in x k x k
+        flipped = per_victim.transpose(1, 2).flip(-1, -2).reshape(-1, per_victim.shape[1], k, k)
         q = k - 1 - self.padding[0]  # pad (or crop, when negative) the output gradient by this much
         grad_out = F.pad(grad_out, (q, q, q, q)) if q >= 0 else grad_out[..., -q:q, -q:q]
         return F.conv2d(grad_out, flipped, None, 1, 0, groups=V)

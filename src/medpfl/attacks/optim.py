@@ -251,7 +251,9 @@ def lbfgs(
     return out
 
 
-def _two_loop(Sg: torch.Tensor, Yg: torch.Tensor, SY: torch.Tensor, YY: torch.Tensor, h_diag: torch.Tensor) -> torch.Tensor:
+def _two_loop(
+    Sg: torch.Tensor, Yg: torch.Tensor, SY: torch.Tensor, YY: torch.Tensor, h_diag: torch.Tensor
+) -> torch.Tensor:
     """Coefficients of the L-BFGS direction -H g = -h g + S^T c + Y^T (-h alpha), as torch's two-loop
     recursion computes it; everything in history order (oldest first).
 
