@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.func import grad_and_value, vmap
 
 from medpfl.attacks import ObservedUpdate, ServerPayload, build_attack
-from medpfl.attacks.gradient_matching import GradientMatchingSettings
+from medpfl.attacks.gradient_matching import GradientMatchingSettings, _l2_objective
 from medpfl.attacks.labels import count_labels, idlg_labels
 from medpfl.attacks.lenet_matching import lenet_gradient_distance
 from medpfl.attacks.objectives import l2_distance
@@ -16,7 +16,8 @@ from medpfl.attacks.optim import Restart, lbfgs
 from medpfl.attacks.reference import reference_gradient_matching
 from medpfl.data import ImageDataset, sample_items
 from medpfl.data.embedded import embedded_source
-from medpfl.fl.gradients import functional_model, parameter_gradient, site_gradients, stack_params
+from medpfl.fl.gradients import (functional_model, parameter_gradient, site_gradients, soft_cross_entropy,
+                                stack_params)
 from medpfl.metrics.image import ssim
 from medpfl.metrics.privacy import match_and_score
 from medpfl.models.registry import build_model
@@ -56,6 +57,26 @@ def test_batched_lbfgs_follows_torch_lbfgs_per_victim(real_images):
             models[v], observed, start[v:v + 1], labels[v], K, settings)
         assert torch.allclose(result.images[v, 0], expected[0], atol=1e-10), f"victim {v} left torch's path"
         assert result.evaluations[v] <= evaluations  # re-evaluations of the same point are skipped
+
+
+def test_generic_objective_equals_plain_autograd_per_victim(real_images):
+    """Models other than the LeNets take the torch.func path: each victim's loss and image gradient as
+    plain autograd through its own model computes them."""
+    x, y, K = real_images
+    images, labels = x[:2, None].double(), y[:2, None]
+    models, payload, update = victims("convnet", images, labels, K, torch.float64)
+    targets = F.one_hot(labels, K).double()
+    z = torch.rand(2, images[0].numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    loss, gradient = _l2_objective(payload, update, targets, 1, tuple(images.shape[2:]))(z, torch.arange(2))
+    for v in range(2):
+        candidate = z[v].reshape(images[v].shape).clone().requires_grad_(True)
+        site = torch.autograd.grad(soft_cross_entropy(models[v](candidate), targets[v]),
+                                   list(models[v].parameters()), create_graph=True)
+        expected = sum(((g - update.gradients[n][v]) ** 2).sum()
+                       for g, (n, _) in zip(site, models[v].named_parameters()))
+        assert torch.allclose(loss[v], expected, rtol=1e-10)
+        expected_grad = torch.autograd.grad(expected, candidate)[0].flatten()
+        assert torch.allclose(gradient[v], expected_grad, rtol=1e-8, atol=1e-12 * expected_grad.abs().max())
 
 
 @pytest.mark.parametrize("model_name", ["lenet-dlg", "lenet-idlg", "lenet-cpl"])

@@ -17,11 +17,12 @@ from torch import nn
 from torch.func import grad_and_value, vmap
 
 from medpfl.attacks.labels import recover_labels
-from medpfl.attacks.lenet_matching import is_lenet, lenet_gradient_distance
+from medpfl.attacks.lenet_matching import lenet_gradient_distance
 from medpfl.attacks.objectives import l2_distance
 from medpfl.attacks.optim import Restart, lbfgs
 from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload
 from medpfl.fl.gradients import functional_model, parameter_gradient
+from medpfl.models.lenet import LeNet
 
 
 @dataclass
@@ -135,23 +136,27 @@ def _activation_floats(model: nn.Module, batch: int, shape: tuple[int, int, int]
 def _l2_objective(payload: ServerPayload, update: ObservedUpdate, fixed_targets: torch.Tensor | None,
                   batch: int, shape: tuple[int, int, int]):
     """objective(z, victims) for the batched optimiser: z holds each victim's flat images (+ soft labels)."""
-    fmodel = functional_model(payload.model, payload.bn_mode)
     n_pixels = batch * shape[0] * shape[1] * shape[2]
     V = payload.n_victims
 
-    def victim_loss(z, params, observed, targets):
-        images = z[:n_pixels].reshape(batch, *shape)
-        if targets is None:
-            targets = z[n_pixels:].reshape(batch, -1).softmax(-1)
-        return l2_distance(parameter_gradient(fmodel, params, images, targets), observed)
-
-    if is_lenet(payload.model):
+    if isinstance(payload.model, LeNet):
         # The paper's LeNets: the same loss and gradient from explicit grouped convolutions (much faster).
-        def batched(z, params, observed, targets):
-            loss, gradient = lenet_gradient_distance(payload.model, z, params, observed, targets, batch, shape)
-            return gradient, loss
+        def loss_and_gradient(z, params, observed, targets):
+            return lenet_gradient_distance(payload.model, z, params, observed, targets, batch, shape)
     else:
-        batched = vmap(grad_and_value(victim_loss), in_dims=(0, 0, 0, 0 if fixed_targets is not None else None))
+        fmodel = functional_model(payload.model, payload.bn_mode)
+
+        def victim_loss(z, params, observed, targets):
+            images = z[:n_pixels].reshape(batch, *shape)
+            if targets is None:
+                targets = z[n_pixels:].reshape(batch, -1).softmax(-1)
+            return l2_distance(parameter_gradient(fmodel, params, images, targets), observed)
+
+        per_victim = vmap(grad_and_value(victim_loss), in_dims=(0, 0, 0, 0 if fixed_targets is not None else None))
+
+        def loss_and_gradient(*args):
+            gradient, loss = per_victim(*args)
+            return loss, gradient
 
     selected: dict = {}
 
@@ -167,8 +172,7 @@ def _l2_objective(payload: ServerPayload, update: ObservedUpdate, fixed_targets:
         return selected["args"]
 
     def objective(z: torch.Tensor, victims: torch.Tensor):
-        gradient, loss = batched(z, *select(victims))
-        return loss, gradient
+        return loss_and_gradient(z, *select(victims))
 
     return objective
 

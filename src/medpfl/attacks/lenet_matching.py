@@ -27,10 +27,6 @@ def _join(a: torch.Tensor, b: torch.Tensor, groups: int, axis: int) -> torch.Ten
     return torch.cat(parts, axis + 1).flatten(axis, axis + 1)
 
 
-def is_lenet(model: nn.Module) -> bool:
-    return isinstance(model, LeNet)
-
-
 class _Conv:
     """One conv layer of the LeNet with V victims' weights as groups.
 
@@ -123,7 +119,8 @@ def lenet_gradient_distance(
     g_bfc = d_logits.sum(1)
     r_bfc = 2 * residual(g_bfc - observed_like("fc.bias", g_bfc))
     d_act = torch.bmm(d_logits, w_fc).transpose(0, 1).reshape(acts[-1].shape)  # d loss / d last activation
-    d_acts, d_pre, slopes, r_w, r_b = [None] * len(convs), [None] * len(convs), [None] * len(convs), [], []
+    # Per layer: gradient w.r.t. its output and pre-activation, the sigmoid's slope, 2 (g - o) of weight and bias.
+    d_acts, d_pre, slopes, r_w, r_b = ([None] * len(convs) for _ in range(5))
     for i in reversed(range(len(convs))):
         conv, a = convs[i], acts[i + 1]
         slopes[i] = a * (1 - a)
@@ -131,8 +128,8 @@ def lenet_gradient_distance(
         g_w, g_b = conv.weight_grad(d_pre[i], acts[i])
         if i > 0:
             d_act = conv.input_grad(d_pre[i], acts[i])
-        r_w.insert(0, 2 * residual(g_w - observed_like(f"{conv.name}.weight", g_w)))
-        r_b.insert(0, 2 * residual(g_b - observed_like(f"{conv.name}.bias", g_b)))
+        r_w[i] = 2 * residual(g_w - observed_like(f"{conv.name}.weight", g_w))
+        r_b[i] = 2 * residual(g_b - observed_like(f"{conv.name}.bias", g_b))
     loss = torch.stack(distance).sum(0)
 
     # Reverse of the backward pass, first layer up: adjoints of each layer's pre-activation gradient
