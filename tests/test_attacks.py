@@ -10,7 +10,7 @@ from torch.func import grad_and_value, vmap
 from medpfl.attacks import ObservedUpdate, ServerPayload, build_attack
 from medpfl.attacks.gradient_matching import GradientMatchingSettings, _l2_objective
 from medpfl.attacks.labels import count_labels, idlg_labels
-from medpfl.attacks.lenet_matching import lenet_gradient_distance
+from medpfl.attacks.lenet_matching import LeNetGradientDistance
 from medpfl.attacks.objectives import l2_distance
 from medpfl.attacks.optim import Restart, lbfgs
 from medpfl.attacks.reference import reference_gradient_matching
@@ -99,8 +99,8 @@ def test_lenet_objective_written_out_equals_autograd_of_the_site_gradient(real_i
 
     expected_grad, expected = vmap(grad_and_value(victim_loss), in_dims=(0, 0, 0, None if soft_labels else 0))(
         z, payload.params, update.gradients, targets)
-    loss, gradient = lenet_gradient_distance(models[0], z, payload.params, update.gradients, targets, batch,
-                                             tuple(images.shape[2:]))
+    loss, gradient = LeNetGradientDistance(models[0], payload.params, update.gradients, targets, batch,
+                                           tuple(images.shape[2:]))(z)
     assert torch.allclose(loss, expected, rtol=1e-10, atol=0)
     assert torch.allclose(gradient, expected_grad, rtol=1e-9, atol=1e-12 * expected_grad.abs().max())
 

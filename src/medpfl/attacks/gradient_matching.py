@@ -17,7 +17,7 @@ from torch import nn
 from torch.func import grad_and_value, vmap
 
 from medpfl.attacks.labels import recover_labels
-from medpfl.attacks.lenet_matching import lenet_gradient_distance
+from medpfl.attacks.lenet_matching import LeNetGradientDistance
 from medpfl.attacks.objectives import l2_distance
 from medpfl.attacks.optim import Restart, lbfgs
 from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload
@@ -141,8 +141,8 @@ def _l2_objective(payload: ServerPayload, update: ObservedUpdate, fixed_targets:
 
     if isinstance(payload.model, LeNet):
         # The paper's LeNets: the same loss and gradient from explicit grouped convolutions (much faster).
-        def loss_and_gradient(z, params, observed, targets):
-            return lenet_gradient_distance(payload.model, z, params, observed, targets, batch, shape)
+        def prepare(params, observed, targets):
+            return LeNetGradientDistance(payload.model, params, observed, targets, batch, shape)
     else:
         fmodel = functional_model(payload.model, payload.bn_mode)
 
@@ -154,25 +154,25 @@ def _l2_objective(payload: ServerPayload, update: ObservedUpdate, fixed_targets:
 
         per_victim = vmap(grad_and_value(victim_loss), in_dims=(0, 0, 0, 0 if fixed_targets is not None else None))
 
-        def loss_and_gradient(*args):
-            gradient, loss = per_victim(*args)
-            return loss, gradient
+        def prepare(params, observed, targets):
+            def loss_and_gradient(z):
+                gradient, loss = per_victim(z, params, observed, targets)
+                return loss, gradient
+            return loss_and_gradient
 
-    selected: dict = {}
-
-    def select(victims: torch.Tensor) -> tuple:
-        """The running victims' weights, updates and targets; copied only when the set changes."""
-        if selected.get("victims") is None or not torch.equal(selected["victims"], victims):
-            everyone = len(victims) == V and torch.equal(victims, torch.arange(V, device=victims.device))
-            pick = (lambda t: t) if everyone else (lambda t: t[victims])
-            selected["victims"] = victims
-            selected["args"] = ({n: pick(p) for n, p in payload.params.items()},
-                                {n: pick(g) for n, g in update.gradients.items()},
-                                pick(fixed_targets) if fixed_targets is not None else None)
-        return selected["args"]
+    prepared: dict = {}
 
     def objective(z: torch.Tensor, victims: torch.Tensor):
-        return loss_and_gradient(z, *select(victims))
+        """Loss and gradient of the running victims; their weights, updates and targets are picked out
+        (and the loss prepared for them) only when the set of running victims changes."""
+        if prepared.get("victims") is None or not torch.equal(prepared["victims"], victims):
+            everyone = len(victims) == V and torch.equal(victims, torch.arange(V, device=victims.device))
+            pick = (lambda t: t) if everyone else (lambda t: t[victims])
+            prepared["victims"] = victims
+            prepared["loss_and_gradient"] = prepare(
+                {n: pick(p) for n, p in payload.params.items()}, {n: pick(g) for n, g in update.gradients.items()},
+                pick(fixed_targets) if fixed_targets is not None else None)
+        return prepared["loss_and_gradient"](z)
 
     return objective
 

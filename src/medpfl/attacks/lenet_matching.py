@@ -6,7 +6,10 @@ which every victim is one group of a grouped convolution: the site's forward and
 the reverse of both. Each pass is a handful of large operations instead of the generic path's many
 small ones, which is what makes the engine fast where the reference spends its time on overhead.
 
-Layout: a layer's activations for V victims with B images each are one B x (V*channels) x H x W tensor.
+Layout: a layer's activations for V victims with B images each are one B x (V*channels) x H x W tensor,
+stored channels-last. oneDNN's direct convolution kernels read and write that layout as it is; in the
+default layout the same grouped convolutions reorder every input and output or fall back to im2col and
+a matrix multiply, measured 2-7x slower per convolution on the LeNets' shapes.
 """
 
 from __future__ import annotations
@@ -20,28 +23,44 @@ from medpfl.models.lenet import LeNet
 _conv_backward = torch.ops.aten.convolution_backward
 
 
-def _join(a: torch.Tensor, b: torch.Tensor, groups: int, axis: int) -> torch.Tensor:
-    """Concatenate two grouped tensors group by group; `axis` holds groups x channels (1 for B x (V*C) x H x W
-    activations, 0 for (V*out) x in x k x k weights), so two convolutions can run as one."""
-    parts = [t.unflatten(axis, (groups, -1)) for t in (a, b)]
-    return torch.cat(parts, axis + 1).flatten(axis, axis + 1)
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _features(act: torch.Tensor, V: int) -> torch.Tensor:
+    """The classifier's input, V x B x (H*W*C), from the last layer's channels-last activations."""
+    B, _, H, W = act.shape
+    return act.permute(0, 2, 3, 1).reshape(B, H * W, V, -1).permute(2, 0, 1, 3).reshape(V, B, -1)
+
+
+def _activations(features: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The inverse of _features: V x B x (H*W*C) back to a channels-last B x (V*C) x H x W like `like`."""
+    V, B, _ = features.shape
+    _, VC, H, W = like.shape
+    per_victim = features.reshape(V, B, H, W, VC // V).permute(1, 2, 3, 0, 4)  # B x H x W x V x C
+    return per_victim.reshape(B, H, W, VC).permute(0, 3, 1, 2)
 
 
 class _Conv:
     """One conv layer of the LeNet with V victims' weights as groups.
 
-    Every convolution runs unpadded on explicitly padded input: oneDNN's fast kernels do not take
-    padding as wide as the kernel (CPL's k=2, pad=2), and the slow path costs up to 7x. For the same
-    reason a stride-1 layer's input gradient is a plain convolution with the flipped kernel.
+    Every convolution, weight gradients included, runs unpadded on explicitly padded input: oneDNN's
+    direct kernels do not take padding as wide as the kernel (CPL's k=2, pad=2), and its fallback costs
+    up to 7x. For the same reason a stride-1 layer's input gradient is a plain convolution with the
+    flipped kernel.
     """
 
-    def __init__(self, conv: nn.Conv2d, name: str, params: dict[str, torch.Tensor]) -> None:
+    def __init__(self, conv: nn.Conv2d, name: str, params: dict[str, torch.Tensor],
+                 observed: dict[str, torch.Tensor]) -> None:
         weight = params[f"{name}.weight"]
-        self.V = weight.shape[0]
+        self.V, self.kernel = weight.shape[0], weight.shape[-1]
         self.name, self.stride, self.padding = name, conv.stride, conv.padding
-        self.kernel = weight.shape[-1]
         self.weight = weight.reshape(-1, *weight.shape[2:])  # (V*out) x in x k x k
         self.bias = params[f"{name}.bias"].reshape(-1)
+        self.observed_weight = observed[f"{name}.weight"].reshape(self.weight.shape)
+        self.observed_bias = observed[f"{name}.bias"].reshape(-1)
+        if self.stride == (1, 1):
+            self.flipped = self.flip(self.weight)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         p = self.padding[0]
@@ -53,122 +72,134 @@ class _Conv:
         return F.conv2d(x_padded, weight, bias, self.stride, 0, groups=self.V)
 
     def input_grad(self, grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """Gradient w.r.t. the (unpadded) input x of the convolution with `weight`, at `grad_out`."""
-        weight = self.weight if weight is None else weight
+        """Gradient w.r.t. the (unpadded) input x of the convolution with `weight` (this layer's by default),
+        at `grad_out`."""
         if self.stride != (1, 1):
-            return _conv_backward(grad_out, x, weight, None, self.stride, self.padding, [1, 1], False, [0, 0],
-                                  self.V, [True, False, False])[0]
-        V, k = self.V, self.kernel
-        per_victim = weight.reshape(V, -1, *weight.shape[1:])  # V x out x in x k x k
-        flipped = per_victim.transpose(1, 2).flip(-1, -2).reshape(-1, per_victim.shape[1], k, k)
-        q = k - 1 - self.padding[0]  # pad (or crop, when negative) the output gradient by this much
-        grad_out = F.pad(grad_out, (q, q, q, q)) if q >= 0 else grad_out[..., -q:q, -q:q]
-        return F.conv2d(grad_out, flipped, None, 1, 0, groups=V)
+            return _conv_backward(grad_out, x, self.weight if weight is None else weight, None, self.stride,
+                                  self.padding, [1, 1], False, [0, 0], self.V, [True, False, False])[0]
+        q = self.kernel - 1 - self.padding[0]  # pad (or crop, when negative) the output gradient by this much
+        grad_out = F.pad(grad_out, (q, q, q, q)) if q >= 0 else _channels_last(grad_out[..., -q:q, -q:q])
+        return F.conv2d(grad_out, self.flipped if weight is None else self.flip(weight), None, 1, 0, groups=self.V)
 
-    def weight_grad(self, grad_out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def flip(self, weight: torch.Tensor) -> torch.Tensor:
+        """A (V*out) x in x k x k kernel flipped, in and out swapped: (V*in) x out x k x k."""
+        per_victim = weight.reshape(self.V, -1, *weight.shape[1:])
+        return per_victim.transpose(1, 2).flip(-1, -2).reshape(-1, per_victim.shape[1], self.kernel, self.kernel)
+
+    def weight_grad(self, grad_out: torch.Tensor, x_padded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-victim weight and bias gradients, summed over the batch."""
-        _, g_w, g_b = _conv_backward(grad_out, x, self.weight, [self.weight.shape[0]], self.stride, self.padding,
+        _, g_w, g_b = _conv_backward(grad_out, x_padded, self.weight, [self.weight.shape[0]], self.stride, [0, 0],
                                      [1, 1], False, [0, 0], self.V, [False, True, True])
         return g_w, g_b
 
 
-def lenet_gradient_distance(
-    model: LeNet, z: torch.Tensor, params: dict[str, torch.Tensor], observed: dict[str, torch.Tensor],
-    targets: torch.Tensor | None, batch: int, shape: tuple[int, int, int],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per victim, the squared L2 distance between the LeNet gradient of its candidate and the observed one,
-    and the distance's gradient w.r.t. the candidate (images, then soft-label logits when targets is None).
+class LeNetGradientDistance:
+    """Per victim, the squared L2 distance between the LeNet gradient of its candidate and its observed
+    gradient, and the distance's gradient w.r.t. the candidate (images, then soft-label logits when
+    `targets` is None): set up once for a set of victims, then evaluated for many candidates.
 
-    z: V x (B*C*H*W [+ B*K]); params/observed: name -> V x shape; targets: V x B x K or None.
+    params/observed: name -> V x shape; targets: V x B x K or None; candidates z: V x (B*C*H*W [+ B*K]).
     """
-    V, B = z.shape[0], batch
-    C, H, W = shape
-    n_pixels = B * C * H * W
-    x = z[:, :n_pixels].reshape(V, B, C, H, W).transpose(0, 1).reshape(B, V * C, H, W)
-    soft = targets is None
-    if soft:
-        targets = z[:, n_pixels:].reshape(V, B, -1).softmax(-1)
-    convs = [_Conv(layer, f"body.{i}", params) for i, layer in enumerate(model.body) if isinstance(layer, nn.Conv2d)]
-    w_fc, b_fc = params["fc.weight"], params["fc.bias"]  # V x K x F, V x K
 
-    # The site's forward pass and its cross-entropy (mean over the batch, probability targets).
-    acts, padded = [x], []
-    for conv in convs:
-        padded.append(conv.pad(acts[-1]))
-        acts.append(torch.sigmoid(conv(padded[-1], bias=conv.bias)))
-    feat = acts[-1].reshape(B, V, -1).transpose(0, 1)  # V x B x F
-    p = torch.baddbmm(b_fc[:, None, :], feat, w_fc.transpose(1, 2)).softmax(-1)
-    mass = targets.sum(-1, keepdim=True)
-    d_logits = (p * mass - targets) / B
+    def __init__(self, model: LeNet, params: dict[str, torch.Tensor], observed: dict[str, torch.Tensor],
+                 targets: torch.Tensor | None, batch: int, shape: tuple[int, int, int]) -> None:
+        self.batch, self.shape, self.targets = batch, shape, targets
+        self.convs = [_Conv(layer, f"body.{i}", params, observed)
+                      for i, layer in enumerate(model.body) if isinstance(layer, nn.Conv2d)]
+        # The classifier's weights with their features in the order channels-last activations hold them.
+        V, K, _ = params["fc.weight"].shape
+        channels = model.body[-2].out_channels
 
-    # The site's backward pass: its gradient, and the residual against the observed one. The distance's
-    # derivative w.r.t. the site's gradient is R = 2 (g - o); the classifier's 2 is applied to its
-    # (small) products instead, since its K x F residual is by far the largest tensor.
-    distance: list[torch.Tensor] = []
+        def channels_last_features(weight: torch.Tensor) -> torch.Tensor:
+            return weight.reshape(V, K, channels, -1).transpose(2, 3).reshape(V, K, -1)
 
-    def residual(diff: torch.Tensor) -> torch.Tensor:
-        """g - o for one parameter tensor; its squared norm joins the distance."""
-        flat = diff.reshape(V, 1, -1)
-        distance.append(torch.bmm(flat, flat.transpose(1, 2)).reshape(V))
-        return diff
+        self.w_fc, self.b_fc = channels_last_features(params["fc.weight"]), params["fc.bias"]  # V x K x F, V x K
+        self.observed_w_fc = channels_last_features(observed["fc.weight"])
+        self.observed_b_fc = observed["fc.bias"]
 
-    def observed_like(name: str, gradient: torch.Tensor) -> torch.Tensor:
-        return observed[name].reshape(gradient.shape)
+    def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(distance per victim, its gradient w.r.t. z) for candidates z."""
+        V, B = z.shape[0], self.batch
+        C, H, W = self.shape
+        n_pixels = B * C * H * W
+        convs, w_fc = self.convs, self.w_fc
+        x = _channels_last(z[:, :n_pixels].reshape(V, B, C, H, W).transpose(0, 1).reshape(B, V * C, H, W))
+        soft = self.targets is None
+        targets = z[:, n_pixels:].reshape(V, B, -1).softmax(-1) if soft else self.targets
 
-    diff_wfc = residual(torch.baddbmm(observed["fc.weight"], d_logits.transpose(1, 2), feat, beta=-1))
-    g_bfc = d_logits.sum(1)
-    r_bfc = 2 * residual(g_bfc - observed_like("fc.bias", g_bfc))
-    d_act = torch.bmm(d_logits, w_fc).transpose(0, 1).reshape(acts[-1].shape)  # d loss / d last activation
-    # Per layer: gradient w.r.t. its output and pre-activation, the sigmoid's slope, 2 (g - o) of weight and bias.
-    d_acts, d_pre, slopes, r_w, r_b = ([None] * len(convs) for _ in range(5))
-    for i in reversed(range(len(convs))):
-        conv, a = convs[i], acts[i + 1]
-        slopes[i] = a * (1 - a)
-        d_acts[i], d_pre[i] = d_act, d_act * slopes[i]
-        g_w, g_b = conv.weight_grad(d_pre[i], acts[i])
-        if i > 0:
-            d_act = conv.input_grad(d_pre[i], acts[i])
-        r_w[i] = 2 * residual(g_w - observed_like(f"{conv.name}.weight", g_w))
-        r_b[i] = 2 * residual(g_b - observed_like(f"{conv.name}.bias", g_b))
-    loss = torch.stack(distance).sum(0)
+        # The site's forward pass and its cross-entropy (mean over the batch, probability targets).
+        acts, padded = [x], []
+        for conv in convs:
+            padded.append(conv.pad(acts[-1]))
+            acts.append(torch.sigmoid(conv(padded[-1], bias=conv.bias)))
+        feat = _features(acts[-1], V)  # V x B x F
+        p = torch.baddbmm(self.b_fc[:, None, :], feat, w_fc.transpose(1, 2)).softmax(-1)
+        mass = targets.sum(-1, keepdim=True)
+        d_logits = (p * mass - targets) / B
 
-    # Reverse of the backward pass, first layer up: adjoints of each layer's pre-activation gradient
-    # (from its weight, bias and input gradients) and of its output (through the sigmoid's slope).
-    act_bar: list[torch.Tensor | None] = [None] * len(acts)
+        # The site's backward pass: its gradient, and the residual against the observed one. The distance's
+        # derivative w.r.t. the site's gradient is R = 2 (g - o); the classifier's 2 is applied to its
+        # (small) products instead, since its K x F residual is by far the largest tensor.
+        distance: list[torch.Tensor] = []
 
-    def accumulate(i: int, contribution: torch.Tensor) -> None:
-        act_bar[i] = contribution if act_bar[i] is None else act_bar[i].add_(contribution)
+        def residual(diff: torch.Tensor) -> torch.Tensor:
+            """g - o for one parameter tensor; its squared norm joins the distance."""
+            flat = diff.reshape(V, 1, -1)
+            distance.append(torch.bmm(flat, flat.transpose(1, 2)).reshape(V))
+            return diff
 
-    d_act_bar = None
-    for i, conv in enumerate(convs):
-        if d_act_bar is None:
-            d_pre_bar = conv(padded[i], r_w[i], r_b[i])
-        else:  # weight-gradient and input-gradient adjoints in one convolution
-            both = _join(padded[i], conv.pad(d_act_bar), conv.V, 1)
-            d_pre_bar = conv(both, torch.cat([r_w[i], conv.weight], 1), r_b[i])
-        d_act_bar = d_pre_bar * slopes[i]
-        # d_pre = d_act * a (1 - a): its adjoint w.r.t. a is d_pre_bar * d_act * (1 - 2a).
-        accumulate(i + 1, d_pre_bar.mul_(torch.addcmul(d_acts[i], d_acts[i], acts[i + 1], value=-2)))
+        diff_wfc = residual(torch.bmm(d_logits.transpose(1, 2), feat).sub_(self.observed_w_fc))
+        r_bfc = 2 * residual(d_logits.sum(1) - self.observed_b_fc)
+        d_act = _activations(torch.bmm(d_logits, w_fc), acts[-1])  # d loss / d last activation
+        # Per layer: gradient w.r.t. its output and pre-activation, the sigmoid's slope, 2 (g - o) of weight and bias.
+        d_acts, d_pre, slopes, r_w, r_b = ([None] * len(convs) for _ in range(5))
+        for i in reversed(range(len(convs))):
+            conv, a = convs[i], acts[i + 1]
+            slopes[i] = a * (1 - a)
+            d_acts[i], d_pre[i] = d_act, d_act * slopes[i]
+            g_w, g_b = conv.weight_grad(d_pre[i], padded[i])
+            if i > 0:
+                d_act = conv.input_grad(d_pre[i], acts[i])
+            r_w[i] = 2 * residual(g_w - conv.observed_weight)
+            r_b[i] = 2 * residual(g_b - conv.observed_bias)
+        loss = torch.stack(distance).sum(0)
 
-    # ... through the classifier's gradient and the cross-entropy's ...
-    d_feat_bar = d_act_bar.reshape(B, V, -1).transpose(0, 1)
-    d_logits_bar = (torch.bmm(d_feat_bar, w_fc.transpose(1, 2)) + 2 * torch.bmm(feat, diff_wfc.transpose(1, 2))
-                    + r_bfc[:, None])
-    p_bar = d_logits_bar * mass / B
-    logits_bar = p * (p_bar - (p_bar * p).sum(-1, keepdim=True))
-    feat_bar = torch.bmm(2 * d_logits, diff_wfc).add_(torch.bmm(logits_bar, w_fc))
-    accumulate(len(convs), feat_bar.transpose(0, 1).reshape(acts[-1].shape))
+        # Reverse of the backward pass, first layer up: adjoints of each layer's pre-activation gradient
+        # (from its weight, bias and input gradients) and of its output (through the sigmoid's slope).
+        act_bar: list[torch.Tensor | None] = [None] * len(acts)
 
-    # ... and of the forward pass, top layer down, to the images; each layer's input also receives the
-    # adjoint of its weight gradient (through d_pre), in the same convolution.
-    for i in reversed(range(len(convs))):
-        conv = convs[i]
-        grads = _join(d_pre[i], act_bar[i + 1].mul_(slopes[i]), conv.V, 1)
-        accumulate(i, conv.input_grad(grads, acts[i], _join(r_w[i], conv.weight, conv.V, 0)))
-    x_bar = act_bar[0].reshape(B, V, C * H * W).transpose(0, 1).reshape(V, n_pixels)
-    if not soft:
-        return loss, x_bar
-    # Soft labels: d/dt of (p * sum(t) - t) / B, then through the softmax that makes t.
-    t_bar = ((d_logits_bar * p).sum(-1, keepdim=True) - d_logits_bar) / B
-    label_bar = targets * (t_bar - (t_bar * targets).sum(-1, keepdim=True))
-    return loss, torch.cat([x_bar, label_bar.reshape(V, -1)], dim=1)
+        def accumulate(i: int, contribution: torch.Tensor) -> None:
+            act_bar[i] = contribution if act_bar[i] is None else act_bar[i].add_(contribution)
+
+        d_act_bar = None
+        for i, conv in enumerate(convs):
+            if d_act_bar is None:
+                d_pre_bar = conv(padded[i], r_w[i], r_b[i])
+            else:  # weight-gradient and input-gradient adjoints
+                d_pre_bar = conv(padded[i], r_w[i], r_b[i]).add_(conv(conv.pad(d_act_bar)))
+            d_act_bar = d_pre_bar * slopes[i]
+            # d_pre = d_act * a (1 - a): its adjoint w.r.t. a is d_pre_bar * d_act * (1 - 2a).
+            accumulate(i + 1, d_pre_bar.mul_(torch.addcmul(d_acts[i], d_acts[i], acts[i + 1], value=-2)))
+
+        # ... through the classifier's gradient and the cross-entropy's ...
+        d_feat_bar = _features(d_act_bar, V)
+        d_logits_bar = (torch.bmm(d_feat_bar, w_fc.transpose(1, 2)) + 2 * torch.bmm(feat, diff_wfc.transpose(1, 2))
+                        + r_bfc[:, None])
+        p_bar = d_logits_bar * mass / B
+        logits_bar = p * (p_bar - (p_bar * p).sum(-1, keepdim=True))
+        feat_bar = torch.bmm(2 * d_logits, diff_wfc).add_(torch.bmm(logits_bar, w_fc))
+        accumulate(len(convs), _activations(feat_bar, acts[-1]))
+
+        # ... and of the forward pass, top layer down, to the images; each layer's input also receives the
+        # adjoint of its weight gradient (through d_pre).
+        for i in reversed(range(len(convs))):
+            conv = convs[i]
+            accumulate(i, conv.input_grad(d_pre[i], acts[i], r_w[i]))
+            accumulate(i, conv.input_grad(act_bar[i + 1].mul_(slopes[i]), acts[i]))
+        x_bar = act_bar[0].reshape(B, V, C, H, W).transpose(0, 1).reshape(V, n_pixels)
+        if not soft:
+            return loss, x_bar
+        # Soft labels: d/dt of (p * sum(t) - t) / B, then through the softmax that makes t.
+        t_bar = ((d_logits_bar * p).sum(-1, keepdim=True) - d_logits_bar) / B
+        label_bar = targets * (t_bar - (t_bar * targets).sum(-1, keepdim=True))
+        return loss, torch.cat([x_bar, label_bar.reshape(V, -1)], dim=1)
