@@ -55,9 +55,10 @@ class _Conv:
         weight = params[f"{name}.weight"]
         self.V, self.kernel = weight.shape[0], weight.shape[-1]
         self.name, self.stride, self.padding = name, conv.stride, conv.padding
-        self.weight = weight.reshape(-1, *weight.shape[2:])  # (V*out) x in x k x k
+        # (V*out) x in x k x k, channels-last like everything a convolution meets (else it copies them)
+        self.weight = _channels_last(weight.reshape(-1, *weight.shape[2:]))
         self.bias = params[f"{name}.bias"].reshape(-1)
-        self.observed_weight = observed[f"{name}.weight"].reshape(self.weight.shape)
+        self.observed_weight = _channels_last(observed[f"{name}.weight"].reshape(self.weight.shape))
         self.observed_bias = observed[f"{name}.bias"].reshape(-1)
         if self.stride == (1, 1):
             self.flipped = self.flip(self.weight)
@@ -84,7 +85,8 @@ class _Conv:
     def flip(self, weight: torch.Tensor) -> torch.Tensor:
         """A (V*out) x in x k x k kernel flipped, in and out swapped: (V*in) x out x k x k."""
         per_victim = weight.reshape(self.V, -1, *weight.shape[1:])
-        return per_victim.transpose(1, 2).flip(-1, -2).reshape(-1, per_victim.shape[1], self.kernel, self.kernel)
+        flipped = per_victim.transpose(1, 2).flip(-1, -2).reshape(-1, per_victim.shape[1], self.kernel, self.kernel)
+        return _channels_last(flipped)
 
     def weight_grad(self, grad_out: torch.Tensor, x_padded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-victim weight and bias gradients, summed over the batch."""
@@ -143,9 +145,9 @@ class LeNetGradientDistance:
         distance: list[torch.Tensor] = []
 
         def residual(diff: torch.Tensor) -> torch.Tensor:
-            """g - o for one parameter tensor; its squared norm joins the distance."""
-            flat = diff.reshape(V, 1, -1)
-            distance.append(torch.bmm(flat, flat.transpose(1, 2)).reshape(V))
+            """g - o for one parameter tensor (V or V*out rows first); its squared norm joins the distance."""
+            per_victim = diff.unflatten(0, (V, -1))
+            distance.append(per_victim.square().sum(tuple(range(1, per_victim.dim()))))
             return diff
 
         diff_wfc = residual(torch.bmm(d_logits.transpose(1, 2), feat).sub_(self.observed_w_fc))
