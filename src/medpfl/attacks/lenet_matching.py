@@ -55,7 +55,7 @@ class _Conv:
                  observed: dict[str, torch.Tensor]) -> None:
         weight = params[f"{name}.weight"]
         self.V, self.kernel = weight.shape[0], weight.shape[-1]
-        self.name, self.stride, self.padding = name, conv.stride, conv.padding
+        self.stride, self.padding = conv.stride, conv.padding
         # (V*out) x in x k x k, channels-last like everything a convolution meets (else it copies them)
         self.weight = _channels_last(weight.reshape(-1, *weight.shape[2:]))
         self.bias = params[f"{name}.bias"].reshape(-1)
