@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 # objective(x_active, victim_index) -> (loss per victim, gradient per victim)
 Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -156,7 +157,8 @@ def lbfgs(
         f, grad = objective(r.x, r.victim)
         f, grad = f.detach(), grad.detach()
         r.evaluations += (~r.closing).long()
-        bad = ~(torch.isfinite(f) & torch.isfinite(grad).all(1))
+        # A sum is finite only if every term is (a finite gradient whose sum overflows has diverged too).
+        bad = ~(torch.isfinite(f) & torch.isfinite(grad.sum(1)))
         if bool(bad.any()):
             # Step back to the last finite point so the victim's iterate stays usable.
             r.x[bad] -= r.t[bad, None] * r.d[bad]
@@ -206,9 +208,12 @@ def lbfgs(
             # A full history drops its oldest pair: everything kept in history order moves up one place.
             evict = add & (r.count == m)
             if bool(evict.any()):
+                everyone = bool(evict.all())  # the usual case once histories are full
+
                 def drop_oldest(t: torch.Tensor) -> torch.Tensor:
-                    moved = t.roll(-1, 1) if t.dim() == 2 else t.roll((-1, -1), (1, 2))
-                    return torch.where(evict.view(-1, *[1] * (t.dim() - 1)), moved, t)
+                    # Shifted up one place; the freed last row/column is zero until the new pair fills it.
+                    moved = F.pad(t[:, 1:], (0, 1)) if t.dim() == 2 else F.pad(t[:, 1:, 1:], (0, 1, 0, 1))
+                    return moved if everyone else torch.where(evict.view(-1, *[1] * (t.dim() - 1)), moved, t)
                 r.SY, r.YY = drop_oldest(r.SY), drop_oldest(r.YY)
                 Sg, Yg, s_y, s_ynew, y_ynew = map(drop_oldest, (Sg, Yg, s_y, s_ynew, y_ynew))
             at = torch.where(evict, m - 1, r.count)  # the new pair's place in history order
