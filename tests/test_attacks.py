@@ -229,3 +229,14 @@ def test_unknown_attack_setting_is_named():
 
     with pytest.raises(MedPFLError, match="no setting 'stepz'"):
         build_attack("idlg", stepz=3)
+
+
+def test_a_history_too_large_for_memory_is_refused_before_any_work(real_images):
+    """An L-BFGS history that cannot fit is named with the setting to change, not left to the OOM killer."""
+    from medpfl.errors import MedPFLError
+
+    x, y, K = real_images
+    _, payload, update = victims("lenet-idlg", x[:1, None], y[:1, None], K, torch.float32)
+    attack = build_attack("idlg", history_size=10**9, restarts=0)
+    with pytest.raises(MedPFLError, match=r"history_size=N\) or --image-size"):
+        attack.reconstruct(payload, update, torch.Generator().manual_seed(0))

@@ -19,8 +19,9 @@ from torch.func import grad_and_value, vmap
 from medpfl.attacks.labels import recover_labels
 from medpfl.attacks.lenet_matching import LeNetGradientDistance
 from medpfl.attacks.objectives import l2_distance
-from medpfl.attacks.optim import Restart, lbfgs
+from medpfl.attacks.optim import Restart, lbfgs, lbfgs_state_floats
 from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload
+from medpfl.errors import MedPFLError
 from medpfl.fl.gradients import functional_model, parameter_gradient
 from medpfl.models.lenet import LeNet
 
@@ -89,6 +90,8 @@ class GradientMatchingAttack:
             fixed_targets = F.one_hot(recover_labels(update, payload), K).to(dev, dt)
         objective = _l2_objective(payload, update, fixed_targets, B, shape)
 
+        draw_width = n_pixels + (B * K if optimize_labels else 0)  # what L-BFGS optimises per victim
+
         def draw(n: int) -> torch.Tensor:
             x = self.initial_images(n * B, shape, generator).reshape(n, n_pixels)
             if optimize_labels:
@@ -102,6 +105,8 @@ class GradientMatchingAttack:
         max_active = s.max_active
         if max_active is None and dev.type == "cpu":
             max_active = max(1, _CPU_ACTIVATION_BUDGET // _activation_floats(payload.model, B, shape, dev, dt))
+        max_active = _within_free_memory(max_active, lbfgs_state_floats(draw_width, s.history_size) * some.element_size(),
+                                         dev)
         result = lbfgs(objective, draw(V), steps=s.steps, lr=s.lr, max_iter=s.max_iter,
                        history_size=s.history_size, tolerance_grad=s.tolerance_grad,
                        tolerance_change=s.tolerance_change, restart=restart, max_active=max_active)
@@ -120,6 +125,32 @@ class GradientMatchingAttack:
 
 
 _CPU_ACTIVATION_BUDGET = 2**21  # floats (8 MB in float32) of layer outputs of all running victims
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes the process can still allocate on `device` (None where that is not known)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration):
+            return None
+    return None
+
+
+def _within_free_memory(max_active: int | None, bytes_per_victim: int, device: torch.device) -> int | None:
+    """Cap the victims optimised at once so that their L-BFGS state takes at most half the free memory."""
+    free = _free_memory(device)
+    if free is None:
+        return max_active
+    fits = free // 2 // bytes_per_victim
+    if fits < 1:
+        raise MedPFLError(
+            f"One victim's L-BFGS state needs {bytes_per_victim / 2**30:,.1f} GiB but only {free / 2**30:,.1f} GiB of "
+            f"{device} memory is free; lower the attack's history_size (--set history_size=N) or --image-size.")
+    return fits if max_active is None else min(max_active, fits)
 
 
 def _activation_floats(model: nn.Module, batch: int, shape: tuple[int, int, int], device, dtype) -> int:

@@ -62,6 +62,12 @@ class _Rows:
             setattr(self, name, torch.cat([value, getattr(other, name)]))
 
 
+def lbfgs_state_floats(dim: int, history_size: int) -> int:
+    """Floats one run of `lbfgs` holds at its peak: its curvature history (2 x history_size vectors),
+    their m x m products, and about seven more vectors (iterate, gradients, direction, step)."""
+    return (2 * history_size + 7) * dim + 2 * history_size * (history_size + 3)
+
+
 def lbfgs(
     objective: Objective,
     x0: torch.Tensor,
