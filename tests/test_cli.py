@@ -94,6 +94,7 @@ def test_inverting_gradients_runs_from_the_command_line(tmp_path):
     assert run(["attack", "--attack", "invgrad", "--model", "convnet", "--restarts", "2", "--n-images", "2",
                 "--out", str(out), *QUICK]) == 0
     assert json.loads((out / "summary.json").read_text())["model"] == "convnet"
+    assert not (out / "checkpoint.pt").exists()  # finished batches leave no optimiser state behind
     config = json.loads((out / "config.json").read_text())["config"]
     assert config["labels_granted"] is True and config["bn_mode_used"] == "eval"  # as the paper ran it
 

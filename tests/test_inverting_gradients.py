@@ -8,6 +8,7 @@ import torch
 from skimage import data
 
 from medpfl.attacks.inverting_gradients import InvertingGradients, InvertingGradientsSettings, invgrad, median_filter
+from medpfl.attacks.optim import Checkpoint
 from medpfl.attacks.threat import ObservedUpdate, ServerPayload
 from medpfl.data.transforms import to_tensor
 from medpfl.fl.gradients import model_params, site_gradients
@@ -121,3 +122,36 @@ def test_diverged_candidates_are_never_chosen(crops: torch.Tensor) -> None:
     assert rec.diverged.tolist() == [True, False]
     assert rec.images.isfinite().all() and rec.images.min() >= 0 and rec.images.max() <= 1
     assert torch.isfinite(rec.objective[1])
+
+
+def test_a_killed_run_continues_from_its_checkpoint_to_the_same_result(crops: torch.Tensor, tmp_path) -> None:
+    """Killed mid-way (after its 9th save: the second of two chunks, two steps in), the attack started
+    again on the same checkpoint ends exactly where an uninterrupted run ends, and counts the same work."""
+    payload, update = observe("lenet-dlg", crops[:2, None], torch.tensor([[0], [3]]))
+    attack = invgrad(steps=6, restarts=2, candidates_per_batch=2)  # two chunks: one victim's restarts each
+    whole = attack.reconstruct(payload, update, torch.Generator().manual_seed(4))
+
+    class Killed(Exception):
+        pass
+
+    class Recorded(Checkpoint):
+        """Saves at every step, remembers where, and is killed after `kill_after` saves."""
+
+        def __init__(self, kill_after: int | None = None) -> None:
+            super().__init__(tmp_path / "checkpoint.pt", "job", every_seconds=0)
+            self.kill_after, self.at = kill_after, []
+
+        def save(self, state):
+            super().save(state)
+            self.at.append((state["chunk"], state["progress"]["step"]))
+            if len(self.at) == self.kill_after:
+                raise Killed
+
+    with pytest.raises(Killed):
+        attack.reconstruct(payload, update, torch.Generator().manual_seed(4), Recorded(kill_after=9))
+    again = Recorded()
+    resumed = attack.reconstruct(payload, update, torch.Generator().manual_seed(4), again)
+    assert again.at[0] == (1, 2)  # went on from the last save instead of starting over
+    assert torch.equal(resumed.images, whole.images) and torch.equal(resumed.objective, whole.objective)
+    assert torch.equal(resumed.evaluations, whole.evaluations)
+    assert Checkpoint(again.path, "another job").load() is None  # never taken for another batch's state

@@ -55,6 +55,7 @@ class GradientMatchingAttack:
     """Reconstruct each victim's batch by L-BFGS on the squared L2 gradient distance."""
 
     name = "gradient-matching"
+    takes_checkpoints = False  # a batch of victims ends within minutes; results are written after it
 
     def __init__(self, settings: GradientMatchingSettings | None = None, **overrides) -> None:
         self.settings = settings or GradientMatchingSettings()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from torch.func import grad_and_value, vmap
 
 from medpfl.attacks.labels import recover_labels
 from medpfl.attacks.objectives import cosine_distance, top_layer_weights, total_variation
+from medpfl.attacks.optim import Checkpoint
 from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload
 from medpfl.fl.gradients import functional_model, parameter_gradient
 
@@ -62,6 +64,7 @@ class InvertingGradients:
     """Reconstruct each victim's batch by signed Adam on cosine gradient distance plus TV, with restarts."""
 
     name = "invgrad"
+    takes_checkpoints = True  # the paper's 24,000 steps take hours on a CPU
 
     def __init__(self, settings: InvertingGradientsSettings | None = None, **overrides) -> None:
         self.settings = settings or InvertingGradientsSettings()
@@ -88,8 +91,12 @@ class InvertingGradients:
         passed = sum(step >= int(s.steps * f) for f in s.decay_at)
         return s.lr * s.decay_factor**passed
 
-    def reconstruct(self, payload: ServerPayload, update: ObservedUpdate, generator: torch.Generator) -> Reconstruction:
-        """Attack every victim in `update` at once; returns images V x B x C x H x W in [0,1]."""
+    def reconstruct(self, payload: ServerPayload, update: ObservedUpdate, generator: torch.Generator,
+                    checkpoint: Checkpoint | None = None) -> Reconstruction:
+        """Attack every victim in `update` at once; returns images V x B x C x H x W in [0,1].
+
+        With a `checkpoint`, the optimisation saves its state there now and then and continues from it
+        (to the same result) when a crashed run is started again."""
         s = self.settings
         if s.restarts < 1 or s.steps < 0:
             raise ValueError(f"need restarts >= 1 and steps >= 0, got {s.restarts} and {s.steps}")
@@ -123,7 +130,17 @@ class InvertingGradients:
         images = torch.empty_like(x0)
         objective = torch.full((V, R), math.inf, device=dev, dtype=dt)
         steps_run = torch.zeros(V, R, dtype=torch.long)
-        for victims, restarts in _chunks(V, R, s.candidates_per_batch):
+        # A saved state holds the finished chunks' results and the optimiser of the chunk that was running.
+        saved = checkpoint.load() if checkpoint is not None else None
+        first_chunk, seconds_before = 0, 0.0
+        if saved is not None:
+            images.copy_(saved["images"])
+            objective.copy_(saved["objective"])
+            steps_run.copy_(saved["steps_run"])
+            first_chunk, seconds_before = saved["chunk"], saved["seconds"]
+        for index, (victims, restarts) in enumerate(_chunks(V, R, s.candidates_per_batch)):
+            if index < first_chunk:
+                continue
             # Whole-range picks are views; subsets copy only their own victims' weights.
             pick = (lambda t: t) if len(victims) == V else (lambda t: t[victims])
             args = (
@@ -132,7 +149,15 @@ class InvertingGradients:
                 {n: pick(w) for n, w in weights.items()},
                 pick(targets),
             )
-            x, loss, ran = self._optimise(per_candidate, x0[victims][:, restarts], args)
+
+            def save(progress: Callable[[], dict[str, Any]], index: int = index) -> None:
+                if checkpoint.due():
+                    checkpoint.save({"images": images, "objective": objective, "steps_run": steps_run, "chunk": index,
+                                     "seconds": seconds_before + time.perf_counter() - start, "progress": progress()})
+
+            resume = saved["progress"] if saved is not None and index == first_chunk else None
+            x, loss, ran = self._optimise(per_candidate, x0[victims][:, restarts], args, resume,
+                                          save if checkpoint is not None else None)
             images[victims[:, None], restarts] = x
             objective[victims[:, None], restarts] = loss
             steps_run[victims[:, None], restarts] = ran
@@ -147,7 +172,7 @@ class InvertingGradients:
             chosen = median_filter(chosen)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        seconds = time.perf_counter() - start
+        seconds = seconds_before + time.perf_counter() - start
 
         diverged = diverged_candidates.all(1)
         # A diverged victim's pixels may be NaN; give a defined image in [0,1] all the same.
@@ -165,14 +190,27 @@ class InvertingGradients:
                    "diverged_candidates": diverged_candidates},
         )
 
-    def _optimise(self, per_candidate, x0: torch.Tensor, args: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Signed Adam from x0 (v x r x B x C x H x W); returns final images, final objective (v x r) and steps run."""
+    def _optimise(self, per_candidate, x0: torch.Tensor, args: tuple, resume: dict[str, Any] | None = None,
+                  save: Callable[[Callable[[], dict[str, Any]]], None] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Signed Adam from x0 (v x r x B x C x H x W), or from a saved state `resume`; offers its state to
+        `save` before every step. Returns final images, final objective (v x r) and steps run."""
         s = self.settings
         x = x0.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=s.lr)
         dead = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
         ran = torch.zeros(x.shape[:2], dtype=torch.long)
-        for step in range(s.steps):
+        first = 0
+        if resume is not None:
+            with torch.no_grad():
+                x.copy_(resume["x"])
+            optimizer.load_state_dict(resume["adam"])
+            dead.copy_(resume["dead"])
+            ran.copy_(resume["ran"])
+            first = resume["step"]
+        for step in range(first, s.steps):
+            if save is not None:
+                save(lambda: {"step": step, "x": x.detach(), "adam": optimizer.state_dict(), "dead": dead, "ran": ran})
             gradient, loss = per_candidate(x.detach(), *args)
             dead |= ~torch.isfinite(loss) | ~torch.isfinite(gradient).flatten(2).all(2)
             ran += (~dead).cpu().long()

@@ -7,8 +7,12 @@ batched evaluation however many victims there are; victims that finish drop out 
 
 from __future__ import annotations
 
+import os
+import time
+import warnings
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +45,38 @@ class Restart:
     tries: int
     unsatisfied: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (victims, best loss) -> bool each
     draw: Callable[[int], torch.Tensor]  # n fresh starting points, n x D
+
+
+class Checkpoint:
+    """A file in which a long optimisation keeps its state, so that a crash costs at most `every_seconds`
+    of work: written atomically now and then, read back on the next start if it is the same job's (`key`)."""
+
+    def __init__(self, path: str | os.PathLike[str], key: str, every_seconds: float = 300.0) -> None:
+        self.path, self.key, self.every_seconds = Path(path), key, every_seconds
+        self._saved_at = time.monotonic()
+
+    def load(self) -> dict[str, Any] | None:
+        """The state saved by this job, or None (no file, another job's, or unreadable)."""
+        if not self.path.exists():
+            return None
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file means the same: start over
+            warnings.warn(f"Ignoring the unreadable checkpoint {self.path} ({exc}); this batch starts over.")
+            return None
+        return saved["state"] if saved.get("key") == self.key else None
+
+    def due(self) -> bool:
+        return time.monotonic() - self._saved_at >= self.every_seconds
+
+    def save(self, state: dict[str, Any]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save({"key": self.key, "state": state}, tmp)
+        os.replace(tmp, self.path)
+        self._saved_at = time.monotonic()
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 class _Rows:

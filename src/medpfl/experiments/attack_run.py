@@ -6,6 +6,7 @@ observed update -> attack (sees payload + update only) -> scored against the ori
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 from medpfl.attacks import (DEFAULT_BN_MODES, DEFAULT_MODELS, LABEL_ACCESS, THREAT_MODELS, ObservedUpdate,
                             ServerPayload, build_attack)
+from medpfl.attacks.optim import Checkpoint
 from medpfl.data import ImageDataset, open_source, sample_items
 from medpfl.errors import MedPFLError
 from medpfl.experiments.run_dir import append_result, open_run_dir, read_results, write_json
@@ -22,6 +24,9 @@ from medpfl.fl.gradients import BN_MODES, site_gradients, stack_params
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score, reidentified
 from medpfl.models.registry import build_model
 from medpfl.report.images import comparison_grid, load_png, save_png
+
+
+CHECKPOINT = "checkpoint.pt"  # the state of a long attack in progress, in the run directory
 
 
 @dataclass
@@ -83,6 +88,8 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
     record = {**asdict(config), "model": config.model_name, "labels_granted": labels_granted,
               "bn_mode_used": bn_mode, "attack_settings": attack.config()}
     path = open_run_dir(out, record, resume=resume)
+    if not resume:
+        (path / CHECKPOINT).unlink(missing_ok=True)
     (path / "images").mkdir(exist_ok=True)
 
     B = config.batch_size
@@ -103,9 +110,13 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
         payload = ServerPayload(models[0].to(device), params, K, tuple(images.shape[2:]), bn_mode)
         update = ObservedUpdate(gradients, B, labels=granted)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + victims[0])
-        result = attack.reconstruct(payload, update, generator)
+        # Long optimisations keep their state here, so that a crash costs minutes, not hours.
+        checkpoint = Checkpoint(path / CHECKPOINT, key=json.dumps({"run": record, "victims": victims}, default=str))
+        result = attack.reconstruct(payload, update, generator,
+                                    **({"checkpoint": checkpoint} if attack.takes_checkpoints else {}))
         for j, v in enumerate(victims):
             append_result(path, _score(path, dataset, v, B, images[j], labels[j], result, j, len(victims)))
+        checkpoint.clear()
         if progress:
             progress(len(done) + start + len(victims), n_victims)
 
