@@ -7,8 +7,9 @@ from the same starting points, on the same models, all victims in one vectorised
     python benchmarks/attack_throughput.py                      # iDLG and CPL, 64 images, JSON to stdout
     python benchmarks/attack_throughput.py --attacks idlg --n-images 16 --scaling 1,8,32,128 --out b.json
 
-Peak memory is measured around each phase: resident-set growth on CPU (sampled), or
-torch.cuda.max_memory_allocated on a GPU. Each attack also reports a ceiling: the reference's FLOPs
+Peak memory is measured around each phase: on CPU the bytes allocated through malloc (glibc's
+mallinfo2, sampled; the resident set where that is missing, which misses memory freed and reused
+from earlier phases), or torch.cuda.max_memory_allocated on a GPU. Each attack also reports a ceiling: the reference's FLOPs
 per evaluation (counted by torch) at the machine's measured matrix-multiply peak, i.e. how much faster
 the same arithmetic could run. It leaves out the optimiser's own memory traffic (the L-BFGS history,
 2 x 100 pairs of image-sized vectors read twice per iteration), so no real code gets there.
@@ -17,6 +18,8 @@ the same arithmetic could run. It leaves out the optimiser's own memory traffic 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import dataclasses
 import json
 import threading
@@ -37,21 +40,42 @@ from medpfl.metrics.privacy import SUCCESS_SSIM
 from medpfl.models.registry import build_model
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2():
+    """glibc's mallinfo2 (2.33+), or None on other C libraries."""
+    try:
+        function = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
 class PeakMemory:
-    """Peak memory in MiB above the level at entry: CUDA allocations, or the process's resident set."""
+    """Peak memory in MiB above the level at entry: CUDA allocations, bytes allocated through malloc
+    (where tensors live on a CPU), or else the process's resident set."""
+
+    _mallinfo2 = _mallinfo2()
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.peak_mib = device, 0.0
 
-    @staticmethod
-    def _rss_mib() -> float:
+    @classmethod
+    def _used_mib(cls) -> float:
+        if cls._mallinfo2 is not None:
+            info = cls._mallinfo2()
+            return (info.uordblks + info.hblkhd) / 2**20  # in use on the heap + in mmapped blocks
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * 4096 / 2**20
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self._peak = max(self._peak, self._rss_mib())
-            time.sleep(0.01)
+            self._peak = max(self._peak, self._used_mib())
+            time.sleep(0.005)
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
@@ -59,7 +83,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
-            self._base = self._peak = self._rss_mib()
+            self._base = self._peak = self._used_mib()
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
