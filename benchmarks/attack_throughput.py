@@ -9,10 +9,11 @@ from the same starting points, on the same models, all victims in one vectorised
 
 Peak memory is measured around each phase: on CPU the bytes allocated through malloc (glibc's
 mallinfo2, sampled; the resident set where that is missing, which misses memory freed and reused
-from earlier phases), or torch.cuda.max_memory_allocated on a GPU. Each attack also reports a ceiling: the reference's FLOPs
-per evaluation (counted by torch) at the machine's measured matrix-multiply peak, i.e. how much faster
-the same arithmetic could run. It leaves out the optimiser's own memory traffic (the L-BFGS history,
-2 x 100 pairs of image-sized vectors read twice per iteration), so no real code gets there.
+from earlier phases), or torch.cuda.max_memory_allocated on a GPU. Each attack also reports a
+ceiling: the reference's FLOPs per evaluation (counted by torch) at the machine's measured
+matrix-multiply peak, i.e. how much faster the same arithmetic could run. It leaves out the
+optimiser's own memory traffic (the L-BFGS history, 2 x 100 pairs of image-sized vectors read twice
+per iteration), so no real code gets there.
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ from medpfl.models.registry import build_model
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
 
 
 def _mallinfo2():

@@ -106,8 +106,8 @@ class GradientMatchingAttack:
         max_active = s.max_active
         if max_active is None and dev.type == "cpu":
             max_active = max(1, _CPU_ACTIVATION_BUDGET // _activation_floats(payload.model, B, shape, dev, dt))
-        max_active = _within_free_memory(max_active, lbfgs_state_floats(draw_width, s.history_size) * some.element_size(),
-                                         dev)
+        state_bytes = lbfgs_state_floats(draw_width, s.history_size) * some.element_size()
+        max_active = _within_free_memory(max_active, state_bytes, dev)
         result = lbfgs(objective, draw(V), steps=s.steps, lr=s.lr, max_iter=s.max_iter,
                        history_size=s.history_size, tolerance_grad=s.tolerance_grad,
                        tolerance_change=s.tolerance_change, restart=restart, max_active=max_active)
