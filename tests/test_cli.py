@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from medpfl.cli import main
@@ -97,6 +101,34 @@ def test_inverting_gradients_runs_from_the_command_line(tmp_path):
     assert not (out / "checkpoint.pt").exists()  # finished batches leave no optimiser state behind
     config = json.loads((out / "config.json").read_text())["config"]
     assert config["labels_granted"] is True and config["bn_mode_used"] == "eval"  # as the paper ran it
+
+
+def test_a_killed_inverting_gradients_run_goes_on_from_its_checkpoint_to_the_same_results(tmp_path):
+    """kill -9 in the middle of the optimisation, then the same command again: nothing is redone from the
+    start and the results equal an uninterrupted run's."""
+    args = ["attack", "--attack", "invgrad", "--model", "convnet", "--restarts", "2", "--n-images", "2",
+            "--steps", "300", "--checkpoint-every", "0", "--quiet"]
+    assert run([*args, "--out", str(tmp_path / "whole")]) == 0
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "medpfl.cli", *args, "--out", str(killed)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def saved_step() -> int:  # the file is replaced atomically, so it is always whole
+        path = killed / "checkpoint.pt"
+        return torch.load(path, weights_only=True)["state"]["progress"]["step"] if path.exists() else -1
+
+    while saved_step() < 10:
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    assert not (killed / "results.jsonl").exists()  # killed before the batch ended
+    assert 10 <= saved_step() < 300
+    assert run([*args, "--out", str(killed)]) == 0
+    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k != "seconds"}  # noqa: E731
+                          for line in (path / "results.jsonl").read_text().splitlines()]
+    assert strip(killed) == strip(tmp_path / "whole")
+    assert not (killed / "checkpoint.pt").exists()
 
 
 def test_inverting_gradients_can_be_made_to_recover_the_labels_of_a_batch(tmp_path):

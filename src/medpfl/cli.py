@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     attack.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     attack.add_argument("--out", default=None, help="run directory (default: runs/ATTACK-MODEL-seedS)")
     attack.add_argument("--fresh", action="store_true", help="start over instead of resuming --out")
+    attack.add_argument("--checkpoint-every", type=float, default=300.0, metavar="SECONDS",
+                        help="Inverting Gradients: save the optimiser state this often, to resume after a crash")
     return parser
 
 
@@ -129,7 +131,8 @@ def cmd_attack(args: argparse.Namespace) -> None:
     run = Path(args.out or f"runs/{config.attack}-{config.model_name}-seed{config.seed}")
     bar, update = _progress(args.quiet, f"{config.attack} on {config.model_name}")
     with bar or nullcontext():
-        summary = run_attack(config, run, resume=not args.fresh, progress=update)
+        summary = run_attack(config, run, resume=not args.fresh, progress=update,
+                             checkpoint_every=args.checkpoint_every)
     table = Table(title=f"{summary['attack']} on {summary['model']}, {summary['n_images']} images of {summary['data']}")
     for column in ("ASR", "mean SSIM", "mean PSNR", "mean MSE", "label acc.", "re-id", "s / image"):
         table.add_column(column, justify="right")

@@ -73,9 +73,12 @@ class AttackRunConfig:
 
 
 def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
-               progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) the attack described by `config` into `out`; returns the summary."""
+               progress: Callable[[int, int], None] | None = None, checkpoint_every: float = 300.0) -> dict[str, Any]:
+    """Run (or resume) the attack described by `config` into `out`; returns the summary. Attacks that
+    take checkpoints save their state every `checkpoint_every` seconds (it does not change results)."""
     attack = build_attack(config.attack, **config.settings)
+    if checkpoint_every < 0:
+        raise MedPFLError(f"--checkpoint-every {checkpoint_every} must be 0 or more seconds.")
     if config.n_images < config.batch_size or config.n_images % config.batch_size:
         raise MedPFLError(f"--n-images {config.n_images} must be a positive multiple of --batch-size "
                           f"{config.batch_size}; each victim shares one update of --batch-size images.")
@@ -111,7 +114,8 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
         update = ObservedUpdate(gradients, B, labels=granted)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + victims[0])
         # Long optimisations keep their state here, so that a crash costs minutes, not hours.
-        checkpoint = Checkpoint(path / CHECKPOINT, key=json.dumps({"run": record, "victims": victims}, default=str))
+        checkpoint = Checkpoint(path / CHECKPOINT, key=json.dumps({"run": record, "victims": victims}, default=str),
+                                every_seconds=checkpoint_every)
         result = attack.reconstruct(payload, update, generator,
                                     **({"checkpoint": checkpoint} if attack.takes_checkpoints else {}))
         for j, v in enumerate(victims):
