@@ -146,6 +146,7 @@ def test_inverting_gradients_can_be_made_to_recover_the_labels_of_a_batch(tmp_pa
     (["attack", "--n-images", "3", "--batch-size", "2", "--quiet"], "--batch-size"),
     (["attack", "--set", "tv_weight", "--quiet"], "KEY=VALUE"),
     (["attack", "--set", "nonsense=1", "--quiet"], "no setting 'nonsense'"),
+    (["attack", "--checkpoint-every", "-5", "--quiet"], "--checkpoint-every -5.0 must be 0 or more"),
 ])
 def test_bad_input_gets_one_clear_sentence(argv, words, capsys, tmp_path):
     assert run([*argv[:2], *argv[2:], *(["--out", str(tmp_path / "r")] if argv[0] == "attack" else [])]) == 2
