@@ -132,7 +132,7 @@ def test_a_killed_run_continues_from_its_checkpoint_to_the_same_result(crops: to
     whole = attack.reconstruct(payload, update, torch.Generator().manual_seed(4))
 
     class Killed(Exception):
-        pass
+        """Stands for the crash: raised right after a save, as if the process had died there."""
 
     class Recorded(Checkpoint):
         """Saves at every step, remembers where, and is killed after `kill_after` saves."""

@@ -91,8 +91,6 @@ class GradientMatchingAttack:
             fixed_targets = F.one_hot(recover_labels(update, payload), K).to(dev, dt)
         objective = _l2_objective(payload, update, fixed_targets, B, shape)
 
-        draw_width = n_pixels + (B * K if optimize_labels else 0)  # what L-BFGS optimises per victim
-
         def draw(n: int) -> torch.Tensor:
             x = self.initial_images(n * B, shape, generator).reshape(n, n_pixels)
             if optimize_labels:
@@ -106,9 +104,10 @@ class GradientMatchingAttack:
         max_active = s.max_active
         if max_active is None and dev.type == "cpu":
             max_active = max(1, _CPU_ACTIVATION_BUDGET // _activation_floats(payload.model, B, shape, dev, dt))
-        state_bytes = lbfgs_state_floats(draw_width, s.history_size) * some.element_size()
+        x0 = draw(V)
+        state_bytes = lbfgs_state_floats(x0.shape[1], s.history_size) * x0.element_size()
         max_active = _within_free_memory(max_active, state_bytes, dev)
-        result = lbfgs(objective, draw(V), steps=s.steps, lr=s.lr, max_iter=s.max_iter,
+        result = lbfgs(objective, x0, steps=s.steps, lr=s.lr, max_iter=s.max_iter,
                        history_size=s.history_size, tolerance_grad=s.tolerance_grad,
                        tolerance_change=s.tolerance_change, restart=restart, max_active=max_active)
         if dev.type == "cuda":
