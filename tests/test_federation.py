@@ -77,7 +77,8 @@ def test_a_class_without_training_images_is_named(source):
 
 def test_partition_does_not_depend_on_listing_order(source):
     items = list(source.items[:100])
-    forward, backward = partition_items(items, 4, "dirichlet:0.5", 1), partition_items(items[::-1], 4, "dirichlet:0.5", 1)
+    forward = partition_items(items, 4, "dirichlet:0.5", 1)
+    backward = partition_items(items[::-1], 4, "dirichlet:0.5", 1)
     assert _ids(forward) == _ids(backward)
 
 
