@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     attack.add_argument("--fresh", action="store_true", help="start over instead of resuming --out")
     attack.add_argument("--checkpoint-every", type=float, default=300.0, metavar="SECONDS",
                         help="Inverting Gradients: save the optimiser state this often, to resume after a crash")
+    _add_train_parser(commands, common)
     return parser
 
 
@@ -143,7 +144,75 @@ def cmd_attack(args: argparse.Namespace) -> None:
     out.print(f"Results in {run}/ (summary.json, results.jsonl, reconstructions.png)")
 
 
-COMMANDS = {("data", "inspect"): cmd_data_inspect, ("data", "sample"): cmd_data_sample, ("attack", None): cmd_attack}
+def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
+    from medpfl.attacks import ATTACKS
+    from medpfl.experiments.train_run import ENGINES, TrainRunConfig
+    from medpfl.fl.local import PROTOCOLS
+    from medpfl.fl.partition import PARTITION_HELP
+    from medpfl.models.registry import MODELS
+
+    d = TrainRunConfig()
+    train = commands.add_parser("train", parents=[common],
+                                help="federated training; a curious server attacks chosen rounds and sites")
+    train.add_argument("--data", help="class folders, .npz, DICOM or NIfTI (default: embedded real images)")
+    train.add_argument("--model", default=d.model, choices=sorted(MODELS))
+    train.add_argument("--norm", default=d.norm, choices=("batch", "group", "none"))
+    train.add_argument("--image-size", type=int, default=d.image_size)
+    train.add_argument("--channels", type=int, default=d.channels, choices=(1, 3))
+    train.add_argument("--sites", type=int, default=d.sites)
+    train.add_argument("--rounds", type=int, default=d.rounds)
+    train.add_argument("--protocol", default=d.protocol, choices=PROTOCOLS)
+    train.add_argument("--local-epochs", type=int, default=d.local_epochs, help="FedAvg: passes over a site's images")
+    train.add_argument("--local-batch", type=int, default=d.local_batch, help="FedAvg: images per local step")
+    train.add_argument("--lr", type=float, default=d.lr, help="local (FedAvg) or server (FedSGD) learning rate")
+    train.add_argument("--momentum", type=float, default=d.momentum, help="FedAvg local SGD momentum, in [0, 1)")
+    train.add_argument("--partition", default=d.partition, help=PARTITION_HELP)
+    train.add_argument("--attack", help=f"attack chosen sites' updates: {', '.join(sorted(ATTACKS))}")
+    train.add_argument("--attack-rounds", help="rounds to attack, e.g. 1,20 or 1-3")
+    train.add_argument("--attack-sites", help="sites to attack (0-based), e.g. 0 or 0,2")
+    train.add_argument("--attack-batch", type=int,
+                       help="attack a probe update of the site's first K images of the round instead of its full "
+                            "update (training is unchanged)")
+    train.add_argument("--steps", type=int, help="attack optimiser steps")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other attack setting")
+    train.add_argument("--engine", default=d.engine, choices=ENGINES)
+    train.add_argument("--seed", type=int, default=d.seed)
+    train.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 ...")
+    train.add_argument("--out", help="run directory (default: runs/train-MODEL-PARTITION-seedS)")
+    train.add_argument("--fresh", action="store_true", help="start over instead of resuming --out")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from medpfl.experiments.train_run import TrainRunConfig, parse_int_list, run_training
+
+    settings = dict(_parse_setting(s) for s in args.set)
+    if args.steps is not None:
+        settings["steps"] = args.steps
+    config = TrainRunConfig(
+        data=args.data, model=args.model, norm=args.norm, image_size=args.image_size, channels=args.channels,
+        sites=args.sites, rounds=args.rounds, protocol=args.protocol, local_epochs=args.local_epochs,
+        local_batch=args.local_batch, lr=args.lr, momentum=args.momentum, partition=args.partition,
+        attack=args.attack, attack_rounds=parse_int_list(args.attack_rounds, "--attack-rounds"),
+        attack_sites=parse_int_list(args.attack_sites, "--attack-sites"), attack_batch=args.attack_batch,
+        attack_settings=settings, engine=args.engine, seed=args.seed, device=args.device)
+    run = Path(args.out or f"runs/train-{config.model}-{config.partition.replace(':', '')}-seed{config.seed}")
+    bar, update = _progress(args.quiet, "rounds")
+    with bar or nullcontext():
+        summary = run_training(config, run, resume=not args.fresh, progress=update)
+    table = Table(title=f"{config.model}, {summary['sites']} sites ({summary['partition']}), {summary['rounds']} rounds")
+    for column in ("", "accuracy", "balanced acc.", "macro AUC"):
+        table.add_column(column, justify="right")
+    for name, row in (("global model", summary["final"]), ("chance", summary["chance"])):
+        table.add_row(name, *(f"{row[k]:.3f}" for k in ("accuracy", "balanced_accuracy", "auc")))
+    out.print(table)
+    for a in summary["attacks"]:
+        out.print(f"round {a['round']} site {a['site']} ({a['observed']} update, {a['images']} images): "
+                  f"ASR {a['asr']:.2f}, SSIM {a['mean_ssim']:.3f}, PSNR {a['mean_psnr']:.1f} dB")
+    out.print(f"Results in {run}/ (rounds.jsonl, attacks.jsonl, model.pt, summary.json)")
+
+
+COMMANDS = {("data", "inspect"): cmd_data_inspect, ("data", "sample"): cmd_data_sample, ("attack", None): cmd_attack,
+            ("train", None): cmd_train}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,328 @@
+"""One federated training run with a curious server: rounds, utility per round, attacks at chosen rounds and sites.
+
+Run directory: config.json; rounds.jsonl (one line per finished round); attacks.jsonl (one line per
+attacked site and round, the fields of `medpfl attack`'s results plus round and site) with the
+reconstructions as PNGs under attacks/; state.pt (global weights after the last finished round, for
+resuming); model.pt (the final global model's state dict, loadable with torch.load(weights_only=True)).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from medpfl.attacks import ATTACKS, THREAT_MODELS, ObservedUpdate, ServerPayload, build_attack
+from medpfl.data import ImageDataset, open_source
+from medpfl.errors import MedPFLError
+from medpfl.experiments.run_dir import open_run_dir, write_json
+from medpfl.fl.gradients import functional_model
+from medpfl.fl.local import LocalTraining, local_update
+from medpfl.fl.partition import Federation, federate
+from medpfl.fl.rounds import RoundHooks, SiteObservation, ordered
+from medpfl.fl.seeds import ATTACK, model_seed, site_order, torch_seed
+from medpfl.fl.simulation import InProcessFederation
+from medpfl.fl.utility import chance_levels, evaluate
+from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score
+from medpfl.models.registry import build_model
+from medpfl.report.images import save_png
+
+ENGINES = ("inprocess", "flower")
+UPDATE_INVERSION = "update-inversion"
+STATE, ROUNDS, ATTACKS_FILE, MODEL = "state.pt", "rounds.jsonl", "attacks.jsonl", "model.pt"
+
+
+@dataclass
+class TrainRunConfig:
+    """Everything that determines a training run's results.
+
+    Defaults (GroupNorm ConvNet at 32 px, FedAvg, 2 local epochs of batch 16, lr 0.05 with momentum 0.9,
+    20 rounds): GroupNorm because BatchNorm's batch statistics differ per site and per batch (and Opacus
+    rejects it); the rest is plain small-CNN SGD practice; benchmarks/results/federation_throughput.json
+    and the README report what it reaches on the embedded set, IID and Dirichlet(0.3).
+    """
+
+    data: str | None = None  # None: the embedded real-image set
+    model: str = "convnet"
+    norm: str = "group"
+    image_size: int = 32
+    channels: int = 3
+    sites: int = 5
+    rounds: int = 20
+    protocol: str = "fedavg"
+    local_epochs: int = 2
+    local_batch: int = 16
+    lr: float = 0.05
+    momentum: float = 0.9
+    partition: str = "iid"
+    attack: str | None = None
+    attack_rounds: list[int] = field(default_factory=list)
+    attack_sites: list[int] = field(default_factory=list)
+    attack_batch: int | None = None  # None: attack the site's full update; K: a probe update of its first K images
+    attack_settings: dict[str, Any] = field(default_factory=dict)
+    engine: str = "inprocess"
+    seed: int = 0
+    device: str = "cpu"
+
+    @property
+    def training(self) -> LocalTraining:
+        return LocalTraining(self.protocol, self.local_epochs, self.local_batch, self.lr, self.momentum)
+
+
+def parse_int_list(text: str | None, option: str) -> list[int]:
+    """'1,5,10' or '1-3,8' -> [1, 5, 10] / [1, 2, 3, 8]; a bad list raises naming `option`."""
+    values: list[int] = []
+    try:
+        for part in (text or "").replace(" ", "").split(","):
+            if not part:
+                continue
+            lo, _, hi = part.partition("-")
+            values.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    except ValueError:
+        raise MedPFLError(f"{option} '{text}' is not a list of integers; write e.g. 1,5,10 or 1-3.") from None
+    return sorted(set(values))
+
+
+def _check(config: TrainRunConfig) -> None:
+    """Refuse impossible settings before anything is trained or written."""
+    config.training  # noqa: B018  (validates protocol, epochs, batch, lr, momentum)
+    if config.engine not in ENGINES:
+        raise MedPFLError(f"--engine must be one of {', '.join(ENGINES)}, got '{config.engine}'.")
+    if config.rounds < 1:
+        raise MedPFLError(f"--rounds {config.rounds} is invalid; train for 1 or more rounds.")
+    if config.attack is None:
+        return
+    if config.attack not in ATTACKS:
+        raise MedPFLError(f"Unknown --attack '{config.attack}'; choose one of: {', '.join(ATTACKS)}.")
+    bad_rounds = [r for r in config.attack_rounds if not 1 <= r <= config.rounds]
+    bad_sites = [s for s in config.attack_sites if not 0 <= s < config.sites]
+    if not config.attack_rounds or bad_rounds:
+        raise MedPFLError(f"--attack-rounds must list rounds between 1 and {config.rounds} (--rounds), "
+                          f"e.g. --attack-rounds 1,{config.rounds}.")
+    if not config.attack_sites or bad_sites:
+        raise MedPFLError(f"--attack-sites must list sites between 0 and {config.sites - 1}, e.g. --attack-sites 0.")
+    if config.attack_batch is not None and config.attack_batch < 1:
+        raise MedPFLError(f"--attack-batch {config.attack_batch} is invalid; attack 1 or more images.")
+    if config.protocol == "fedavg" and config.attack != UPDATE_INVERSION and config.local_epochs != 1:
+        raise MedPFLError(f"--attack {config.attack} inverts gradients, and a FedAvg update of {config.local_epochs} "
+                          "local epochs is not one; use --local-epochs 1 with one local batch, --protocol fedsgd, "
+                          f"or the {UPDATE_INVERSION} attack.")
+
+
+class CuriousServer:
+    """The RoundObserver that attacks the chosen sites' updates and scores them against the site's images.
+
+    Attack code sees only the payload and the observed update; the originals stay here, with the scorer.
+    """
+
+    def __init__(self, config: TrainRunConfig, model: torch.nn.Module, sites: list[tuple[torch.Tensor, torch.Tensor]],
+                 num_classes: int, item_ids: list[list[str]], out: Path):
+        self.config, self.model, self.sites, self.num_classes = config, model, sites, num_classes
+        self.item_ids, self.out = item_ids, out
+        self.attack = build_attack(config.attack, **config.attack_settings)
+        self.pending: list[SiteObservation] = []
+
+    def wants(self, round_index: int, site: int) -> bool:
+        return round_index in self.config.attack_rounds and site in self.config.attack_sites
+
+    def observe(self, seen: SiteObservation) -> None:
+        self.pending.append(seen)  # attacked after the round, so a slow attack never holds up aggregation
+
+    def attack_pending(self) -> list[dict[str, Any]]:
+        """Attack and score every update observed since the last call; one result per site and round."""
+        results = [self._attack(seen) for seen in self.pending]
+        self.pending = []
+        return results
+
+    def _gradient_view(self, seen: SiteObservation) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, str]:
+        """(gradient the attacker inverts, the images and labels behind it, which update it is)."""
+        facts, training = seen.facts, seen.facts.training
+        x, y = ordered(*self.sites[facts.site], facts.seed, facts.round, facts.site)
+        update, observed = seen.update, "sent"
+        if self.config.attack_batch is not None and self.config.attack_batch < len(y):
+            # A probe: the update this site would have sent from only its first K images this round.
+            x, y = x[:self.config.attack_batch], y[:self.config.attack_batch]
+            update, observed = local_update(self.model, seen.weights, x, y, self.num_classes, training), "probe"
+        if training.protocol == "fedavg":
+            if len(y) > training.batch_size:
+                raise MedPFLError(f"Site {facts.site} took {training.steps(len(y))} local steps in round "
+                                  f"{facts.round}, so its update is no gradient; --attack {self.config.attack} needs "
+                                  f"the {UPDATE_INVERSION} attack, or --attack-batch {training.batch_size} or fewer.")
+            update = {n: -u / training.lr for n, u in update.items()}  # one SGD step from zero velocity
+        return update, x, y, observed
+
+    def _attack(self, seen: SiteObservation) -> dict[str, Any]:
+        facts = seen.facts
+        if self.config.attack == UPDATE_INVERSION:
+            raise MedPFLError(f"--attack {UPDATE_INVERSION} is not available in this installation.")
+        gradient, x, y, observed = self._gradient_view(seen)
+        granted = y[None] if THREAT_MODELS[self.config.attack].knows_labels else None
+        payload = ServerPayload(self.model, {n: w[None] for n, w in seen.weights.items()}, self.num_classes,
+                                tuple(x.shape[1:]), "train")
+        update = ObservedUpdate({n: g[None] for n, g in gradient.items()}, len(y), labels=granted)
+        generator = torch.Generator().manual_seed(torch_seed(self.config.seed, ATTACK, facts.round, facts.site))
+        result = self.attack.reconstruct(payload, update, generator)
+        recon = result.images[0].cpu()
+        score = match_and_score(x.cpu(), y.cpu(), recon, result.labels[0].cpu())
+        folder = self.out / "attacks"
+        folder.mkdir(exist_ok=True)
+        for b in range(len(y)):
+            save_png(recon[score.order[b]], folder / f"round{facts.round:04d}-site{facts.site:03d}-{b}.png")
+        order = site_order(facts.seed, facts.round, facts.site, len(self.item_ids[facts.site]))[:len(y)]
+        return {
+            "round": facts.round, "site": facts.site, "victim": facts.site, "observed": observed,
+            "items": [self.item_ids[facts.site][i] for i in order.tolist()],
+            "labels": y.tolist(), "recovered_labels": result.labels[0].tolist(),
+            "ssim": score.ssim, "psnr": score.psnr, "mse": score.mse, "label_correct": score.label_correct,
+            "asr": sum(s >= SUCCESS_SSIM for s in score.ssim) / len(score.ssim),
+            "diverged": bool(result.diverged[0]), "objective": float(result.objective[0]),
+            "evaluations": int(result.evaluations[0]), "seconds": result.seconds,
+        }
+
+
+def _load(source, items, config: TrainRunConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    dataset = ImageDataset(source, list(items), size=config.image_size, channels=config.channels)
+    x, y = dataset.load_batch(range(len(items)))
+    return x.to(device), y.to(device)
+
+
+def _read_lines(file: Path) -> list[dict[str, Any]]:
+    """Whole JSON lines of `file` (a line cut short by a kill is left out)."""
+    if not file.exists():
+        return []
+    lines = []
+    for line in file.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return lines
+
+
+def _rewrite_lines(file: Path, lines: list[dict[str, Any]]) -> None:
+    tmp = file.with_suffix(file.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    os.replace(tmp, file)
+
+
+def _append_line(file: Path, line: dict[str, Any]) -> None:
+    with open(file, "a") as f:
+        f.write(json.dumps(line) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _save_atomic(obj: Any, file: Path) -> None:
+    tmp = file.with_suffix(file.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, file)
+
+
+def _prepare_dir(out: Path, record: dict[str, Any], resume: bool) -> tuple[Path, int, dict[str, torch.Tensor] | None]:
+    """Open the run directory; (path, last finished round, its global weights) when resuming, else (path, 0, None)."""
+    config_file = out / "config.json"
+    if resume and (out / STATE).exists() and config_file.exists():
+        previous = json.loads(config_file.read_text()).get("config", {})
+        if previous != record:
+            changed = sorted(k for k in set(previous) | set(record) if previous.get(k) != record.get(k))
+            raise MedPFLError(f"'{out}' holds a training run with other settings ({', '.join(changed)}); pass a new "
+                              "--out, the same settings to resume it, or --fresh to start over.")
+    if not resume:
+        for name in (STATE, ROUNDS, ATTACKS_FILE, MODEL):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "attacks", ignore_errors=True)
+    path = open_run_dir(out, record, resume=resume)
+    if not (path / STATE).exists():
+        for name in (ROUNDS, ATTACKS_FILE):  # results without a saved state belong to no finished round
+            (path / name).unlink(missing_ok=True)
+        return path, 0, None
+    state = torch.load(path / STATE, weights_only=True)
+    done = int(state["round"])
+    # Lines written after the last saved state (a kill between writing them and saving it) are redone.
+    for name in (ROUNDS, ATTACKS_FILE):
+        lines = _read_lines(path / name)
+        _rewrite_lines(path / name, [line for line in lines if line["round"] <= done])
+    return path, done, state["weights"]
+
+
+def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
+                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Train (or resume) the federation described by `config` into `out`; returns the summary."""
+    _check(config)
+    device = torch.device(config.device)
+    source = open_source(config.data)
+    federation = federate(source, config.sites, config.partition, config.seed)
+    num_classes = len(federation.classes)
+    record = asdict(config)
+    path, done, weights = _prepare_dir(Path(out), record, resume)
+    write_json(path / "federation.json", {"classes": list(federation.classes), "n_images": federation.n_images,
+                                          "label_counts": federation.label_counts(), "n_test": len(federation.test)})
+    if config.engine == "flower":
+        return _run_on_flower(config, path)
+
+    net = build_model(config.model, num_classes, config.channels, config.image_size, norm=config.norm,
+                      seed=model_seed(config.seed)).to(device)
+    model = functional_model(net)
+    if weights is None:
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    weights = {n: w.to(device) for n, w in weights.items()}
+    sites = [_load(source, items, config, device) for items in federation.sites]
+    test = _load(source, federation.test, config, device)
+    server = (CuriousServer(config, model, sites, num_classes, [[it.item_id for it in s] for s in federation.sites],
+                            path) if config.attack else None)
+    engine = InProcessFederation(model, sites, num_classes, config.training, config.seed,
+                                 RoundHooks(observers=[server] if server else []))
+    if progress:
+        progress(done, config.rounds)
+    for round_index in range(done + 1, config.rounds + 1):
+        outcome = engine.run_round(weights, round_index)
+        weights = outcome.weights
+        started = time.perf_counter()
+        for result in server.attack_pending() if server else []:
+            _append_line(path / ATTACKS_FILE, result)
+        attack_seconds = time.perf_counter() - started
+        _append_line(path / ROUNDS, {"round": round_index, **evaluate(model, weights, *test),
+                                     "seconds": outcome.seconds, "attack_seconds": attack_seconds,
+                                     "update_norms": outcome.update_norms, "n_images": outcome.n_images})
+        _save_atomic({"round": round_index, "weights": {n: w.cpu() for n, w in weights.items()}}, path / STATE)
+        if progress:
+            progress(round_index, config.rounds)
+    net.load_state_dict({n: w.cpu() for n, w in weights.items()}, strict=False)
+    _save_atomic({k: v.cpu() for k, v in net.state_dict().items()}, path / MODEL)
+    return summarise(path, federation, test[1], num_classes)
+
+
+def _run_on_flower(config: TrainRunConfig, path: Path) -> dict[str, Any]:
+    """The same federation on Flower's simulation runtime (the optional extra)."""
+    try:
+        from medpfl.fl.flower import require_flower
+    except ImportError:
+        raise MedPFLError("--engine flower needs Flower; install with pip install -e '.[flower]'.") from None
+    require_flower()
+    raise MedPFLError("--engine flower is not connected to `medpfl train` in this installation yet; "
+                      "use --engine inprocess.")
+
+
+def summarise(path: Path, federation: Federation, test_labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    """The last round's utility with its chance level, and the attacks' mean scores per round."""
+    rounds = _read_lines(path / ROUNDS)
+    attacks = _read_lines(path / ATTACKS_FILE)
+    last = rounds[-1]
+    summary = {
+        "rounds": len(rounds), "sites": len(federation.sites), "partition": federation.partition,
+        "n_images": federation.n_images, "n_test": len(federation.test),
+        "final": {k: last[k] for k in ("accuracy", "balanced_accuracy", "auc")},
+        "chance": chance_levels(test_labels.cpu().numpy(), num_classes),
+        "seconds_per_round": sum(r["seconds"] for r in rounds) / len(rounds),
+        "attacks": [{k: a[k] for k in ("round", "site", "observed", "asr")} | {
+            "mean_ssim": sum(a["ssim"]) / len(a["ssim"]), "mean_psnr": sum(a["psnr"]) / len(a["psnr"]),
+            "images": len(a["ssim"])} for a in attacks],
+    }
+    write_json(path / "summary.json", summary)
+    return summary

@@ -1,0 +1,111 @@
+"""`medpfl train`: a run directory that resumes after a kill, attacks at chosen rounds, and one-sentence errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from medpfl.errors import MedPFLError
+from medpfl.experiments.train_run import TrainRunConfig, parse_int_list, run_training
+from medpfl.models.registry import build_model
+
+# Small and fast: 16 px, 2 sites, one local epoch of big batches; an attack of 2 L-BFGS steps on 1 image.
+TINY = ["--image-size", "16", "--sites", "2", "--rounds", "4", "--local-epochs", "1", "--local-batch", "64",
+        "--attack", "idlg", "--attack-rounds", "1,3", "--attack-sites", "1", "--attack-batch", "1",
+        "--steps", "2", "--set", "restarts=0", "--quiet"]
+TIMINGS = {"seconds", "attack_seconds"}
+
+
+def _train(out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "medpfl.cli", "train", *TINY, "--out", str(out), *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _lines(path: Path, drop=()) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in path.read_text().splitlines()]
+
+
+def test_killed_run_resumes_from_the_last_finished_round_without_losing_or_repeating_results(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    reference = _train(whole)
+    victim = _train(killed)
+    deadline = time.time() + 300
+    while time.time() < deadline and victim.poll() is None:
+        rounds = killed / "rounds.jsonl"
+        if rounds.exists() and len(rounds.read_text().splitlines()) >= 2:
+            victim.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert reference.wait() == 0, reference.stderr.read()
+    finished = len((killed / "rounds.jsonl").read_text().splitlines())
+    assert 2 <= finished < 4
+    resumed = _train(killed)
+    assert resumed.wait() == 0, resumed.stderr.read()
+    assert _lines(killed / "rounds.jsonl", TIMINGS) == _lines(whole / "rounds.jsonl", TIMINGS)
+    assert [r["round"] for r in _lines(killed / "rounds.jsonl")] == [1, 2, 3, 4]
+    assert _lines(killed / "attacks.jsonl", TIMINGS) == _lines(whole / "attacks.jsonl", TIMINGS)
+    assert [(a["round"], a["site"]) for a in _lines(killed / "attacks.jsonl")] == [(1, 1), (3, 1)]
+    assert (killed / "attacks" / "round0003-site001-0.png").exists()
+    state = torch.load(killed / "model.pt", weights_only=True)
+    reference_state = torch.load(whole / "model.pt", weights_only=True)
+    assert all(torch.equal(state[k], reference_state[k]) for k in reference_state)
+    model = build_model("convnet", 6, 3, 16, norm="group")
+    model.load_state_dict(state)  # the architecture `medpfl attack --model-state` rebuilds
+
+
+def test_a_fedavg_round_of_one_local_step_is_attacked_as_the_gradient_it_is(tmp_path):
+    """FedSGD and one-step FedAvg send the same information at round 1 (same weights, same images)."""
+    common = dict(image_size=16, sites=2, rounds=1, local_epochs=1, local_batch=64, attack="idlg", attack_rounds=[1],
+                  attack_sites=[0], attack_batch=2, attack_settings={"steps": 2, "restarts": 0})
+    sgd = run_training(TrainRunConfig(protocol="fedsgd", **common), tmp_path / "sgd")
+    avg = run_training(TrainRunConfig(protocol="fedavg", lr=0.1, **common), tmp_path / "avg")
+    a, b = _lines(tmp_path / "sgd" / "attacks.jsonl")[0], _lines(tmp_path / "avg" / "attacks.jsonl")[0]
+    assert a["items"] == b["items"] and a["recovered_labels"] == b["recovered_labels"]
+    assert a["ssim"] == pytest.approx(b["ssim"], abs=1e-3)
+    assert sgd["chance"]["balanced_accuracy"] == pytest.approx(1 / 6)
+
+
+@pytest.mark.parametrize("changes, words", [
+    (dict(attack="idlg", attack_rounds=[1], attack_sites=[0], local_epochs=2), "needs|inverts gradients"),
+    (dict(attack="idlg", attack_rounds=[9], attack_sites=[0]), "--attack-rounds must list rounds between 1 and 2"),
+    (dict(attack="idlg", attack_rounds=[1], attack_sites=[5]), "--attack-sites must list sites between 0 and 1"),
+    (dict(partition="by:scanner"), "--partition by:scanner names a column"),
+    (dict(sites=1000), "--sites 1000 is more than"),
+    (dict(engine="warp"), "--engine must be one of"),
+])
+def test_bad_settings_are_refused_in_one_sentence(tmp_path, changes, words):
+    config = TrainRunConfig(**{**dict(sites=2, rounds=2, image_size=16), **changes})
+    with pytest.raises(MedPFLError, match=words):
+        run_training(config, tmp_path / "run")
+    assert not (tmp_path / "run" / "rounds.jsonl").exists()
+
+
+def test_flower_engine_without_the_flower_package_names_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "flwr", None)
+    monkeypatch.setitem(sys.modules, "flwr.serverapp", None)
+    with pytest.raises(MedPFLError, match=r"pip install -e '\.\[flower\]'"):
+        run_training(TrainRunConfig(sites=2, rounds=1, image_size=16, engine="flower"), tmp_path / "run")
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    run_training(TrainRunConfig(sites=2, rounds=1, image_size=16, local_batch=64, local_epochs=1), tmp_path / "run")
+    with pytest.raises(MedPFLError, match="other settings \\(lr\\)"):
+        run_training(TrainRunConfig(sites=2, rounds=1, image_size=16, local_batch=64, local_epochs=1, lr=0.2),
+                     tmp_path / "run")
+
+
+def test_round_and_site_lists():
+    assert parse_int_list("1-3,8, 2", "--attack-rounds") == [1, 2, 3, 8]
+    with pytest.raises(MedPFLError, match="--attack-sites 'a' is not a list"):
+        parse_int_list("a", "--attack-sites")
