@@ -199,7 +199,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     bar, update = _progress(args.quiet, "rounds")
     with bar or nullcontext():
         summary = run_training(config, run, resume=not args.fresh, progress=update)
-    table = Table(title=f"{config.model}, {summary['sites']} sites ({summary['partition']}), {summary['rounds']} rounds")
+    table = Table(title=f"{config.model}, {summary['sites']} sites ({summary['partition']}), "
+                        f"{summary['rounds']} rounds")
     for column in ("", "accuracy", "balanced acc.", "macro AUC"):
         table.add_column(column, justify="right")
     for name, row in (("global model", summary["final"]), ("chance", summary["chance"])):
