@@ -109,3 +109,14 @@ def test_round_and_site_lists():
     assert parse_int_list("1-3,8, 2", "--attack-rounds") == [1, 2, 3, 8]
     with pytest.raises(MedPFLError, match="--attack-sites 'a' is not a list"):
         parse_int_list("a", "--attack-sites")
+
+
+def test_flower_engine_records_the_same_rounds_as_the_in_process_engine(tmp_path):
+    pytest.importorskip("medpfl.fl.flower.simulation")
+    config = dict(image_size=16, sites=2, rounds=1, local_epochs=1, local_batch=64)
+    run_training(TrainRunConfig(engine="inprocess", **config), tmp_path / "in")
+    run_training(TrainRunConfig(engine="flower", **config), tmp_path / "fl")
+    assert _lines(tmp_path / "fl" / "rounds.jsonl", TIMINGS) == _lines(tmp_path / "in" / "rounds.jsonl", TIMINGS)
+    a, b = torch.load(tmp_path / "in" / "model.pt", weights_only=True), torch.load(tmp_path / "fl" / "model.pt",
+                                                                                   weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)

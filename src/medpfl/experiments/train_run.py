@@ -89,11 +89,23 @@ def parse_int_list(text: str | None, option: str) -> list[int]:
     return sorted(set(values))
 
 
+def _require_flower() -> None:
+    """The Flower engine and Flower itself are importable, or one sentence saying how to install them."""
+    try:
+        from medpfl.fl.flower import require_flower
+        require_flower()
+        import medpfl.fl.flower.simulation  # noqa: F401
+    except ImportError:
+        raise MedPFLError("--engine flower needs Flower; install with pip install -e '.[flower]'.") from None
+
+
 def _check(config: TrainRunConfig) -> None:
     """Refuse impossible settings before anything is trained or written."""
     config.training  # noqa: B018  (validates protocol, epochs, batch, lr, momentum)
     if config.engine not in ENGINES:
         raise MedPFLError(f"--engine must be one of {', '.join(ENGINES)}, got '{config.engine}'.")
+    if config.engine == "flower":
+        _require_flower()
     if config.rounds < 1:
         raise MedPFLError(f"--rounds {config.rounds} is invalid; train for 1 or more rounds.")
     if config.attack is None:
@@ -263,9 +275,6 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
     path, done, weights = _prepare_dir(Path(out), record, resume)
     write_json(path / "federation.json", {"classes": list(federation.classes), "n_images": federation.n_images,
                                           "label_counts": federation.label_counts(), "n_test": len(federation.test)})
-    if config.engine == "flower":
-        return _run_on_flower(config, path)
-
     net = build_model(config.model, num_classes, config.channels, config.image_size, norm=config.norm,
                       seed=model_seed(config.seed)).to(device)
     model = functional_model(net)
@@ -276,37 +285,46 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
     test = _load(source, federation.test, config, device)
     server = (CuriousServer(config, model, sites, num_classes, [[it.item_id for it in s] for s in federation.sites],
                             path) if config.attack else None)
-    engine = InProcessFederation(model, sites, num_classes, config.training, config.seed,
-                                 RoundHooks(observers=[server] if server else []))
+    hooks = RoundHooks(observers=[server] if server else [])
     if progress:
         progress(done, config.rounds)
-    for round_index in range(done + 1, config.rounds + 1):
-        outcome = engine.run_round(weights, round_index)
-        weights = outcome.weights
+
+    def finished(round_index: int, new: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
+        """After a round: attack what was observed, record the round, then save the state to resume from."""
         started = time.perf_counter()
         for result in server.attack_pending() if server else []:
             _append_line(path / ATTACKS_FILE, result)
-        attack_seconds = time.perf_counter() - started
-        _append_line(path / ROUNDS, {"round": round_index, **evaluate(model, weights, *test),
-                                     "seconds": outcome.seconds, "attack_seconds": attack_seconds,
-                                     "update_norms": outcome.update_norms, "n_images": outcome.n_images})
-        _save_atomic({"round": round_index, "weights": {n: w.cpu() for n, w in weights.items()}}, path / STATE)
+        _append_line(path / ROUNDS, {"round": round_index, **record, "attack_seconds": time.perf_counter() - started})
+        _save_atomic({"round": round_index, "weights": {n: w.detach().cpu() for n, w in new.items()}}, path / STATE)
         if progress:
             progress(round_index, config.rounds)
+
+    if config.engine == "flower" and done < config.rounds:
+        weights = _train_on_flower(config, hooks, weights, done, finished)
+    elif done < config.rounds:
+        engine = InProcessFederation(model, sites, num_classes, config.training, config.seed, hooks)
+        for round_index in range(done + 1, config.rounds + 1):
+            outcome = engine.run_round(weights, round_index)
+            weights = outcome.weights
+            finished(round_index, weights, {**evaluate(model, weights, *test), "seconds": outcome.seconds,
+                                            "update_norms": outcome.update_norms, "n_images": outcome.n_images})
     net.load_state_dict({n: w.cpu() for n, w in weights.items()}, strict=False)
     _save_atomic({k: v.cpu() for k, v in net.state_dict().items()}, path / MODEL)
     return summarise(path, federation, test[1], num_classes)
 
 
-def _run_on_flower(config: TrainRunConfig, path: Path) -> dict[str, Any]:
-    """The same federation on Flower's simulation runtime (the optional extra)."""
-    try:
-        from medpfl.fl.flower import require_flower
-    except ImportError:
-        raise MedPFLError("--engine flower needs Flower; install with pip install -e '.[flower]'.") from None
-    require_flower()
-    raise MedPFLError("--engine flower is not connected to `medpfl train` in this installation yet; "
-                      "use --engine inprocess.")
+def _train_on_flower(config: TrainRunConfig, hooks: RoundHooks, weights: dict[str, torch.Tensor], done: int,
+                     finished: Callable[[int, dict[str, torch.Tensor], dict[str, Any]], None]
+                     ) -> dict[str, torch.Tensor]:
+    """Rounds done+1.. on Flower's simulation runtime (the optional extra), with the same sites, seed and hooks."""
+    _require_flower()
+    from medpfl.fl.flower.federation import FederationSpec
+    from medpfl.fl.flower.simulation import run_simulation
+
+    keys = ("accuracy", "balanced_accuracy", "auc", "seconds", "update_norms", "n_images")
+    result = run_simulation(FederationSpec.of(config), hooks, {n: w.cpu() for n, w in weights.items()}, done + 1,
+                            lambda record, new: finished(record["round"], new, {k: record[k] for k in keys}))
+    return result.weights
 
 
 def summarise(path: Path, federation: Federation, test_labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
