@@ -77,7 +77,8 @@ def test_a_fedavg_round_of_one_local_step_is_attacked_as_the_gradient_it_is(tmp_
 
 
 @pytest.mark.parametrize("changes, words", [
-    (dict(attack="idlg", attack_rounds=[1], attack_sites=[0], local_epochs=2), "needs|inverts gradients"),
+    (dict(attack="idlg", attack_rounds=[1], attack_sites=[0], local_epochs=2), "needs the update-inversion attack"),
+    (dict(attack="idlg", attack_rounds=[1], attack_sites=[0], local_epochs=1), "over 271 images is several steps"),
     (dict(attack="idlg", attack_rounds=[9], attack_sites=[0]), "--attack-rounds must list rounds between 1 and 2"),
     (dict(attack="idlg", attack_rounds=[1], attack_sites=[5]), "--attack-sites must list sites between 0 and 1"),
     (dict(partition="by:scanner"), "--partition by:scanner names a column"),

@@ -121,10 +121,19 @@ def _check(config: TrainRunConfig) -> None:
         raise MedPFLError(f"--attack-sites must list sites between 0 and {config.sites - 1}, e.g. --attack-sites 0.")
     if config.attack_batch is not None and config.attack_batch < 1:
         raise MedPFLError(f"--attack-batch {config.attack_batch} is invalid; attack 1 or more images.")
-    if config.protocol == "fedavg" and config.attack != UPDATE_INVERSION and config.local_epochs != 1:
-        raise MedPFLError(f"--attack {config.attack} inverts gradients, and a FedAvg update of {config.local_epochs} "
-                          "local epochs is not one; use --local-epochs 1 with one local batch, --protocol fedsgd, "
-                          f"or the {UPDATE_INVERSION} attack.")
+
+
+def _check_attackable(config: TrainRunConfig, n_images: list[int]) -> None:
+    """A gradient attack on FedAvg needs updates of one local step (FedSGD-equivalent), else update-inversion."""
+    if config.attack in (None, UPDATE_INVERSION) or config.protocol != "fedavg":
+        return
+    used = {s: min(config.attack_batch or n_images[s], n_images[s]) for s in config.attack_sites}
+    if config.local_epochs != 1 or max(used.values()) > config.local_batch:
+        site = max(used, key=used.get)
+        raise MedPFLError(f"--attack {config.attack} inverts gradients, but site {site}'s FedAvg update of "
+                          f"{config.local_epochs} local epoch(s) over {used[site]} images is several steps; it needs "
+                          f"the {UPDATE_INVERSION} attack (or --local-epochs 1 with --attack-batch at most "
+                          f"--local-batch {config.local_batch}, or --protocol fedsgd).")
 
 
 class CuriousServer:
@@ -152,8 +161,9 @@ class CuriousServer:
         self.pending = []
         return results
 
-    def _gradient_view(self, seen: SiteObservation) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, str]:
-        """(gradient the attacker inverts, the images and labels behind it, which update it is)."""
+    def _view(self, seen: SiteObservation) -> tuple[dict[str, torch.Tensor], dict[str, Any], torch.Tensor,
+                                                    torch.Tensor, str]:
+        """(update the attacker inverts, extra payload fields, the images and labels behind it, which update)."""
         facts, training = seen.facts, seen.facts.training
         x, y = ordered(*self.sites[facts.site], facts.seed, facts.round, facts.site)
         update, observed = seen.update, "sent"
@@ -161,23 +171,20 @@ class CuriousServer:
             # A probe: the update this site would have sent from only its first K images this round.
             x, y = x[:self.config.attack_batch], y[:self.config.attack_batch]
             update, observed = local_update(self.model, seen.weights, x, y, self.num_classes, training), "probe"
-        if training.protocol == "fedavg":
-            if len(y) > training.batch_size:
-                raise MedPFLError(f"Site {facts.site} took {training.steps(len(y))} local steps in round "
-                                  f"{facts.round}, so its update is no gradient; --attack {self.config.attack} needs "
-                                  f"the {UPDATE_INVERSION} attack, or --attack-batch {training.batch_size} or fewer.")
-            update = {n: -u / training.lr for n, u in update.items()}  # one SGD step from zero velocity
-        return update, x, y, observed
+        if self.config.attack == UPDATE_INVERSION:
+            # The server configured the sites' local training, so the attack is granted it with the weights.
+            return update, {"local_training": training}, x, y, observed
+        if training.protocol == "fedavg":  # one local step (checked before training): the update is -lr x gradient
+            update = {n: -u / training.lr for n, u in update.items()}
+        return update, {}, x, y, observed
 
     def _attack(self, seen: SiteObservation) -> dict[str, Any]:
         facts = seen.facts
-        if self.config.attack == UPDATE_INVERSION:
-            raise MedPFLError(f"--attack {UPDATE_INVERSION} is not available in this installation.")
-        gradient, x, y, observed = self._gradient_view(seen)
+        observed_update, granted_facts, x, y, observed = self._view(seen)
         granted = y[None] if THREAT_MODELS[self.config.attack].knows_labels else None
         payload = ServerPayload(self.model, {n: w[None] for n, w in seen.weights.items()}, self.num_classes,
-                                tuple(x.shape[1:]), "train")
-        update = ObservedUpdate({n: g[None] for n, g in gradient.items()}, len(y), labels=granted)
+                                tuple(x.shape[1:]), "train", **granted_facts)
+        update = ObservedUpdate({n: u[None] for n, u in observed_update.items()}, len(y), labels=granted)
         generator = torch.Generator().manual_seed(torch_seed(self.config.seed, ATTACK, facts.round, facts.site))
         result = self.attack.reconstruct(payload, update, generator)
         recon = result.images[0].cpu()
@@ -271,6 +278,7 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
     source = open_source(config.data)
     federation = federate(source, config.sites, config.partition, config.seed)
     num_classes = len(federation.classes)
+    _check_attackable(config, federation.n_images)
     record = asdict(config)
     path, done, weights = _prepare_dir(Path(out), record, resume)
     write_json(path / "federation.json", {"classes": list(federation.classes), "n_images": federation.n_images,
