@@ -121,3 +121,11 @@ def test_flower_engine_records_the_same_rounds_as_the_in_process_engine(tmp_path
     a, b = torch.load(tmp_path / "in" / "model.pt", weights_only=True), torch.load(tmp_path / "fl" / "model.pt",
                                                                                    weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unknown_attack_settings_are_refused_before_anything_is_written(tmp_path):
+    config = TrainRunConfig(sites=2, rounds=1, attack="idlg", attack_rounds=[1], attack_sites=[0],
+                            attack_settings={"stepz": 3})
+    with pytest.raises(MedPFLError, match="has no setting 'stepz'"):
+        run_training(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from medpfl.attacks import ATTACKS, THREAT_MODELS, ObservedUpdate, ServerPayload, build_attack
+from medpfl.attacks import THREAT_MODELS, ObservedUpdate, ServerPayload, build_attack
 from medpfl.data import ImageDataset, open_source
 from medpfl.errors import MedPFLError
 from medpfl.experiments.run_dir import open_run_dir, write_json
@@ -110,8 +110,7 @@ def _check(config: TrainRunConfig) -> None:
         raise MedPFLError(f"--rounds {config.rounds} is invalid; train for 1 or more rounds.")
     if config.attack is None:
         return
-    if config.attack not in ATTACKS:
-        raise MedPFLError(f"Unknown --attack '{config.attack}'; choose one of: {', '.join(ATTACKS)}.")
+    build_attack(config.attack, **config.attack_settings)  # an unknown attack or setting is named here
     bad_rounds = [r for r in config.attack_rounds if not 1 <= r <= config.rounds]
     bad_sites = [s for s in config.attack_sites if not 0 <= s < config.sites]
     if not config.attack_rounds or bad_rounds:
