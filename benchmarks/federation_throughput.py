@@ -14,6 +14,7 @@ global model's accuracy, balanced accuracy and AUC next to their chance levels, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -65,11 +66,26 @@ def in_process(model_name: str, vectorise: bool, rounds: int, sites, test, num_c
             "first_round_seconds": seconds[0], **evaluate(model, weights, *test), "weights": weights}
 
 
-# ---- FLOWER HOOK: fill in when the Flower engine is on main. Return the same keys as in_process() (seconds per
-# round over rounds 2.., the final utility, and "weights": the final global weights), or None to skip.
-def flower_simulation(model_name: str, rounds: int, sites: int, image_size: int, training: LocalTraining) -> dict | None:
-    """Seconds per round on Flower's simulation runtime, same configuration and seed; None until it is connected."""
-    return None
+# ---- FLOWER HOOK: the same configuration on Flower's simulation runtime (medpfl.fl.flower, the optional
+# extra). Returns the same keys as in_process(), or None where the Flower engine is not installed.
+def flower_simulation(model_name: str, rounds: int, sites: int, image_size: int,
+                      training: LocalTraining) -> dict | None:
+    """Seconds per round on Flower's simulation runtime, same configuration, seed and sites."""
+    try:
+        from medpfl.fl.flower.federation import FederationSpec
+        from medpfl.fl.flower.simulation import run_simulation
+    except ImportError:
+        return None
+    spec = FederationSpec(sites=sites, partition="iid", model=model_name, norm="group", image_size=image_size,
+                          rounds=rounds, protocol=training.protocol, local_epochs=training.epochs,
+                          local_batch=training.batch_size, lr=training.lr, momentum=training.momentum, seed=SEED)
+    start = time.perf_counter()
+    run = run_simulation(spec)
+    seconds = [r["seconds"] for r in run.rounds]
+    last = run.rounds[-1]
+    return {"seconds_per_round": statistics.median(seconds[1:] or seconds), "rounds_timed": len(seconds[1:]),
+            "first_round_seconds": seconds[0], "wall_seconds_with_startup": time.perf_counter() - start,
+            **{k: last[k] for k in ("accuracy", "balanced_accuracy", "auc")}, "weights": run.weights}
 
 
 def _max_difference(a: dict, b: dict) -> float:
@@ -85,7 +101,7 @@ def throughput(models: list[str], rounds: int, n_sites: int, image_size: int) ->
         looped = in_process(model_name, False, rounds, sites, test, num_classes, image_size, training)
         flower = flower_simulation(model_name, rounds, n_sites, image_size, training)
         row = {"model": model_name, "rounds": rounds, "sites": n_sites, "images_per_site": [len(y) for _, y in sites],
-               "training": vars(training) if hasattr(training, "__dict__") else str(training),
+               "training": dataclasses.asdict(training),
                "inprocess_vectorised": {k: v for k, v in vectorised.items() if k != "weights"},
                "inprocess_per_site_loop": {k: v for k, v in looped.items() if k != "weights"},
                "speedup_vectorised_vs_loop": looped["seconds_per_round"] / vectorised["seconds_per_round"],
@@ -93,7 +109,8 @@ def throughput(models: list[str], rounds: int, n_sites: int, image_size: int) ->
         if flower is not None:
             row["flower_simulation"] = {k: v for k, v in flower.items() if k != "weights"}
             row["speedup_vectorised_vs_flower"] = flower["seconds_per_round"] / vectorised["seconds_per_round"]
-            row["max_weight_difference_vectorised_vs_flower"] = _max_difference(vectorised["weights"], flower["weights"])
+            difference = _max_difference(vectorised["weights"], flower["weights"])
+            row["max_weight_difference_vectorised_vs_flower"] = difference
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -109,7 +126,7 @@ def utility(partitions: list[str]) -> list[dict]:
             summary = run_training(config, out, resume=False)
             wall = time.perf_counter() - start
             rounds = [json.loads(line) for line in (Path(out) / "rounds.jsonl").read_text().splitlines()]
-        row = {"partition": partition, "config": vars(config) | {"attack_settings": {}}, "wall_seconds": wall,
+        row = {"partition": partition, "config": dataclasses.asdict(config), "wall_seconds": wall,
                "final": summary["final"], "chance": summary["chance"], "n_images": summary["n_images"],
                "accuracy_per_round": [r["accuracy"] for r in rounds]}
         print(json.dumps(row), flush=True)
