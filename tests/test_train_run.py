@@ -129,3 +129,11 @@ def test_unknown_attack_settings_are_refused_before_anything_is_written(tmp_path
     with pytest.raises(MedPFLError, match="has no setting 'stepz'"):
         run_training(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_names_a_bad_partition_in_one_sentence(tmp_path, capsys):
+    from medpfl.cli import main
+
+    assert main(["train", "--partition", "random", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    message = capsys.readouterr().err
+    assert "Unknown --partition 'random'; use iid, dirichlet:ALPHA" in message and "Traceback" not in message
