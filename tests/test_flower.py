@@ -100,3 +100,20 @@ def test_missing_flower_is_one_sentence():
     require_flower()  # installed here: no error
     with pytest.raises(MedPFLError, match="--sites"):
         federation_data(FederationSpec(sites=10**6))
+
+
+def test_local_deployment_with_tls_and_authenticated_sites_trains_like_the_simulation(tmp_path):
+    """A SuperLink and two SuperNodes as separate processes on 127.0.0.1, TLS and node authentication on."""
+    from medpfl.fl.flower.deploy import run_local_deployment
+
+    out = run_local_deployment(SPEC, tmp_path / "run", audit_rounds=[1], timeout=420)
+    assert "https://127.0.0.1" in (out / "deployment" / "superlink.log").read_text()
+    assert sorted(p.name for p in (out / "observed").iterdir()) == ["round1-site0.pt", "round1-site1.pt"]
+    final = torch.load(out / "global_model.pt", weights_only=True)
+    expected = direct_federation(SPEC)[-1]
+    for name in expected:
+        torch.testing.assert_close(final[name], expected[name], atol=1e-6, rtol=1e-5)
+    observed = torch.load(out / "observed" / "round1-site1.pt", weights_only=True)
+    assert observed["num_examples"] == SPEC.site_images and observed["round"] == 1
+    lines = (out / "rounds.jsonl").read_text().splitlines()
+    assert len(lines) == SPEC.rounds
