@@ -2,47 +2,54 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
-
-from medpfl.errors import MedPFLError
-from medpfl.fl.flower import INSTALL_HINT, require_flower
-from medpfl.fl.local import LocalTraining
 
 pytest.importorskip("flwr", reason="the Flower engine is an optional extra: pip install -e '.[flower]'")
 
 from medpfl.attacks.labels import count_labels  # noqa: E402
 from medpfl.attacks.threat import ObservedUpdate, ServerPayload  # noqa: E402
-from medpfl.fl.flower.federation import (  # noqa: E402
-    FederationSpec, aggregate, federation_data, global_model, site_order,
-)
+from medpfl.fl.aggregate import apply_update, weighted_average  # noqa: E402
+from medpfl.fl.flower.federation import FederationSpec, federation_data, global_model  # noqa: E402
 from medpfl.fl.gradients import functional_model  # noqa: E402
-from medpfl.fl.local import local_update  # noqa: E402
+from medpfl.fl.rounds import RoundHooks, SiteObservation, site_update  # noqa: E402
 
 # Several local steps with momentum, so the site's image order and optimiser state must match too.
 SPEC = FederationSpec(sites=2, site_images=6, rounds=2, model="convnet", norm="group", image_size=16, seed=3,
-                      training=LocalTraining("fedavg", epochs=2, batch_size=4, lr=0.05, momentum=0.5))
+                      protocol="fedavg", local_epochs=2, local_batch=4, lr=0.05, momentum=0.5)
 
 
 def direct_federation(spec: FederationSpec) -> list[dict[str, torch.Tensor]]:
-    """Global weights after each round, computed here with the same local step and average, no Flower."""
+    """Global weights before and after each round, from the engines' shared pieces called here, no Flower."""
     data = federation_data(spec)
-    model = global_model(spec, data.num_classes)
-    fmodel = functional_model(model)
+    model = functional_model(global_model(spec, data.num_classes))
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     history = [weights]
     for r in range(1, spec.rounds + 1):
-        updates, counts = [], []
-        for s, (x, y) in enumerate(data.sites):
-            order = torch.from_numpy(site_order(spec.seed, r, s, len(y)))
-            updates.append(local_update(fmodel, weights, x[order], y[order], data.num_classes, spec.training))
-            counts.append(len(y))
-        weights = aggregate(weights, updates, counts, spec.training)
+        updates = [site_update(model, weights, x, y, data.num_classes, spec.training, spec.seed, r, s)
+                   for s, (x, y) in enumerate(data.sites)]
+        stacked = {n: torch.stack([u[n] for u in updates]) for n in weights}
+        aggregated = weighted_average(stacked, [len(y) for _, y in data.sites])
+        weights = apply_update(weights, aggregated, spec.protocol, spec.lr)
         history.append(weights)
     return history
+
+
+class LabelCountingServer:
+    """A curious server that attacks round 1: label counts from each site's real update."""
+
+    def __init__(self, model, num_classes):
+        self.model, self.num_classes, self.seen, self.labels = model, num_classes, [], {}
+
+    def wants(self, round_index, site):
+        return round_index == 1
+
+    def observe(self, seen: SiteObservation):
+        self.seen.append(seen)
+        payload = ServerPayload(self.model, {n: w[None] for n, w in seen.weights.items()}, self.num_classes,
+                                (SPEC.channels, SPEC.image_size, SPEC.image_size))
+        update = ObservedUpdate({n: -u[None] for n, u in seen.update.items()}, seen.facts.n_images)
+        self.labels[seen.facts.site] = count_labels(update, payload)[0]
 
 
 @pytest.fixture(scope="module")
@@ -50,56 +57,34 @@ def simulated():
     from medpfl.fl.flower.simulation import run_simulation
 
     data = federation_data(SPEC)
-    model = global_model(SPEC, data.num_classes)
-    seen, attacked = [], {}
-
-    def curious_server(reply):  # the auditor's seat: an attack runs on what the site really sent
-        seen.append(reply)
-        payload = ServerPayload(model, {n: w[None] for n, w in reply.weights.items()}, data.num_classes,
-                                (SPEC.channels, SPEC.image_size, SPEC.image_size))
-        observed = ObservedUpdate({n: -u[None] for n, u in reply.update.items()}, reply.num_examples)
-        attacked[reply.site] = count_labels(observed, payload)[0]
-
-    result = run_simulation(SPEC, observer=curious_server, audit_rounds=[1])
-    return result, seen, attacked
+    server = LabelCountingServer(functional_model(global_model(SPEC, data.num_classes)), data.num_classes)
+    return run_simulation(SPEC, RoundHooks(observers=[server])), server
 
 
 def test_flower_simulation_matches_the_direct_computation(simulated):
-    result, _, _ = simulated
+    result, _ = simulated
     expected = direct_federation(SPEC)[-1]
     assert set(result.weights) == set(expected)
     for name in expected:
         torch.testing.assert_close(result.weights[name], expected[name], atol=1e-6, rtol=1e-5)
     assert [r["round"] for r in result.rounds] == [1, 2]
-    assert all(0.0 <= r["accuracy"] <= 1.0 for r in result.rounds)
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["n_images"] == [6, 6] for r in result.rounds)
 
 
 def test_auditor_receives_each_sites_real_reply_at_the_chosen_round(simulated):
-    _, seen, attacked = simulated
+    _, server = simulated
     data = federation_data(SPEC)
     initial = direct_federation(SPEC)[0]
-    assert [(r.round, r.site) for r in seen] == [(1, 0), (1, 1)]  # round 2 was not audited
+    assert [(o.facts.round, o.facts.site) for o in server.seen] == [(1, 0), (1, 1)]  # round 2 was not audited
     fmodel = functional_model(global_model(SPEC, data.num_classes))
-    for reply in seen:
-        x, y = data.sites[reply.site]
-        order = torch.from_numpy(site_order(SPEC.seed, 1, reply.site, len(y)))
-        sent = local_update(fmodel, initial, x[order], y[order], data.num_classes, SPEC.training)
-        assert reply.num_examples == len(y) == SPEC.site_images
+    for seen in server.seen:
+        x, y = data.sites[seen.facts.site]
+        sent = site_update(fmodel, initial, x, y, data.num_classes, SPEC.training, SPEC.seed, 1, seen.facts.site)
+        assert seen.facts.n_images == len(y) == SPEC.site_images and seen.facts.training == SPEC.training
         for name in sent:
-            torch.testing.assert_close(reply.weights[name], initial[name])
-            torch.testing.assert_close(reply.update[name], sent[name])
-        assert attacked[reply.site].shape == (len(y),)  # the attack ran on this reply
-
-
-def test_missing_flower_is_one_sentence():
-    code = ("import sys; sys.modules['flwr'] = None\n"
-            "import medpfl.cli, medpfl.fl.flower as f\n"
-            "try:\n    f.require_flower()\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == f"MedPFLError {INSTALL_HINT}"
-    require_flower()  # installed here: no error
-    with pytest.raises(MedPFLError, match="--sites"):
-        federation_data(FederationSpec(sites=10**6))
+            torch.testing.assert_close(seen.weights[name], initial[name])
+            torch.testing.assert_close(seen.update[name], sent[name])
+        assert server.labels[seen.facts.site].shape == (len(y),)  # the attack ran on this reply
 
 
 def test_local_deployment_with_tls_and_authenticated_sites_trains_like_the_simulation(tmp_path):
@@ -108,12 +93,12 @@ def test_local_deployment_with_tls_and_authenticated_sites_trains_like_the_simul
 
     out = run_local_deployment(SPEC, tmp_path / "run", audit_rounds=[1], timeout=420)
     assert "https://127.0.0.1" in (out / "deployment" / "superlink.log").read_text()
-    assert sorted(p.name for p in (out / "observed").iterdir()) == ["round1-site0.pt", "round1-site1.pt"]
+    assert sorted(p.name for p in (out / "observed").iterdir()) == ["round0001-site000.pt", "round0001-site001.pt"]
     final = torch.load(out / "global_model.pt", weights_only=True)
     expected = direct_federation(SPEC)[-1]
     for name in expected:
         torch.testing.assert_close(final[name], expected[name], atol=1e-6, rtol=1e-5)
-    observed = torch.load(out / "observed" / "round1-site1.pt", weights_only=True)
-    assert observed["num_examples"] == SPEC.site_images and observed["round"] == 1
+    observed = torch.load(out / "observed" / "round0001-site001.pt", weights_only=True)
+    assert observed["n_images"] == SPEC.site_images and observed["round"] == 1 and observed["site"] == 1
     lines = (out / "rounds.jsonl").read_text().splitlines()
     assert len(lines) == SPEC.rounds

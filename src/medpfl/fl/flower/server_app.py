@@ -1,151 +1,174 @@
-"""The Flower ServerApp: FedAvg with the curious server's seat, and utility of the global model per round.
+"""The Flower ServerApp: FedAvg with the curious server's seat, and the global model's utility per round.
 
 `AuditorFedAvg.aggregate_train` receives every site's reply before aggregating, exactly what a real
-Flower server receives, and hands the chosen rounds and sites to an observer (an attack, or a recorder)
-before the sample-weighted average.
+Flower server receives, hands the chosen sites' updates to the observers of fl.rounds.RoundHooks (an
+attack, or a recorder), and aggregates with the hooks' aggregator, as the in-process engine does.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from medpfl.fl.flower.client_app import arrays_to_tensors
-from medpfl.fl.flower.federation import (
-    FederationSpec, Observer, SiteReply, accuracy, aggregate, federation_data, global_model,
-)
-from medpfl.fl.local import LocalTraining
+from medpfl.fl.aggregate import apply_update
+from medpfl.fl.flower.client_app import ROUND_KEY, array_record, tensors
+from medpfl.fl.flower.federation import FederationSpec, federation_data, global_model
+from medpfl.fl.gradients import functional_model
+from medpfl.fl.rounds import RoundHooks, SiteObservation, SiteRound, Update, update_norm
+from medpfl.fl.utility import evaluate
+
+NUM_EXAMPLES = "num-examples"
+
+
+def _count_examples(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    # The sites' metrics are their index and image count; averaging the index would mean nothing.
+    return MetricRecord({weighted_by_key: sum(int(c["metrics"][weighted_by_key]) for c in contents)})
 
 
 class AuditorFedAvg(FedAvg):
-    """FedAvg whose server looks at each site's update (chosen rounds and sites) before averaging by image count."""
+    """FedAvg whose server looks at each site's update (via `hooks.observers`) before aggregating it."""
 
-    def __init__(self, training: LocalTraining, observer: Observer | None = None,
-                 audit_rounds: Iterable[int] | None = None, audit_sites: Iterable[int] | None = None,
+    def __init__(self, spec: FederationSpec, hooks: RoundHooks | None = None, first_round: int = 1,
                  **fedavg_options) -> None:
-        super().__init__(**fedavg_options)
-        self.training = training
-        self.observer = observer
-        self.audit_rounds = None if audit_rounds is None else set(audit_rounds)
-        self.audit_sites = None if audit_sites is None else set(audit_sites)
-        self._sent: dict[str, torch.Tensor] = {}
+        super().__init__(train_metrics_aggr_fn=_count_examples, **fedavg_options)
+        self.spec, self.hooks, self.first_round = spec, hooks or RoundHooks(), first_round
+        self.sent: Update = {}
+        self.last_round: dict = {}
+
+    def run_round(self, server_round: int) -> int:
+        """The run's round index of Flower's `server_round` (they differ when a run resumes)."""
+        return self.first_round + server_round - 1
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._sent = arrays_to_tensors(arrays)  # the payload every site of this round trains from
+        self.sent = tensors(arrays)  # the payload every site of this round trains from
+        config[ROUND_KEY] = self.run_round(server_round)
         return super().configure_train(server_round, arrays, config, grid)
-
-    def audits(self, server_round: int, site: int) -> bool:
-        """Whether the observer sees `site`'s update of `server_round`."""
-        return (self.observer is not None
-                and (self.audit_rounds is None or server_round in self.audit_rounds)
-                and (self.audit_sites is None or site in self.audit_sites))
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(list(replies), is_train=True)
-        if not valid:
-            return None, None
-        site_replies = []
-        for msg in sorted(valid, key=lambda m: int(m.content["metrics"]["site"])):
-            metrics = msg.content["metrics"]
-            site_replies.append(SiteReply(server_round, int(metrics["site"]), self._sent,
-                                          arrays_to_tensors(msg.content["arrays"]), int(metrics[self.weighted_by_key])))
-        for reply in site_replies:
-            if self.audits(server_round, reply.site):
-                self.observer(reply)
-        new_weights = aggregate(self._sent, [r.update for r in site_replies],
-                                [r.num_examples for r in site_replies], self.training)
-        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
-        return ArrayRecord({n: w.contiguous() for n, w in new_weights.items()}), metrics
+        started = time.perf_counter()
+        valid, failed = self._check_and_log_replies(list(replies), is_train=True)
+        if failed or len(valid) != self.spec.sites:
+            raise RuntimeError(f"Round {self.run_round(server_round)}: {len(valid)} of {self.spec.sites} sites "
+                               "replied; FedAvg over fewer sites would not be the configured federation.")
+        valid.sort(key=lambda m: int(m.content["metrics"]["site"]))
+        updates, n_images = [], []
+        for msg in valid:
+            site, n = int(msg.content["metrics"]["site"]), int(msg.content["metrics"][self.weighted_by_key])
+            update = tensors(msg.content["arrays"])
+            self.hooks.notify(SiteRound(self.run_round(server_round), site, n, self.spec.training, self.spec.seed),
+                              self.sent, update)
+            updates.append(update)
+            n_images.append(n)
+        aggregated = self.hooks.aggregate({n: torch.stack([u[n] for u in updates]) for n in self.sent}, n_images)
+        new = apply_update(self.sent, aggregated, self.spec.protocol, self.spec.lr)
+        self.last_round = {"update_norms": [update_norm(u) for u in updates], "n_images": n_images,
+                           "aggregate_seconds": time.perf_counter() - started}
+        return array_record(new), self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
 
 
 @dataclass
 class FlowerRun:
-    """What a finished Flower run leaves: final global weights and one record per round."""
+    """What a finished Flower run leaves: the final global weights and one record per round."""
 
-    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights: Update = field(default_factory=dict)
     rounds: list[dict] = field(default_factory=list)
 
 
-def run_federation(grid: Grid, spec: FederationSpec, observer: Observer | None = None,
-                   audit_rounds: Iterable[int] | None = None, audit_sites: Iterable[int] | None = None,
-                   result: FlowerRun | None = None, site_evaluation: bool = False,
-                   on_round=None) -> FlowerRun:
-    """Run `spec.rounds` rounds of FedAvg over the grid's nodes (one per site), scoring the global model each round."""
+RoundCallback = Callable[[dict, Update], None]  # (the round's record, its new global weights)
+
+
+def run_federation(grid: Grid, spec: FederationSpec, hooks: RoundHooks | None = None,
+                   weights: Update | None = None, first_round: int = 1, on_round: RoundCallback | None = None,
+                   result: FlowerRun | None = None) -> FlowerRun:
+    """Rounds `first_round`..`spec.rounds` of FedAvg over the grid's nodes (one per site) from `weights`
+    (default: the run's initial model), scoring the global model on the test set after each round."""
     result = result if result is not None else FlowerRun()
     data = federation_data(spec)
-    model = global_model(spec, data.num_classes)
-    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    strategy = AuditorFedAvg(spec.training, observer, audit_rounds, audit_sites,
-                             fraction_evaluate=1.0 if site_evaluation else 0.0,
-                             min_train_nodes=spec.sites, min_available_nodes=spec.sites,
-                             min_evaluate_nodes=spec.sites if site_evaluation else 0)
-    started = [time.perf_counter()]
+    model = functional_model(global_model(spec, data.num_classes))
+    if weights is None:
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    strategy = AuditorFedAvg(spec, hooks, first_round, fraction_evaluate=0.0, min_train_nodes=spec.sites,
+                             min_available_nodes=spec.sites)
+    clock = [time.perf_counter()]
 
-    def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        weights = arrays_to_tensors(arrays)
-        scores = accuracy(model, weights, *data.test)
-        if server_round > 0:
-            record = {"round": server_round, **scores, "seconds": time.perf_counter() - started[0]}
-            result.rounds.append(record)
-            if on_round is not None:
-                on_round(record, weights)
-        started[0] = time.perf_counter()
-        return MetricRecord(scores)
+    def score(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:  # Flower scores the starting weights too; the run records finished rounds only
+            clock[0] = time.perf_counter()
+            return None
+        new = tensors(arrays)
+        utility = evaluate(model, new, *data.test)
+        record = {"round": strategy.run_round(server_round), **utility,
+                  "seconds": time.perf_counter() - clock[0], **strategy.last_round}
+        result.rounds.append(record)
+        if on_round is not None:
+            on_round(record, new)
+        clock[0] = time.perf_counter()
+        return MetricRecord({k: v for k, v in utility.items() if v == v})  # NaN (AUC of one class) is left out
 
-    final = strategy.start(grid=grid, initial_arrays=ArrayRecord({n: w.contiguous() for n, w in initial.items()}),
-                           num_rounds=spec.rounds, train_config=ConfigRecord(spec.to_config()),
-                           evaluate_config=ConfigRecord(spec.to_config()), evaluate_fn=evaluate)
-    result.weights = arrays_to_tensors(final.arrays)
+    final = strategy.start(grid=grid, initial_arrays=array_record(weights), num_rounds=spec.rounds - first_round + 1,
+                           train_config=ConfigRecord(spec.to_config()), evaluate_fn=score)
+    result.weights = tensors(final.arrays)
     return result
 
 
-def server_app(spec: FederationSpec, observer: Observer | None = None, audit_rounds: Iterable[int] | None = None,
-               audit_sites: Iterable[int] | None = None, result: FlowerRun | None = None) -> ServerApp:
-    """A ServerApp for an in-Python run (simulation): `result` receives the final weights and per-round scores."""
+def server_app(spec: FederationSpec, hooks: RoundHooks | None = None, weights: Update | None = None,
+               first_round: int = 1, on_round: RoundCallback | None = None, result: FlowerRun | None = None
+               ) -> ServerApp:
+    """A ServerApp for an in-Python run (simulation): `result` receives the final weights and per-round records."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, spec, observer, audit_rounds, audit_sites, result)
+        run_federation(grid, spec, hooks, weights, first_round, on_round, result)
 
     return server
 
 
-# The ServerApp that `flwr run` starts (deployments): the spec comes from the run config, and the curious
-# server records what it observes under `out` so an attack can be run on it afterwards.
+class ObservationRecorder:
+    """A curious server that keeps what it saw: one file per observed site and round, for attacks afterwards."""
+
+    def __init__(self, folder: Path, rounds: Iterable[int] | None = None, sites: Iterable[int] | None = None):
+        self.folder = folder
+        self.rounds = None if rounds is None else set(rounds)
+        self.sites = None if sites is None else set(sites)
+
+    def wants(self, round_index: int, site: int) -> bool:
+        return (self.rounds is None or round_index in self.rounds) and (self.sites is None or site in self.sites)
+
+    def observe(self, seen: SiteObservation) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        facts = seen.facts
+        torch.save({"round": facts.round, "site": facts.site, "n_images": facts.n_images, "weights": seen.weights,
+                    "update": seen.update}, self.folder / f"round{facts.round:04d}-site{facts.site:03d}.pt")
+
+
+# The ServerApp that `flwr run` starts in deployments: the spec comes from the Flower App's run config;
+# results go to its `out` folder, and what the curious server observes to `out/observed/`.
 app = ServerApp()
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = dict(context.run_config)
-    out = Path(str(config.pop("out", "flower-run")))
-    audit_rounds = _int_list(config.pop("audit-rounds", ""))
+    out = Path(str(config.get("out", "flower-run")))
+    audit_rounds = [int(r) for r in str(config.get("audit-rounds", "")).replace(",", " ").split()]
     spec = FederationSpec.from_config(config)
-    (out / "observed").mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    hooks = RoundHooks(observers=[ObservationRecorder(out / "observed", audit_rounds)] if audit_rounds else [])
 
-    def record(reply: SiteReply) -> None:
-        torch.save({"weights": reply.weights, "update": reply.update, "num_examples": reply.num_examples,
-                    "round": reply.round, "site": reply.site},
-                   out / "observed" / f"round{reply.round}-site{reply.site}.pt")
-
-    def finished_round(record_line: dict, weights: dict[str, torch.Tensor]) -> None:
+    def finished(record: dict, weights: Update) -> None:
         with (out / "rounds.jsonl").open("a") as fh:
-            fh.write(json.dumps(record_line) + "\n")
+            fh.write(json.dumps(record) + "\n")
         torch.save(weights, out / "global_model.pt")
 
-    run_federation(grid, spec, record, audit_rounds or None, None, on_round=finished_round)
-
-
-def _int_list(text: str) -> list[int]:
-    return [int(t) for t in str(text).replace(",", " ").split()]
+    run_federation(grid, spec, hooks, on_round=finished)

@@ -1,38 +1,36 @@
-"""Run a federation on Flower's simulation runtime from Python, with the auditor's observer in this process."""
+"""Run a federation on Flower's simulation runtime from Python, with the curious server's observers in this process."""
 
 from __future__ import annotations
 
 import logging
 import os
 import warnings
-from collections.abc import Iterable
 
-from medpfl.fl.flower.federation import FederationSpec, Observer
-from medpfl.fl.flower.server_app import FlowerRun, server_app
+from medpfl.fl.flower.federation import FederationSpec
+from medpfl.fl.flower.server_app import FlowerRun, RoundCallback, server_app
+from medpfl.fl.rounds import RoundHooks, Update
 
 
-def run_simulation(spec: FederationSpec, observer: Observer | None = None, audit_rounds: Iterable[int] | None = None,
-                   audit_sites: Iterable[int] | None = None, cpus: int | None = None) -> FlowerRun:
-    """Train `spec` with one simulated SuperNode per site; the observer sees the chosen sites' replies.
+def run_simulation(spec: FederationSpec, hooks: RoundHooks | None = None, weights: Update | None = None,
+                   first_round: int = 1, on_round: RoundCallback | None = None, cpus: int | None = None) -> FlowerRun:
+    """Train `spec` (rounds `first_round`..`spec.rounds`) with one simulated SuperNode per site.
 
-    Flower's `run_simulation` is the in-Python entry to the simulation runtime; it runs the ServerApp in
-    this process, so the observer (e.g. an attack) receives the replies as Python objects. `flwr run`
-    (which starts the ServerApp in a process of its own) is the route for deployments.
+    Flower's `run_simulation` is its in-Python entry to the simulation runtime: the ServerApp runs in
+    this process, so observers (an attack) receive the sites' replies as Python objects. `flwr run`,
+    which starts the ServerApp in a process of its own, is the route for deployments (fl.flower.deploy).
     """
     from flwr.simulation import run_simulation as flower_run_simulation
-    from flwr.supercore import log as flower_log  # noqa: F401  (configures Flower's logger before we quieten it)
 
     from medpfl.fl.flower.client_app import app as client_app
 
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no network calls from a hospital's machine
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    cpus = cpus or os.cpu_count() or 1
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no calls home from a hospital's machine
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": cpus, "logging_level": logging.ERROR, "log_to_driver": False}}
+               "init_args": {"num_cpus": cpus or os.cpu_count() or 1, "logging_level": logging.ERROR,
+                             "log_to_driver": False}}
     result = FlowerRun()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        flower_run_simulation(server_app=server_app(spec, observer, audit_rounds, audit_sites, result),
+        warnings.simplefilter("ignore")  # run_simulation's deprecation notice points to `flwr run`, see above
+        flower_run_simulation(server_app=server_app(spec, hooks, weights, first_round, on_round, result),
                               client_app=client_app, num_supernodes=spec.sites, backend_config=backend)
     if not result.weights:
         raise RuntimeError("The Flower simulation ended without a global model; see Flower's log above.")
