@@ -49,6 +49,14 @@ class FederationSpec:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
 
     @classmethod
+    def of(cls, settings: Any, **overrides: Any) -> "FederationSpec":
+        """The spec of any settings object with the same attribute names (e.g. `medpfl train`'s config)."""
+        values = {f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)}
+        values = {**values, **overrides}
+        values["data"] = str(values.get("data") or "")
+        return cls(**values)
+
+    @classmethod
     def from_config(cls, config: Any) -> "FederationSpec":
         """The spec back from a ConfigRecord or run config; keys that are no field of the spec are ignored."""
         types = {f.name: f.type for f in fields(cls)}
