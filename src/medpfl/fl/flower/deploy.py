@@ -26,7 +26,6 @@ from pathlib import Path
 
 from medpfl.errors import MedPFLError
 from medpfl.fl.flower.federation import FederationSpec
-from medpfl.fl.local import LocalTraining
 
 LOOPBACK = "127.0.0.1"
 
@@ -41,7 +40,10 @@ class Certificates:
 
 
 def write_certificates(folder: Path, hosts: tuple[str, ...] = (LOOPBACK, "localhost"), days: int = 30) -> Certificates:
-    """A self-signed CA and a SuperLink certificate valid for `hosts` (IP addresses or DNS names)."""
+    """A self-signed CA and a SuperLink certificate valid for `hosts` (IP addresses or DNS names).
+
+    The CA's private key is not kept, so nothing else can ever be signed with it.
+    """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -53,7 +55,8 @@ def write_certificates(folder: Path, hosts: tuple[str, ...] = (LOOPBACK, "localh
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "MedPFL federation CA")])
     ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
                .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=days))
                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
                .sign(ca_key, hashes.SHA256()))
     key = ec.generate_private_key(ec.SECP384R1())
@@ -61,7 +64,8 @@ def write_certificates(folder: Path, hosts: tuple[str, ...] = (LOOPBACK, "localh
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])])).issuer_name(ca_name)
             .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .sign(ca_key, hashes.SHA256()))
@@ -243,9 +247,9 @@ class LocalDeployment:
         self.stop()
 
 
-def run_local_deployment(spec: FederationSpec, out: Path, insecure: bool = False, audit_rounds: list[int] | None = None,
-                         timeout: float = 300.0) -> Path:
-    """Train `spec` through a SuperLink and one SuperNode per site on 127.0.0.1; results and observed updates in `out`."""
+def run_local_deployment(spec: FederationSpec, out: Path, insecure: bool = False,
+                         audit_rounds: list[int] | None = None, timeout: float = 300.0) -> Path:
+    """Train `spec` through a SuperLink and one SuperNode per site on 127.0.0.1; results and observations in `out`."""
     out = Path(out).resolve()
     if (out / "rounds.jsonl").exists():
         raise MedPFLError(f"'{out}' already holds a deployment's rounds; pass a new --out.")
@@ -258,18 +262,19 @@ def run_local_deployment(spec: FederationSpec, out: Path, insecure: bool = False
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sites", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--site-images", type=int, default=0)
-    parser.add_argument("--model", default="convnet")
-    parser.add_argument("--image-size", type=int, default=16)
-    parser.add_argument("--protocol", default="fedavg")
+    d = FederationSpec()
+    parser.add_argument("--sites", type=int, default=d.sites)
+    parser.add_argument("--rounds", type=int, default=d.rounds)
+    parser.add_argument("--site-images", type=int, default=d.site_images, help="at most this many per site (0: all)")
+    parser.add_argument("--model", default=d.model)
+    parser.add_argument("--image-size", type=int, default=d.image_size)
+    parser.add_argument("--protocol", default=d.protocol)
     parser.add_argument("--audit-rounds", default="1")
     parser.add_argument("--out", type=Path, default=Path("runs/flower-deployment"))
     parser.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication")
     args = parser.parse_args(argv)
     spec = FederationSpec(sites=args.sites, rounds=args.rounds, site_images=args.site_images, model=args.model,
-                          image_size=args.image_size, training=LocalTraining(args.protocol))
+                          image_size=args.image_size, protocol=args.protocol)
     audit = [int(r) for r in args.audit_rounds.split(",") if r]
     print(run_local_deployment(spec, args.out, args.insecure, audit))
 

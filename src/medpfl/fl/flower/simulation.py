@@ -12,8 +12,12 @@ from medpfl.fl.rounds import RoundHooks, Update
 
 
 def run_simulation(spec: FederationSpec, hooks: RoundHooks | None = None, weights: Update | None = None,
-                   first_round: int = 1, on_round: RoundCallback | None = None, cpus: int | None = None) -> FlowerRun:
+                   first_round: int = 1, on_round: RoundCallback | None = None, cpus: int | None = None,
+                   secure_aggregation: bool = False) -> FlowerRun:
     """Train `spec` (rounds `first_round`..`spec.rounds`) with one simulated SuperNode per site.
+
+    With `secure_aggregation`, the sites run Flower's SecAgg+ and observers receive only the aggregate
+    (fl.flower.secagg; a fresh run only: SecAgg+ runs in Flower's legacy API, which starts at round 1).
 
     Flower's `run_simulation` is its in-Python entry to the simulation runtime: the ServerApp runs in
     this process, so observers (an attack) receive the sites' replies as Python objects. `flwr run`,
@@ -21,17 +25,27 @@ def run_simulation(spec: FederationSpec, hooks: RoundHooks | None = None, weight
     """
     from flwr.simulation import run_simulation as flower_run_simulation
 
-    from medpfl.fl.flower.client_app import app as client_app
+    if secure_aggregation:
+        if weights is not None or first_round != 1:
+            raise ValueError("A secure-aggregation run on Flower starts at round 1 from the run's initial model.")
+        from medpfl.fl.flower.secagg import app as client_app
+        from medpfl.fl.flower.secagg import secure_server_app
+    else:
+        from medpfl.fl.flower.client_app import app as client_app
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no calls home from a hospital's machine
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                "init_args": {"num_cpus": cpus or os.cpu_count() or 1, "logging_level": logging.ERROR,
                              "log_to_driver": False}}
     result = FlowerRun()
+    if secure_aggregation:
+        server = secure_server_app(spec, hooks, on_round, result)
+    else:
+        server = server_app(spec, hooks, weights, first_round, on_round, result)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # run_simulation's deprecation notice points to `flwr run`, see above
-        flower_run_simulation(server_app=server_app(spec, hooks, weights, first_round, on_round, result),
-                              client_app=client_app, num_supernodes=spec.sites, backend_config=backend)
+        flower_run_simulation(server_app=server, client_app=client_app, num_supernodes=spec.sites,
+                              backend_config=backend)
     if not result.weights:
         raise RuntimeError("The Flower simulation ended without a global model; see Flower's log above.")
     return result

@@ -1,0 +1,140 @@
+"""Secure aggregation on Flower: SecAgg+ between the sites, so the curious server receives only their aggregate.
+
+In flwr 1.42, SecAgg+ exists only in the legacy API: `secaggplus_mod` on the ClientApp and
+`SecAggPlusWorkflow` inside a `DefaultWorkflow` with a legacy strategy. The sites mask their updates
+pairwise; the server unmasks only the sum, so `aggregate_fit` holds the sample-weighted mean of all
+sites' updates (quantized and clipped to +-`clipping_range`, as the protocol's integer arithmetic needs)
+and never one site's. Observers are handed that mean once per round as site `AGGREGATE`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid, ServerApp
+
+from medpfl.fl.aggregate import apply_update
+from medpfl.fl.flower.client_app import ROUND_KEY
+from medpfl.fl.flower.federation import FederationSpec, federation_data, global_model
+from medpfl.fl.flower.server_app import FlowerRun, RoundCallback
+from medpfl.fl.gradients import functional_model
+from medpfl.fl.rounds import RoundHooks, SiteRound, Update, site_update
+from medpfl.fl.utility import evaluate
+
+AGGREGATE = -1  # the "site" of an observation that is the aggregate of every site of the round
+
+# What the protocol's integer arithmetic can carry: updates are clipped to +-CLIPPING_RANGE (weight changes
+# and gradients of the zoo's models stay far inside it) and quantized to 2**22 levels over that range.
+CLIPPING_RANGE = 8.0
+
+
+def _to_tensors(names: list[str], parameters: Parameters) -> Update:
+    arrays = parameters_to_ndarrays(parameters)
+    return {n: torch.from_numpy(np.array(a, dtype=np.float32)) for n, a in zip(names, arrays)}
+
+
+def _to_parameters(names: list[str], weights: Update) -> Parameters:
+    return ndarrays_to_parameters([weights[n].detach().cpu().numpy() for n in names])
+
+
+def _parameter_names(spec: FederationSpec, num_classes: int) -> list[str]:
+    return [n for n, _ in global_model(spec, num_classes).named_parameters()]
+
+
+app = ClientApp(mods=[secaggplus_mod])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round at one site (legacy fit records, which secaggplus_mod masks before they leave the site)."""
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    spec = FederationSpec.from_config(fitins.config)
+    site = int(context.node_config["partition-id"])
+    data = federation_data(spec)
+    names = _parameter_names(spec, data.num_classes)
+    images, labels = data.sites[site]
+    model = functional_model(global_model(spec, data.num_classes))
+    update = site_update(model, _to_tensors(names, fitins.parameters), images, labels, data.num_classes,
+                         spec.training, spec.seed, int(fitins.config[ROUND_KEY]), site)
+    fitres = FitRes(Status(Code.OK, ""), _to_parameters(names, update), len(labels), {"site": site})
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+
+class SecureAuditorFedAvg(LegacyFedAvg):
+    """The curious server under SecAgg+: what `aggregate_fit` receives is already the sites' mean update."""
+
+    def __init__(self, spec: FederationSpec, hooks: RoundHooks, names: list[str], initial: Update,
+                 score, **options) -> None:
+        super().__init__(fraction_evaluate=0.0, min_fit_clients=spec.sites, min_available_clients=spec.sites,
+                         initial_parameters=_to_parameters(names, initial), **options)
+        self.spec, self.hooks, self.names, self.score = spec, hooks, names, score
+        self.sent: Update = initial
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        self.sent = _to_tensors(self.names, parameters)
+        instructions = super().configure_fit(server_round, parameters, client_manager)
+        for _, fitins in instructions:
+            fitins.config.update({**self.spec.to_config(), ROUND_KEY: server_round})
+        return instructions
+
+    def aggregate_fit(self, server_round, results, failures):
+        if failures or len(results) != self.spec.sites:
+            raise RuntimeError(f"Round {server_round}: {len(results)} of {self.spec.sites} sites took part in "
+                               "secure aggregation; the configured federation needs all of them.")
+        # Every result carries the one unmasked aggregate (secaggplus_mod cleared the site's own arrays).
+        mean = _to_tensors(self.names, results[0][1].parameters)
+        n_images = sum(fitres.num_examples for _, fitres in results)
+        self.hooks.notify(SiteRound(server_round, AGGREGATE, n_images, self.spec.training, self.spec.seed),
+                          self.sent, mean)
+        new = apply_update(self.sent, mean, self.spec.protocol, self.spec.lr)
+        return _to_parameters(self.names, new), {}
+
+    def evaluate(self, server_round, parameters):
+        if server_round == 0:
+            return None
+        return self.score(server_round, _to_tensors(self.names, parameters))
+
+
+def secure_server_app(spec: FederationSpec, hooks: RoundHooks | None = None, on_round: RoundCallback | None = None,
+                      result: FlowerRun | None = None) -> ServerApp:
+    """A ServerApp running `spec` with SecAgg+ over all sites; `result` receives weights and per-round records."""
+    server = ServerApp()
+    result = result if result is not None else FlowerRun()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        data = federation_data(spec)
+        model = functional_model(global_model(spec, data.num_classes))
+        names = [n for n, _ in model.named_parameters()]
+        initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+        clock = [time.perf_counter()]
+
+        def score(server_round: int, weights: Update):
+            utility = evaluate(model, weights, *data.test)
+            record = {"round": server_round, **utility, "seconds": time.perf_counter() - clock[0]}
+            result.rounds.append(record)
+            result.weights = weights
+            if on_round is not None:
+                on_round(record, weights)
+            clock[0] = time.perf_counter()
+            return 0.0, {k: v for k, v in utility.items() if v == v}
+
+        strategy = SecureAuditorFedAvg(spec, hooks or RoundHooks(), names, initial, score)
+        # Every site shares its key with all others and all shares are needed: K sites, no dropouts tolerated.
+        # A site's weight is quantized as n / max_weight: the largest site's n keeps the most precision.
+        secagg = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=1.0, clipping_range=CLIPPING_RANGE,
+                                    max_weight=float(max(len(y) for _, y in data.sites)))
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=spec.rounds), strategy=strategy)
+        DefaultWorkflow(fit_workflow=secagg)(grid, legacy)
+
+    return server
