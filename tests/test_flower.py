@@ -137,3 +137,12 @@ def test_secure_aggregation_leaves_the_server_only_the_sites_mean():
     expected = direct_federation(SPEC)[-1]
     for name in expected:
         torch.testing.assert_close(result.weights[name], expected[name], atol=2e-4, rtol=0)
+
+
+def test_deployment_refuses_a_site_whose_key_was_never_registered(tmp_path):
+    from medpfl.fl.flower.deploy import LocalDeployment
+
+    with LocalDeployment(tmp_path, sites=0) as deployment:
+        intruder = deployment.start_supernode(0, register=False, max_retries=1)
+        assert intruder.wait(timeout=120) != 0
+    assert "Failed to activate SuperNode" in (tmp_path / "supernode0.log").read_text()

@@ -15,7 +15,6 @@ import datetime
 import ipaddress
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -161,14 +160,12 @@ class LocalDeployment:
         return process
 
     def _flwr(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
-        flwr = [shutil.which("flwr", path=str(Path(sys.executable).parent)) or "flwr"]
-        return subprocess.run([*flwr, *args], env=self.env, cwd=self.folder, capture_output=True, text=True,
+        return subprocess.run([self._tool("flwr"), *args], env=self.env, cwd=self.folder, capture_output=True, text=True,
                               timeout=timeout)
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start the SuperLink, register each site's key (unless insecure), then start one SuperNode per site."""
-        bin_dir = Path(sys.executable).parent
-        link = [str(bin_dir / "flower-superlink"), "--host", LOOPBACK, "--port", str(self.port),
+        """Start the SuperLink, then one SuperNode per site (each site's key registered first, unless insecure)."""
+        link = [self._tool("flower-superlink"), "--host", LOOPBACK, "--port", str(self.port),
                 "--disable-runtime-dependency-installation"]
         if self.insecure:
             link += ["--insecure"]
@@ -178,18 +175,29 @@ class LocalDeployment:
         self._start("superlink", link)
         self._wait_for_port(self.port, timeout)
         for site in range(self.sites):
-            node = [str(bin_dir / "flower-supernode"), "--superlink", f"{LOOPBACK}:{self.port}",
-                    "--host", LOOPBACK, "--port", str(free_port()),
-                    "--node-config", f"partition-id={site} num-partitions={self.sites}"]
-            if self.insecure:
-                node += ["--insecure"]
-            else:
-                private, public = write_node_key(self.folder / "keys", f"site{site}")
-                registered = self._flwr("supernode", "register", str(public), "local", timeout=timeout)
-                if registered.returncode != 0:
-                    raise RuntimeError(f"Registering site {site}'s key failed: {registered.stdout}{registered.stderr}")
-                node += ["--root-certificates", str(self.certs.ca), "--auth-supernode-private-key", str(private)]
-            self._start(f"supernode{site}", node)
+            self.start_supernode(site, timeout=timeout)
+
+    def start_supernode(self, site: int, register: bool = True, max_retries: int | None = None,
+                        timeout: float = 60.0) -> subprocess.Popen:
+        """Start site `site`'s SuperNode with a fresh key, registered with the SuperLink if `register`."""
+        node = [self._tool("flower-supernode"), "--superlink", f"{LOOPBACK}:{self.port}",
+                "--host", LOOPBACK, "--port", str(free_port()),
+                "--node-config", f"partition-id={site} num-partitions={max(self.sites, site + 1)}"]
+        if max_retries is not None:
+            node += ["--max-retries", str(max_retries)]
+        if self.insecure:
+            return self._start(f"supernode{site}", node + ["--insecure"])
+        private, public = write_node_key(self.folder / "keys", f"site{site}")
+        if register:
+            registered = self._flwr("supernode", "register", str(public), "local", timeout=timeout)
+            if registered.returncode != 0:
+                raise RuntimeError(f"Registering site {site}'s key failed: {registered.stdout}{registered.stderr}")
+        node += ["--root-certificates", str(self.certs.ca), "--auth-supernode-private-key", str(private)]
+        return self._start(f"supernode{site}", node)
+
+    @staticmethod
+    def _tool(name: str) -> str:
+        return str(Path(sys.executable).parent / name)  # Flower's commands of this very environment
 
     def _wait_for_port(self, port: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
