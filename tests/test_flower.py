@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import pytest
 import torch
 
@@ -19,6 +21,7 @@ SPEC = FederationSpec(sites=2, site_images=6, rounds=2, model="convnet", norm="g
                       protocol="fedavg", local_epochs=2, local_batch=4, lr=0.05, momentum=0.5)
 
 
+@lru_cache(maxsize=1)
 def direct_federation(spec: FederationSpec) -> list[dict[str, torch.Tensor]]:
     """Global weights before and after each round, from the engines' shared pieces called here, no Flower."""
     data = federation_data(spec)

@@ -137,6 +137,7 @@ class LocalDeployment:
     sites: int
     insecure: bool = False
     processes: list[subprocess.Popen] = field(default_factory=list)
+    logs: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.folder = Path(self.folder).resolve()
@@ -149,19 +150,17 @@ class LocalDeployment:
         (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
                                           f'address = "{LOOPBACK}:{self.port}"\n{security}\n')
 
-    def _tls(self) -> list[str]:
-        return ["--insecure"] if self.insecure else []
-
     def _start(self, name: str, command: list[str]) -> subprocess.Popen:
         log = (self.folder / f"{name}.log").open("w")
+        self.logs.append(log)
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.folder,
                                    start_new_session=True)
         self.processes.append(process)
         return process
 
     def _flwr(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
-        return subprocess.run([self._tool("flwr"), *args], env=self.env, cwd=self.folder, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run([self._tool("flwr"), *args], env=self.env, cwd=self.folder, capture_output=True,
+                              text=True, timeout=timeout)
 
     def start(self, timeout: float = 60.0) -> None:
         """Start the SuperLink, then one SuperNode per site (each site's key registered first, unless insecure)."""
@@ -242,6 +241,8 @@ class LocalDeployment:
             except ProcessLookupError:
                 pass
             process.wait()
+        for log in self.logs:
+            log.close()
 
     def __enter__(self) -> "LocalDeployment":
         try:

@@ -8,6 +8,7 @@ attack, or a recorder), and aggregates with the hooks' aggregator, as the in-pro
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -167,8 +168,10 @@ def main(grid: Grid, context: Context) -> None:
     hooks = RoundHooks(observers=[ObservationRecorder(out / "observed", audit_rounds)] if audit_rounds else [])
 
     def finished(record: dict, weights: Update) -> None:
+        # The model first, replaced whole: a round's line then always has its model on disk.
+        torch.save(weights, out / "global_model.pt.tmp")
+        os.replace(out / "global_model.pt.tmp", out / "global_model.pt")
         with (out / "rounds.jsonl").open("a") as fh:
             fh.write(json.dumps(record) + "\n")
-        torch.save(weights, out / "global_model.pt")
 
     run_federation(grid, spec, hooks, on_round=finished)
