@@ -109,7 +109,7 @@ def test_local_deployment_with_tls_and_authenticated_sites_trains_like_the_simul
 
 def test_secure_aggregation_leaves_the_server_only_the_sites_mean():
     """SecAgg+ over K = 2 sites: the auditor gets one update per round, the mean, never a site's own."""
-    from medpfl.fl.flower.secagg import AGGREGATE
+    from medpfl.fl.flower.federation import AGGREGATE
     from medpfl.fl.flower.simulation import run_simulation
 
     class Recorder:

@@ -104,8 +104,12 @@ def _is_ip(host: str) -> bool:
         return False
 
 
-def write_app(folder: Path, spec: FederationSpec, out: Path, audit_rounds: list[int] | None = None) -> Path:
-    """A Flower App (a pyproject.toml) whose components are MedPFL's ServerApp and ClientApp, configured by `spec`."""
+def write_app(folder: Path, spec: FederationSpec, out: Path, audit_rounds: list[int] | None = None,
+              secure_aggregation: bool = False) -> Path:
+    """A Flower App (a pyproject.toml) whose components are MedPFL's ServerApp and ClientApp, configured by `spec`
+    (with `secure_aggregation`: the SecAgg+ pair of fl.flower.secagg)."""
+    server, client = (("medpfl.fl.flower.secagg:server", "medpfl.fl.flower.secagg:app") if secure_aggregation
+                      else ("medpfl.fl.flower.server_app:app", "medpfl.fl.flower.client_app:app"))
     folder.mkdir(parents=True, exist_ok=True)
     config = {**spec.to_config(), "out": str(out.resolve()),
               "audit-rounds": ",".join(str(r) for r in (audit_rounds or []))}
@@ -116,8 +120,7 @@ def write_app(folder: Path, spec: FederationSpec, out: Path, audit_rounds: list[
         'description = "Federated training whose server audits what the sites send"', 'license = "MIT"',
         "dependencies = []  # MedPFL and Flower are installed on every machine beforehand", "",
         "[tool.flwr.app]", 'publisher = "medpfl"', "",
-        "[tool.flwr.app.components]", 'serverapp = "medpfl.fl.flower.server_app:app"',
-        'clientapp = "medpfl.fl.flower.client_app:app"', "",
+        "[tool.flwr.app.components]", f'serverapp = "{server}"', f'clientapp = "{client}"', "",
         "[tool.flwr.app.config]", *lines, ""]))
     return folder
 
@@ -257,13 +260,14 @@ class LocalDeployment:
 
 
 def run_local_deployment(spec: FederationSpec, out: Path, insecure: bool = False,
-                         audit_rounds: list[int] | None = None, timeout: float = 300.0) -> Path:
+                         audit_rounds: list[int] | None = None, timeout: float = 300.0,
+                         secure_aggregation: bool = False) -> Path:
     """Train `spec` through a SuperLink and one SuperNode per site on 127.0.0.1; results and observations in `out`."""
     out = Path(out).resolve()
     if (out / "rounds.jsonl").exists():
         raise MedPFLError(f"'{out}' already holds a deployment's rounds; pass a new --out.")
     out.mkdir(parents=True, exist_ok=True)
-    app = write_app(out / "flower-app", spec, out, audit_rounds)
+    app = write_app(out / "flower-app", spec, out, audit_rounds, secure_aggregation)
     with LocalDeployment(out / "deployment", spec.sites, insecure) as deployment:
         deployment.run(app, out, spec.rounds, timeout)
     return out
@@ -281,11 +285,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--audit-rounds", default="1")
     parser.add_argument("--out", type=Path, default=Path("runs/flower-deployment"))
     parser.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication")
+    parser.add_argument("--secure-aggregation", action="store_true", help="SecAgg+ between the sites")
     args = parser.parse_args(argv)
     spec = FederationSpec(sites=args.sites, rounds=args.rounds, site_images=args.site_images, model=args.model,
                           image_size=args.image_size, protocol=args.protocol)
     audit = [int(r) for r in args.audit_rounds.split(",") if r]
-    print(run_local_deployment(spec, args.out, args.insecure, audit))
+    print(run_local_deployment(spec, args.out, args.insecure, audit, secure_aggregation=args.secure_aggregation))
 
 
 if __name__ == "__main__":

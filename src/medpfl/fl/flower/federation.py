@@ -20,6 +20,9 @@ from medpfl.fl.seeds import model_seed
 from medpfl.models.registry import build_model
 
 
+AGGREGATE = -1  # the "site" of an observation that is the aggregate of every site (secure aggregation)
+
+
 @dataclass(frozen=True)
 class FederationSpec:
     """A federated training run: data and its sites, model, local training, rounds and seed (as `medpfl train`)."""

@@ -4,7 +4,7 @@ In flwr 1.42, SecAgg+ exists only in the legacy API: `secaggplus_mod` on the Cli
 `SecAggPlusWorkflow` inside a `DefaultWorkflow` with a legacy strategy. The sites mask their updates
 pairwise; the server unmasks only the sum, so `aggregate_fit` holds the sample-weighted mean of all
 sites' updates (quantized and clipped to +-`clipping_range`, as the protocol's integer arithmetic needs)
-and never one site's. Observers are handed that mean once per round as site `AGGREGATE`.
+and never one site's. Observers are handed that mean once per round as site `AGGREGATE` (-1).
 """
 
 from __future__ import annotations
@@ -25,13 +25,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from medpfl.fl.aggregate import apply_update
 from medpfl.fl.flower.client_app import ROUND_KEY
-from medpfl.fl.flower.federation import FederationSpec, federation_data, global_model
-from medpfl.fl.flower.server_app import FlowerRun, RoundCallback
+from medpfl.fl.flower.federation import AGGREGATE, FederationSpec, federation_data, global_model
+from medpfl.fl.flower.server_app import FlowerRun, RoundCallback, deployment_settings
 from medpfl.fl.gradients import functional_model
 from medpfl.fl.rounds import RoundHooks, SiteRound, Update, site_update
 from medpfl.fl.utility import evaluate
-
-AGGREGATE = -1  # the "site" of an observation that is the aggregate of every site of the round
 
 # What the protocol's integer arithmetic can carry: updates are clipped to +-CLIPPING_RANGE (weight changes
 # and gradients of the zoo's models stay far inside it) and quantized to 2**22 levels over that range.
@@ -105,36 +103,53 @@ class SecureAuditorFedAvg(LegacyFedAvg):
         return self.score(server_round, _to_tensors(self.names, parameters))
 
 
+def run_secure_federation(grid: Grid, context: Context, spec: FederationSpec, hooks: RoundHooks | None = None,
+                          on_round: RoundCallback | None = None, result: FlowerRun | None = None) -> FlowerRun:
+    """All `spec.rounds` rounds with SecAgg+ over all sites, scoring the global model on the test set each round."""
+    result = result if result is not None else FlowerRun()
+    data = federation_data(spec)
+    model = functional_model(global_model(spec, data.num_classes))
+    names = [n for n, _ in model.named_parameters()]
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    clock = [time.perf_counter()]
+
+    def score(server_round: int, weights: Update):
+        utility = evaluate(model, weights, *data.test)
+        record = {"round": server_round, **utility, "seconds": time.perf_counter() - clock[0]}
+        result.rounds.append(record)
+        result.weights = weights
+        if on_round is not None:
+            on_round(record, weights)
+        clock[0] = time.perf_counter()
+        return 0.0, {k: v for k, v in utility.items() if v == v}
+
+    strategy = SecureAuditorFedAvg(spec, hooks or RoundHooks(), names, initial, score)
+    # Every site shares its key with all others and all shares are needed: K sites, no dropouts tolerated.
+    # A site's weight is quantized as n / max_weight: the largest site's n keeps the most precision.
+    secagg = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=1.0, clipping_range=CLIPPING_RANGE,
+                                max_weight=float(max(len(y) for _, y in data.sites)))
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=spec.rounds), strategy=strategy)
+    DefaultWorkflow(fit_workflow=secagg)(grid, legacy)
+    return result
+
+
 def secure_server_app(spec: FederationSpec, hooks: RoundHooks | None = None, on_round: RoundCallback | None = None,
                       result: FlowerRun | None = None) -> ServerApp:
-    """A ServerApp running `spec` with SecAgg+ over all sites; `result` receives weights and per-round records."""
+    """A ServerApp for an in-Python run (simulation) of `spec` with SecAgg+; `result` receives the outcome."""
     server = ServerApp()
-    result = result if result is not None else FlowerRun()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        data = federation_data(spec)
-        model = functional_model(global_model(spec, data.num_classes))
-        names = [n for n, _ in model.named_parameters()]
-        initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-        clock = [time.perf_counter()]
-
-        def score(server_round: int, weights: Update):
-            utility = evaluate(model, weights, *data.test)
-            record = {"round": server_round, **utility, "seconds": time.perf_counter() - clock[0]}
-            result.rounds.append(record)
-            result.weights = weights
-            if on_round is not None:
-                on_round(record, weights)
-            clock[0] = time.perf_counter()
-            return 0.0, {k: v for k, v in utility.items() if v == v}
-
-        strategy = SecureAuditorFedAvg(spec, hooks or RoundHooks(), names, initial, score)
-        # Every site shares its key with all others and all shares are needed: K sites, no dropouts tolerated.
-        # A site's weight is quantized as n / max_weight: the largest site's n keeps the most precision.
-        secagg = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=1.0, clipping_range=CLIPPING_RANGE,
-                                    max_weight=float(max(len(y) for _, y in data.sites)))
-        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=spec.rounds), strategy=strategy)
-        DefaultWorkflow(fit_workflow=secagg)(grid, legacy)
+        run_secure_federation(grid, context, spec, hooks, on_round, result)
 
     return server
+
+
+# The ServerApp that `flwr run` starts for a deployment with secure aggregation (deploy.write_app).
+server = ServerApp()
+
+
+@server.main()
+def deployed(grid: Grid, context: Context) -> None:
+    spec, hooks, finished = deployment_settings(context)
+    run_secure_federation(grid, context, spec, hooks, finished)

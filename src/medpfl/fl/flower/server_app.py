@@ -21,7 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from medpfl.fl.aggregate import apply_update
 from medpfl.fl.flower.client_app import ROUND_KEY, array_record, tensors
-from medpfl.fl.flower.federation import FederationSpec, federation_data, global_model
+from medpfl.fl.flower.federation import AGGREGATE, FederationSpec, federation_data, global_model
 from medpfl.fl.gradients import functional_model
 from medpfl.fl.rounds import RoundHooks, SiteObservation, SiteRound, Update, update_norm
 from medpfl.fl.utility import evaluate
@@ -149,21 +149,17 @@ class ObservationRecorder:
     def observe(self, seen: SiteObservation) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         facts = seen.facts
+        who = "aggregate" if facts.site == AGGREGATE else f"site{facts.site:03d}"
         torch.save({"round": facts.round, "site": facts.site, "n_images": facts.n_images, "weights": seen.weights,
-                    "update": seen.update}, self.folder / f"round{facts.round:04d}-site{facts.site:03d}.pt")
+                    "update": seen.update}, self.folder / f"round{facts.round:04d}-{who}.pt")
 
 
-# The ServerApp that `flwr run` starts in deployments: the spec comes from the Flower App's run config;
-# results go to its `out` folder, and what the curious server observes to `out/observed/`.
-app = ServerApp()
-
-
-@app.main()
-def main(grid: Grid, context: Context) -> None:
+def deployment_settings(context: Context) -> tuple[FederationSpec, RoundHooks, RoundCallback]:
+    """From a Flower App's run config: the spec, a recorder of the audited rounds (into `out/observed/`),
+    and a callback writing `out/rounds.jsonl` and `out/global_model.pt` as rounds finish."""
     config = dict(context.run_config)
     out = Path(str(config.get("out", "flower-run")))
     audit_rounds = [int(r) for r in str(config.get("audit-rounds", "")).replace(",", " ").split()]
-    spec = FederationSpec.from_config(config)
     out.mkdir(parents=True, exist_ok=True)
     hooks = RoundHooks(observers=[ObservationRecorder(out / "observed", audit_rounds)] if audit_rounds else [])
 
@@ -174,4 +170,14 @@ def main(grid: Grid, context: Context) -> None:
         with (out / "rounds.jsonl").open("a") as fh:
             fh.write(json.dumps(record) + "\n")
 
+    return FederationSpec.from_config(config), hooks, finished
+
+
+# The ServerApp that `flwr run` starts in deployments (see fl.flower.deploy.write_app).
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    spec, hooks, finished = deployment_settings(context)
     run_federation(grid, spec, hooks, on_round=finished)
