@@ -29,3 +29,14 @@ def test_spec_travels_through_a_flat_config():
     assert config["local-epochs"] == 1 and config["partition"] == "dirichlet:0.3"
     assert FederationSpec.from_config(config) == spec
     assert FederationSpec.from_config({**config, "lr": 1, "out": "ignored"}).lr == 1.0
+
+
+def test_flower_engine_refuses_what_it_cannot_run_at_the_site():
+    pytest.importorskip("flwr")
+    from medpfl.fl.flower.simulation import run_simulation
+    from medpfl.fl.rounds import RoundHooks
+
+    with pytest.raises(MedPFLError, match="--engine inprocess"):
+        run_simulation(FederationSpec(), RoundHooks(site_transform=lambda update, facts: update))
+    with pytest.raises(MedPFLError, match="custom aggregator"):
+        run_simulation(FederationSpec(), RoundHooks(aggregate=lambda updates, n: updates), secure_aggregation=True)

@@ -8,7 +8,9 @@ import warnings
 
 from medpfl.fl.flower.federation import FederationSpec
 from medpfl.fl.flower.server_app import FlowerRun, RoundCallback, server_app
-from medpfl.fl.rounds import RoundHooks, Update
+from medpfl.errors import MedPFLError
+from medpfl.fl.aggregate import weighted_average
+from medpfl.fl.rounds import RoundHooks, Update, send_as_is
 
 
 def run_simulation(spec: FederationSpec, hooks: RoundHooks | None = None, weights: Update | None = None,
@@ -23,6 +25,14 @@ def run_simulation(spec: FederationSpec, hooks: RoundHooks | None = None, weight
     this process, so observers (an attack) receive the sites' replies as Python objects. `flwr run`,
     which starts the ServerApp in a process of its own, is the route for deployments (fl.flower.deploy).
     """
+    hooks = hooks or RoundHooks()
+    if hooks.site_transform is not send_as_is:
+        # A defense must run on the site, in the ClientApp, which a callable in this process cannot reach.
+        raise MedPFLError("Defenses inside training are not available on the Flower engine yet; "
+                          "use --engine inprocess.")
+    if secure_aggregation and hooks.aggregate is not weighted_average:
+        raise MedPFLError("Under secure aggregation the sites' sample-weighted mean is all the server can form; "
+                          "drop the custom aggregator.")
     from flwr.simulation import run_simulation as flower_run_simulation
 
     if secure_aggregation:
