@@ -10,15 +10,17 @@ and never one site's. Observers are handed that mean once per round as site `AGG
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.client.mod import secaggplus_mod
-from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
-from flwr.server import LegacyContext, ServerConfig
+from flwr.server import ClientManager, LegacyContext, ServerConfig
+from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
@@ -45,10 +47,6 @@ def _to_parameters(names: list[str], weights: Update) -> Parameters:
     return ndarrays_to_parameters([weights[n].detach().cpu().numpy() for n in names])
 
 
-def _parameter_names(spec: FederationSpec, num_classes: int) -> list[str]:
-    return [n for n, _ in global_model(spec, num_classes).named_parameters()]
-
-
 app = ClientApp(mods=[secaggplus_mod])
 
 
@@ -59,9 +57,9 @@ def train(msg: Message, context: Context) -> Message:
     spec = FederationSpec.from_config(fitins.config)
     site = int(context.node_config["partition-id"])
     data = federation_data(spec)
-    names = _parameter_names(spec, data.num_classes)
     images, labels = data.sites[site]
     model = functional_model(global_model(spec, data.num_classes))
+    names = [n for n, _ in model.named_parameters()]
     update = site_update(model, _to_tensors(names, fitins.parameters), images, labels, data.num_classes,
                          spec.training, spec.seed, int(fitins.config[ROUND_KEY]), site)
     fitres = FitRes(Status(Code.OK, ""), _to_parameters(names, update), len(labels), {"site": site})
@@ -72,20 +70,22 @@ class SecureAuditorFedAvg(LegacyFedAvg):
     """The curious server under SecAgg+: what `aggregate_fit` receives is already the sites' mean update."""
 
     def __init__(self, spec: FederationSpec, hooks: RoundHooks, names: list[str], initial: Update,
-                 score, **options) -> None:
+                 score: Callable[[int, Update], tuple[float, dict]], **options) -> None:
         super().__init__(fraction_evaluate=0.0, min_fit_clients=spec.sites, min_available_clients=spec.sites,
                          initial_parameters=_to_parameters(names, initial), **options)
         self.spec, self.hooks, self.names, self.score = spec, hooks, names, score
         self.sent: Update = initial
 
-    def configure_fit(self, server_round, parameters, client_manager):
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         self.sent = _to_tensors(self.names, parameters)
         instructions = super().configure_fit(server_round, parameters, client_manager)
         for _, fitins in instructions:
             fitins.config.update({**self.spec.to_config(), ROUND_KEY: server_round})
         return instructions
 
-    def aggregate_fit(self, server_round, results, failures):
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list) -> tuple[Parameters, dict]:
         if failures or len(results) != self.spec.sites:
             raise RuntimeError(f"Round {server_round}: {len(results)} of {self.spec.sites} sites took part in "
                                "secure aggregation; the configured federation needs all of them.")
@@ -97,7 +97,7 @@ class SecureAuditorFedAvg(LegacyFedAvg):
         new = apply_update(self.sent, mean, self.spec.protocol, self.spec.lr)
         return _to_parameters(self.names, new), {}
 
-    def evaluate(self, server_round, parameters):
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict] | None:
         if server_round == 0:
             return None
         return self.score(server_round, _to_tensors(self.names, parameters))

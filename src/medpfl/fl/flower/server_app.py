@@ -26,9 +26,6 @@ from medpfl.fl.gradients import functional_model
 from medpfl.fl.rounds import RoundHooks, SiteObservation, SiteRound, Update, update_norm
 from medpfl.fl.utility import evaluate
 
-NUM_EXAMPLES = "num-examples"
-
-
 def _count_examples(contents: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     # The sites' metrics are their index and image count; averaging the index would mean nothing.
     return MetricRecord({weighted_by_key: sum(int(c["metrics"][weighted_by_key]) for c in contents)})
