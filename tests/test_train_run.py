@@ -117,10 +117,15 @@ def test_flower_engine_records_the_same_rounds_as_the_in_process_engine(tmp_path
     config = dict(image_size=16, sites=2, rounds=1, local_epochs=1, local_batch=64)
     run_training(TrainRunConfig(engine="inprocess", **config), tmp_path / "in")
     run_training(TrainRunConfig(engine="flower", **config), tmp_path / "fl")
-    assert _lines(tmp_path / "fl" / "rounds.jsonl", TIMINGS) == _lines(tmp_path / "in" / "rounds.jsonl", TIMINGS)
-    a, b = torch.load(tmp_path / "in" / "model.pt", weights_only=True), torch.load(tmp_path / "fl" / "model.pt",
-                                                                                   weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The in-process engine runs sites through vmap, whose kernels round differently in the last bits.
+    flower, inprocess = (_lines(tmp_path / name / "rounds.jsonl", TIMINGS) for name in ("fl", "in"))
+    assert [sorted(line) for line in flower] == [sorted(line) for line in inprocess]
+    for ours, theirs in zip(flower, inprocess):
+        for key, value in ours.items():
+            assert value == pytest.approx(theirs[key], rel=1e-6), key
+    a, b = (torch.load(tmp_path / name / "model.pt", weights_only=True) for name in ("in", "fl"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
 
 
 def test_unknown_attack_settings_are_refused_before_anything_is_written(tmp_path):
