@@ -12,9 +12,12 @@ ATTACKS = {
     "idlg": "Improved DLG: label from the last layer, L-BFGS on the image (Zhao et al. 2020)",
     "cpl": "Catastrophic privacy leakage: iDLG with a patterned start (Wei et al. 2020)",
     "invgrad": "Inverting Gradients: cosine distance, TV, signed Adam, restarts (Geiping et al. 2020)",
+    "update-inversion": "FedAvg weight changes: the site's local steps unrolled on candidate images, then "
+                        "Inverting Gradients (Geiping et al. 2020 sec. 6; Dimitrov et al. 2022)",
 }
 # The model each attack was run on in the paper, used when no --model is given.
-DEFAULT_MODELS = {"dlg": "lenet-dlg", "idlg": "lenet-idlg", "cpl": "lenet-cpl", "invgrad": "resnet18"}
+DEFAULT_MODELS = {"dlg": "lenet-dlg", "idlg": "lenet-idlg", "cpl": "lenet-cpl", "invgrad": "resnet18",
+                  "update-inversion": "convnet"}
 # The Inverting Gradients paper computed updates with the network in eval mode (BatchNorm on its
 # running statistics); a site's ordinary training step normalises with batch statistics.
 DEFAULT_BN_MODES = {name: "eval" if name == "invgrad" else "train" for name in ATTACKS}
@@ -29,6 +32,8 @@ def build_attack(name: str, **settings: Any):
         raise MedPFLError(f"Unknown --attack '{name}'; choose one of: {', '.join(ATTACKS)}.")
     if name == "invgrad":
         from medpfl.attacks.inverting_gradients import invgrad as factory
+    elif name == "update-inversion":
+        from medpfl.attacks.update_inversion import update_inversion as factory
     else:
         from medpfl.attacks import gradient_matching
 

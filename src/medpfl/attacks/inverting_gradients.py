@@ -91,6 +91,11 @@ class InvertingGradients:
         passed = sum(step >= int(s.steps * f) for f in s.decay_at)
         return s.lr * s.decay_factor**passed
 
+    def simulated_update(self, payload: ServerPayload, fmodel: torch.nn.Module) -> Callable[..., dict[str, torch.Tensor]]:
+        """What the attacker computes from candidate images to compare with the observed update:
+        (params, images, targets) -> the gradient of one training step, differentiable in the images."""
+        return lambda params, images, targets: parameter_gradient(fmodel, params, images, targets)
+
     def reconstruct(self, payload: ServerPayload, update: ObservedUpdate, generator: torch.Generator,
                     checkpoint: Checkpoint | None = None) -> Reconstruction:
         """Attack every victim in `update` at once; returns images V x B x C x H x W in [0,1].
@@ -118,8 +123,10 @@ class InvertingGradients:
         # Candidate r of victim v starts from draw v * R + r, whatever the chunking.
         x0 = self.initial_images(V * R * B, shape, generator).reshape(V, R, B, *shape).to(dev, dt)
 
+        simulate = self.simulated_update(payload, fmodel)
+
         def victim_loss(images, params, observed, layer_weights, victim_targets):
-            candidate = parameter_gradient(fmodel, params, images, victim_targets)
+            candidate = simulate(params, images, victim_targets)
             return cosine_distance(candidate, observed, layer_weights) + s.tv_weight * total_variation(images)
 
         # Inner map: restarts share their victim's weights (unbatched, so convolutions fold them

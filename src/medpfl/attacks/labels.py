@@ -3,9 +3,15 @@
 For cross-entropy with softmax outputs p_j and one-hot labels y_j, the last layer's bias gradient is
 the batch mean of (p_j - y_j): entries of classes that are present are pulled below zero, and
 B * (mean p - bias gradient) counts how often each class occurs.
+
+A FedAvg weight change is minus the learning rate times a weighted sum of such gradients, one per local
+step; rescaled to the mean gradient it sums, the same rules read it (Dimitrov et al. 2022, who also
+average the softmax estimate over the weights at the start and the end of local training).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -49,14 +55,18 @@ def mean_probabilities(payload: ServerPayload, n_probe: int = 32, seed: int = 0)
         return vmap(probs)(payload.params)
 
 
-def count_labels(update: ObservedUpdate, payload: ServerPayload) -> torch.Tensor:
+def count_labels(update: ObservedUpdate, payload: ServerPayload, probabilities: torch.Tensor | None = None,
+                 ) -> torch.Tensor:
     """Labels of a batch with repeats, from how far each class's bias gradient sits below the mean
-    softmax output. Every class with a negative bias gradient is present at least once. V x B, sorted."""
+    softmax output (`probabilities`, V x K; by default estimated at the payload's weights). Every class
+    with a negative bias gradient is present at least once. V x B, sorted."""
     K, B = payload.num_classes, update.batch_size
     weight, bias = last_layer(update.gradients, K)
     if bias is not None:
         g = update.gradients[bias]
-        estimate = B * (mean_probabilities(payload).to(g.dtype) - g)
+        if probabilities is None:
+            probabilities = mean_probabilities(payload)
+        estimate = B * (probabilities.to(g.dtype) - g)
     else:  # without a bias, the weight gradient's row sums carry the same signs but no counts
         g = update.gradients[weight].sum(-1)
         estimate = -g
@@ -74,10 +84,58 @@ def count_labels(update: ObservedUpdate, payload: ServerPayload) -> torch.Tensor
     return torch.stack(labels)
 
 
+def step_weights(steps: int, momentum: float) -> torch.Tensor:
+    """How much each local step's gradient moves the weights in the end, in units of the learning rate.
+
+    Heavy-ball SGD (v_t = m v_(t-1) + g_t, w_t = w_(t-1) - lr v_t) carries step s's gradient into every
+    later step: the weight change is -lr * sum_s (1 - m^(T-s+1)) / (1 - m) * g_s.
+    """
+    remaining = torch.arange(steps, 0, -1, dtype=torch.float64)  # T - s + 1 for s = 1..T
+    if momentum == 0:
+        return torch.ones(steps, dtype=torch.float64)
+    return (1 - momentum**remaining) / (1 - momentum)
+
+
+def as_mean_gradient(update: ObservedUpdate, payload: ServerPayload) -> ObservedUpdate:
+    """A FedAvg weight change rescaled to the mean gradient it sums: -update / (lr * total step weight).
+
+    Exact for the last layer's bias when the softmax outputs stay put during local training; the sign
+    flip turns "weights moved towards a class" back into the gradient's "negative for present classes".
+    """
+    training = payload.local_training
+    total = float(step_weights(training.steps(update.batch_size), training.momentum).sum())
+    scale = -1.0 / (training.lr * total)
+    return replace(update, gradients={n: scale * u for n, u in update.gradients.items()})
+
+
+def softmax_along_local_training(update: ObservedUpdate, payload: ServerPayload) -> torch.Tensor:
+    """The attacker's estimate of the mean softmax output over a FedAvg site's local steps. V x K.
+
+    The steps were taken at weights between the start (the payload) and the end (payload + weight change);
+    the attacker places step s at s/T of the way, a straight line, and weighs each as it moved the weights.
+    """
+    training = payload.local_training
+    steps = training.steps(update.batch_size)
+    weights = step_weights(steps, training.momentum)
+    total = 0
+    for s, weight in enumerate(weights.tolist()):
+        at = replace(payload, params={n: p + (s / steps) * update.gradients[n] for n, p in payload.params.items()})
+        total = total + weight * mean_probabilities(at)
+    return total / float(weights.sum())
+
+
 def recover_labels(update: ObservedUpdate, payload: ServerPayload) -> torch.Tensor:
-    """The labels the attacker works with: granted ones, iDLG's rule for B = 1, counts for B > 1."""
+    """The labels the attacker works with: granted ones, iDLG's rule for B = 1, counts for B > 1.
+
+    A FedAvg weight change is first rescaled to a mean gradient, and the softmax estimate behind the
+    counts follows the weights along the site's local training."""
     if update.labels is not None:
         return update.labels
+    probabilities = None
+    if payload.local_training.protocol == "fedavg":
+        if update.batch_size > 1:
+            probabilities = softmax_along_local_training(update, payload)
+        update = as_mean_gradient(update, payload)
     if update.batch_size == 1:
         return idlg_labels(update, payload.num_classes)
-    return count_labels(update, payload)
+    return count_labels(update, payload, probabilities)

@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from medpfl.fl.local import LocalTraining
+
+# The site shares the gradient of one step on all its images: what the gradient attacks were built for.
+FEDSGD = LocalTraining("fedsgd")
+
 
 @dataclass(frozen=True)
 class ThreatModel:
@@ -30,6 +35,9 @@ class ServerPayload:
     num_classes: int
     image_shape: tuple[int, int, int]  # C, H, W
     bn_mode: str = "train"  # how the sites' training step runs BatchNorm: batch ("train") or running ("eval") stats
+    # What the server told the sites to run (protocol, local epochs, batch size, learning rate, momentum):
+    # a server configures its sites' local training, so it knows these settings as it knows the weights.
+    local_training: LocalTraining = FEDSGD
 
     @property
     def n_victims(self) -> int:
@@ -40,8 +48,11 @@ class ServerPayload:
 class ObservedUpdate:
     """Exactly what the adversary holds of each victim's update, nothing more."""
 
-    gradients: dict[str, torch.Tensor]  # name -> V x (parameter shape), averaged over the victim's batch
-    batch_size: int  # images behind each victim's update
+    # name -> V x (parameter shape): the gradient averaged over the victim's images (FedSGD), or the weight
+    # change of its local training (FedAvg), as the payload's `local_training` says
+    gradients: dict[str, torch.Tensor]
+    batch_size: int  # images behind each victim's update (FedAvg: all its local images, which sample-weighted
+    # averaging makes every site report)
     labels: torch.Tensor | None = None  # V x B, only when the threat model grants them
 
 
