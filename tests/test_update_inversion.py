@@ -7,13 +7,15 @@ import pytest
 import torch
 from torch.func import vmap
 
-from medpfl.attacks import THREAT_MODELS, ObservedUpdate, ServerPayload, build_attack
+from medpfl.attacks import ObservedUpdate, ServerPayload, build_attack
 from medpfl.attacks.labels import as_mean_gradient, recover_labels, step_weights
+from medpfl.attacks.threat import observed_sites
 from medpfl.attacks.update_inversion import UpdateInversion
 from medpfl.data import ImageDataset, sample_items
 from medpfl.data.embedded import embedded_source
 from medpfl.fl.gradients import functional_model, model_params
 from medpfl.fl.local import LocalTraining, local_update
+from medpfl.fl.rounds import RoundHooks, SiteObservation, SiteRound, ordered, site_update
 from medpfl.metrics.image import psnr, ssim
 from medpfl.metrics.privacy import match_and_score
 from medpfl.models.registry import build_model
@@ -115,3 +117,39 @@ def test_reconstructs_real_images_from_several_local_steps(real_images):
         # Per original image: the reconstruction matched to it against the starting point matched to it.
         for after_ssim, before_ssim, after_psnr, before_psnr in zip(got.ssim, before.ssim, got.psnr, before.psnr):
             assert after_ssim > before_ssim + 0.3 and after_psnr > before_psnr + 4, (got, before)
+
+
+def test_what_the_curious_server_observes_in_a_round_is_what_the_attack_simulates(real_images):
+    """Sites of a federated round (their images in the round's seeded order) seen through the round's
+    observer seam: the attacker's view carries the configured local training, and its simulation on the
+    sites' images in the order they visited them reproduces every received update."""
+    x, y, K = real_images
+    training = LocalTraining("fedavg", epochs=2, batch_size=2, lr=0.05)
+    model = build_model("convnet", K, 3, SIZE, norm="group", seed=0)
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    fmodel = functional_model(model)
+
+    class Collect:
+        def __init__(self) -> None:
+            self.seen: list[SiteObservation] = []
+
+        def wants(self, round_index: int, site: int) -> bool:
+            return True
+
+        def observe(self, seen: SiteObservation) -> None:
+            self.seen.append(seen)
+
+    observer = Collect()
+    hooks = RoundHooks(observers=[observer])
+    site_images = [(x[3 * s:3 * s + 3], y[3 * s:3 * s + 3]) for s in range(2)]
+    for s, (images, labels) in enumerate(site_images):
+        update = site_update(fmodel, weights, images, labels, K, training, seed=7, round_index=3, site=s)
+        hooks.notify(SiteRound(3, s, 3, training, seed=7), weights, update)
+    payload, observed = observed_sites(observer.seen, model, K, (3, SIZE, SIZE))
+    assert payload.local_training == training and observed.batch_size == 3 and observed.labels is None
+    simulate = build_attack("update-inversion").simulated_update(payload, functional_model(model))
+    for s, (images, labels) in enumerate(site_images):
+        visited, visited_labels = ordered(images, labels, 7, 3, s)
+        simulated = simulate(weights, visited, torch.nn.functional.one_hot(visited_labels, K).float())
+        for name in weights:
+            torch.testing.assert_close(simulated[name], observed.gradients[name][s], atol=1e-6, rtol=1e-5)
