@@ -153,3 +153,18 @@ def test_what_the_curious_server_observes_in_a_round_is_what_the_attack_simulate
         simulated = simulate(weights, visited, torch.nn.functional.one_hot(visited_labels, K).float())
         for name in weights:
             torch.testing.assert_close(simulated[name], observed.gradients[name][s], atol=1e-6, rtol=1e-5)
+
+
+def test_restarts_try_the_ways_labels_can_share_minibatches():
+    """Labels come without the site's order; a FedAvg weight change depends on which labels shared a
+    minibatch, so restarts try groupings (restart 0 the given order), and FedSGD needs none."""
+    labels = torch.tensor([[0, 1, 2, 3]])
+    model = build_model("lenet-idlg", 4, 3, SIZE)
+    fedavg = ServerPayload(model, model_params(model), 4, (3, SIZE, SIZE),
+                           local_training=LocalTraining("fedavg", batch_size=2))
+    tried = build_attack("update-inversion").candidate_labels(labels, 12, fedavg, torch.Generator().manual_seed(0))
+    assert torch.equal(tried[0, 0], labels[0]) and (tried.sort(-1).values == labels).all()
+    pairings = {frozenset((frozenset(r[:2].tolist()), frozenset(r[2:].tolist()))) for r in tried[0]}
+    assert len(pairings) == 3  # {01|23}, {02|13}, {03|12}
+    fedsgd = ServerPayload(model, model_params(model), 4, (3, SIZE, SIZE))
+    assert (build_attack("update-inversion").candidate_labels(labels, 5, fedsgd, torch.Generator()) == labels).all()

@@ -96,6 +96,12 @@ class InvertingGradients:
         (params, images, targets) -> the gradient of one training step, differentiable in the images."""
         return lambda params, images, targets: parameter_gradient(fmodel, params, images, targets)
 
+    def candidate_labels(self, labels: torch.Tensor, restarts: int, payload: ServerPayload,
+                         generator: torch.Generator) -> torch.Tensor:
+        """The labels each restart gives its candidate images, in order: V x R x B. A gradient is the
+        same for any order of a batch, so every restart takes the labels as they are."""
+        return labels[:, None].expand(-1, restarts, -1)
+
     def reconstruct(self, payload: ServerPayload, update: ObservedUpdate, generator: torch.Generator,
                     checkpoint: Checkpoint | None = None) -> Reconstruction:
         """Attack every victim in `update` at once; returns images V x B x C x H x W in [0,1].
@@ -113,7 +119,6 @@ class InvertingGradients:
         start = time.perf_counter()
         fmodel = functional_model(payload.model, payload.bn_mode)
         labels = recover_labels(update, payload).to(dev)
-        targets = F.one_hot(labels, K).to(dev, dt)
         weights = top_layer_weights(update.gradients, s.top_layers)
         # Tensors no victim selects add exactly zero to the cosine; leaving them out of the sums
         # saves passes over millions of entries per step (most of the time on a ResNet-18).
@@ -122,6 +127,8 @@ class InvertingGradients:
         observed_used = {n: update.gradients[n] for n in used}
         # Candidate r of victim v starts from draw v * R + r, whatever the chunking.
         x0 = self.initial_images(V * R * B, shape, generator).reshape(V, R, B, *shape).to(dev, dt)
+        candidate_labels = self.candidate_labels(labels, R, payload, generator).to(dev)  # V x R x B
+        targets = F.one_hot(candidate_labels, K).to(dev, dt)
 
         simulate = self.simulated_update(payload, fmodel)
 
@@ -131,7 +138,7 @@ class InvertingGradients:
 
         # Inner map: restarts share their victim's weights (unbatched, so convolutions fold them
         # into the batch); outer map: victims.
-        per_restart = vmap(grad_and_value(victim_loss), in_dims=(0, None, None, None, None))
+        per_restart = vmap(grad_and_value(victim_loss), in_dims=(0, None, None, None, 0))
         per_candidate = vmap(per_restart)
 
         images = torch.empty_like(x0)
@@ -154,7 +161,7 @@ class InvertingGradients:
                 {n: pick(p) for n, p in payload.params.items()},
                 {n: pick(g) for n, g in observed_used.items()},
                 {n: pick(w) for n, w in weights.items()},
-                pick(targets),
+                pick(targets)[:, restarts],
             )
 
             def save(progress: Callable[[], dict[str, Any]], index: int = index) -> None:
@@ -188,7 +195,7 @@ class InvertingGradients:
         evaluations = (steps_run + 1).sum(1)
         return Reconstruction(
             images=chosen.detach(),
-            labels=labels,
+            labels=candidate_labels[rows, best],
             objective=objective[rows, best].detach(),
             evaluations=evaluations,
             diverged=diverged.to(dev),

@@ -8,10 +8,12 @@ signed Adam, restarts and a final median filter, exactly Inverting Gradients' ma
 gradient replaced by the unrolled local training. On a FedSGD payload the simulated update is the
 gradient itself, so the attack is Inverting Gradients on the whole update.
 
-The order in which the site splits its images into minibatches needs no guessing: the site keeps the
-same order every epoch, and which candidate lands in which batch is the attacker's free choice (scoring
-matches reconstructions to originals by optimal assignment). Labels are granted or recovered from the
-last layer's weight change (attacks.labels: counts, Dimitrov et al. 2022).
+The site visits its images in one order every epoch of a round (fl.rounds), and which candidate image
+lands in which minibatch is the attacker's free choice. Which labels share a minibatch is not: labels
+come as a multiset (recovered from the last layer's weight change, attacks.labels, Dimitrov et al.
+2022; or granted, in no particular order), and the weight change depends on how they were grouped.
+So restart 0 takes the labels in the order given and every further restart a random order; the
+restart with the lowest objective wins, and its order is the one reported with its images.
 """
 
 from __future__ import annotations
@@ -37,6 +39,19 @@ class UpdateInversion(InvertingGradients):
     """Reconstruct each site's images by matching the weight change of its simulated local training."""
 
     name = "update-inversion"
+
+    def candidate_labels(self, labels: torch.Tensor, restarts: int, payload: ServerPayload,
+                         generator: torch.Generator) -> torch.Tensor:
+        """V x R x B: restart 0 keeps the given order, the others each try a random grouping into
+        minibatches (only where there is more than one minibatch, else order does not matter)."""
+        V, B = labels.shape
+        orders = torch.arange(B).expand(V, restarts, B).clone()
+        training = payload.local_training
+        if training.protocol == "fedavg" and training.batch_size < B:
+            for v in range(V):
+                for r in range(1, restarts):
+                    orders[v, r] = torch.randperm(B, generator=generator)
+        return labels.gather(1, orders.reshape(V, -1).to(labels.device)).reshape(V, restarts, B)
 
     def simulated_update(self, payload: ServerPayload, fmodel: torch.nn.Module) -> Callable[..., dict[str, torch.Tensor]]:
         """(params, images, targets) -> the update the site would share for these images: its local
