@@ -114,6 +114,8 @@ def softmax_along_local_training(update: ObservedUpdate, payload: ServerPayload)
     The steps were taken at weights between the start (the payload) and the end (payload + weight change);
     the attacker places step s at s/T of the way, a straight line, and weighs each as it moved the weights.
     """
+    # Chosen over the start-only and the start/end-average estimates by benchmarks/fedavg_label_counts.py
+    # (embedded set and dermoscopy patches): the best mean accuracy of the three, not the best everywhere.
     training = payload.local_training
     steps = training.steps(update.batch_size)
     weights = step_weights(steps, training.momentum)
