@@ -5,8 +5,9 @@ the batch mean of (p_j - y_j): entries of classes that are present are pulled be
 B * (mean p - bias gradient) counts how often each class occurs.
 
 A FedAvg weight change is minus the learning rate times a weighted sum of such gradients, one per local
-step; rescaled to the mean gradient it sums, the same rules read it (Dimitrov et al. 2022, who also
-average the softmax estimate over the weights at the start and the end of local training).
+step; rescaled to the mean gradient it sums, the same rules read it. The softmax estimate behind the
+counts then follows the weights from the start to the end of local training (after Dimitrov et al.
+2022, who count labels in FedAvg updates from the softmax over the course of local training).
 """
 
 from __future__ import annotations
@@ -90,9 +91,9 @@ def step_weights(steps: int, momentum: float) -> torch.Tensor:
     Heavy-ball SGD (v_t = m v_(t-1) + g_t, w_t = w_(t-1) - lr v_t) carries step s's gradient into every
     later step: the weight change is -lr * sum_s (1 - m^(T-s+1)) / (1 - m) * g_s.
     """
-    remaining = torch.arange(steps, 0, -1, dtype=torch.float64)  # T - s + 1 for s = 1..T
     if momentum == 0:
         return torch.ones(steps, dtype=torch.float64)
+    remaining = torch.arange(steps, 0, -1, dtype=torch.float64)  # T - s + 1 for s = 1..T
     return (1 - momentum**remaining) / (1 - momentum)
 
 
