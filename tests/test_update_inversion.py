@@ -3,6 +3,8 @@ come back from the last layer's weight change, and real images come back from th
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.func import vmap
@@ -13,6 +15,7 @@ from medpfl.attacks.threat import observed_sites
 from medpfl.attacks.update_inversion import UpdateInversion
 from medpfl.data import ImageDataset, sample_items
 from medpfl.data.embedded import embedded_source
+from medpfl.experiments.train_run import TrainRunConfig, run_training
 from medpfl.fl.gradients import functional_model, model_params
 from medpfl.fl.local import LocalTraining, local_update
 from medpfl.fl.rounds import RoundHooks, SiteObservation, SiteRound, ordered, site_update
@@ -168,3 +171,18 @@ def test_restarts_try_the_ways_labels_can_share_minibatches():
     assert len(pairings) == 3  # {01|23}, {02|13}, {03|12}
     fedsgd = ServerPayload(model, model_params(model), 4, (3, SIZE, SIZE))
     assert (build_attack("update-inversion").candidate_labels(labels, 5, fedsgd, torch.Generator()) == labels).all()
+
+
+def test_medpfl_train_attacks_fedavg_rounds_with_update_inversion(tmp_path):
+    """Federated training with two local epochs per round, the curious server inverting a probe update
+    of site 0's first three images in rounds 1 and 2: a scored result per attacked round."""
+    config = TrainRunConfig(model="lenet-idlg", image_size=16, sites=2, rounds=2, protocol="fedavg",
+                            local_epochs=2, local_batch=64, lr=0.05, attack="update-inversion",
+                            attack_rounds=[1, 2], attack_sites=[0], attack_batch=3,
+                            attack_settings={"steps": 5, "restarts": 2})
+    run_training(config, tmp_path / "run")
+    attacks = [json.loads(line) for line in (tmp_path / "run" / "attacks.jsonl").read_text().splitlines()]
+    assert [(a["round"], a["site"], a["observed"]) for a in attacks] == [(1, 0, "probe"), (2, 0, "probe")]
+    for a in attacks:
+        assert len(a["ssim"]) == len(a["recovered_labels"]) == 3 and not a["diverged"]
+        assert 0 <= a["objective"] < 2 and a["evaluations"] == 2 * 6  # 2 restarts x (5 steps + scoring)
