@@ -11,7 +11,6 @@ from torch.func import vmap
 
 from medpfl.attacks import ObservedUpdate, ServerPayload, build_attack
 from medpfl.attacks.labels import as_mean_gradient, recover_labels, step_weights
-from medpfl.attacks.threat import observed_sites
 from medpfl.attacks.update_inversion import UpdateInversion
 from medpfl.data import ImageDataset, sample_items
 from medpfl.data.embedded import embedded_source
@@ -124,8 +123,8 @@ def test_reconstructs_real_images_from_several_local_steps(real_images):
 
 def test_what_the_curious_server_observes_in_a_round_is_what_the_attack_simulates(real_images):
     """Sites of a federated round (their images in the round's seeded order) seen through the round's
-    observer seam: the attacker's view carries the configured local training, and its simulation on the
-    sites' images in the order they visited them reproduces every received update."""
+    observer seam: the attacker's simulation, told the configured local training, reproduces every
+    received update from the sites' images in the order they visited them."""
     x, y, K = real_images
     training = LocalTraining("fedavg", epochs=2, batch_size=2, lr=0.05)
     model = build_model("convnet", K, 3, SIZE, norm="group", seed=0)
@@ -148,14 +147,15 @@ def test_what_the_curious_server_observes_in_a_round_is_what_the_attack_simulate
     for s, (images, labels) in enumerate(site_images):
         update = site_update(fmodel, weights, images, labels, K, training, seed=7, round_index=3, site=s)
         hooks.notify(SiteRound(3, s, 3, training, seed=7), weights, update)
-    payload, observed = observed_sites(observer.seen, model, K, (3, SIZE, SIZE))
-    assert payload.local_training == training and observed.batch_size == 3 and observed.labels is None
+    assert [seen.facts.training for seen in observer.seen] == [training, training]
+    payload = ServerPayload(model, {n: torch.stack([o.weights[n] for o in observer.seen]) for n in weights}, K,
+                            (3, SIZE, SIZE), local_training=observer.seen[0].facts.training)
     simulate = build_attack("update-inversion").simulated_update(payload, functional_model(model))
     for s, (images, labels) in enumerate(site_images):
         visited, visited_labels = ordered(images, labels, 7, 3, s)
         simulated = simulate(weights, visited, torch.nn.functional.one_hot(visited_labels, K).float())
         for name in weights:
-            torch.testing.assert_close(simulated[name], observed.gradients[name][s], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(simulated[name], observer.seen[s].update[name], atol=1e-6, rtol=1e-5)
 
 
 def test_restarts_try_the_ways_labels_can_share_minibatches():

@@ -7,14 +7,12 @@ Every tensor here is stacked over victims: dimension 0 indexes the victim.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from medpfl.fl.local import LocalTraining
-from medpfl.fl.rounds import SiteObservation
 
 # The site shares the gradient of one step on all its images: what the gradient attacks were built for.
 FEDSGD = LocalTraining("fedsgd")
@@ -70,19 +68,3 @@ class Reconstruction:
     seconds: float  # wall time of the attack alone
     extra: dict = field(default_factory=dict)
 
-
-def observed_sites(observations: Sequence[SiteObservation], model: nn.Module, num_classes: int,
-                   image_shape: tuple[int, int, int], bn_mode: str = "train",
-                   labels: torch.Tensor | None = None) -> tuple[ServerPayload, ObservedUpdate]:
-    """What a curious server holds of some sites in a federated round, as one payload and update stacked
-    over them (victims): the weights sent, the updates received, the local training it configured and
-    the sites' image counts. All must share one protocol and image count; `labels` (V x N) only when the
-    threat model grants them."""
-    facts = {(o.facts.training, o.facts.n_images) for o in observations}
-    if len(facts) != 1:
-        raise ValueError(f"sites attacked together must share local training and image count, got {facts}")
-    (training, n_images), = facts
-    weights = {n: torch.stack([o.weights[n] for o in observations]) for n in observations[0].weights}
-    updates = {n: torch.stack([o.update[n] for o in observations]) for n in observations[0].update}
-    payload = ServerPayload(model, weights, num_classes, image_shape, bn_mode, local_training=training)
-    return payload, ObservedUpdate(updates, n_images, labels=labels)
