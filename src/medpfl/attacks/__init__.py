@@ -15,7 +15,8 @@ ATTACKS = {
     "update-inversion": "FedAvg weight changes: the site's local steps unrolled on candidate images, then "
                         "Inverting Gradients (Geiping et al. 2020 sec. 6; Dimitrov et al. 2022)",
 }
-# The model each attack was run on in the paper, used when no --model is given.
+# The model each attack was run on in the paper, used when no --model is given; update-inversion gets
+# the ConvNet that `medpfl train` trains by default.
 DEFAULT_MODELS = {"dlg": "lenet-dlg", "idlg": "lenet-idlg", "cpl": "lenet-cpl", "invgrad": "resnet18",
                   "update-inversion": "convnet"}
 # The Inverting Gradients paper computed updates with the network in eval mode (BatchNorm on its

@@ -67,4 +67,3 @@ class Reconstruction:
     diverged: torch.Tensor  # V bool: the optimisation broke down; the images are not a real answer
     seconds: float  # wall time of the attack alone
     extra: dict = field(default_factory=dict)
-
