@@ -146,7 +146,7 @@ def cmd_attack(args: argparse.Namespace) -> None:
 
 def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
     from medpfl.attacks import ATTACKS
-    from medpfl.experiments.train_run import ENGINES, TrainRunConfig
+    from medpfl.experiments.train_run import ENGINES, VECTORISE, TrainRunConfig
     from medpfl.fl.local import PROTOCOLS
     from medpfl.fl.partition import PARTITION_HELP
     from medpfl.models.registry import MODELS
@@ -176,6 +176,8 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
     train.add_argument("--steps", type=int, help="attack optimiser steps")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other attack setting")
     train.add_argument("--engine", default=d.engine, choices=ENGINES)
+    train.add_argument("--vectorise", default=d.vectorise, choices=VECTORISE,
+                       help="in-process: train equal-sized sites in one vmapped call (auto: on accelerators only)")
     train.add_argument("--seed", type=int, default=d.seed)
     train.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 ...")
     train.add_argument("--out", help="run directory (default: runs/train-MODEL-PARTITION-seedS)")
@@ -194,7 +196,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         local_batch=args.local_batch, lr=args.lr, momentum=args.momentum, partition=args.partition,
         attack=args.attack, attack_rounds=parse_int_list(args.attack_rounds, "--attack-rounds"),
         attack_sites=parse_int_list(args.attack_sites, "--attack-sites"), attack_batch=args.attack_batch,
-        attack_settings=settings, engine=args.engine, seed=args.seed, device=args.device)
+        attack_settings=settings, engine=args.engine, vectorise=args.vectorise, seed=args.seed,
+        device=args.device)
     run = Path(args.out or f"runs/train-{config.model}-{config.partition.replace(':', '')}-seed{config.seed}")
     bar, update = _progress(args.quiet, "rounds")
     with bar or nullcontext():

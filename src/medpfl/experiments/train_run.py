@@ -34,6 +34,7 @@ from medpfl.models.registry import build_model
 from medpfl.report.images import save_png
 
 ENGINES = ("inprocess", "flower")
+VECTORISE = ("auto", "on", "off")
 UPDATE_INVERSION = "update-inversion"
 STATE, ROUNDS, ATTACKS_FILE, MODEL = "state.pt", "rounds.jsonl", "attacks.jsonl", "model.pt"
 
@@ -69,6 +70,10 @@ class TrainRunConfig:
     attack_batch: int | None = None  # None: attack the site's full update; K: a probe update of its first K images
     attack_settings: dict[str, Any] = field(default_factory=dict)
     engine: str = "inprocess"
+    # Train equal-sized sites in one vmapped call: "auto" does so on accelerators only. On CPUs it is no
+    # faster than one site after another (benchmarks/federation_throughput.py), and one site after another
+    # is bit-for-bit the Flower client's arithmetic, where batched kernels round differently.
+    vectorise: str = "auto"
     seed: int = 0
     device: str = "cpu"
 
@@ -108,6 +113,8 @@ def _check(config: TrainRunConfig) -> None:
         raise MedPFLError(f"--engine must be one of {', '.join(ENGINES)}, got '{config.engine}'.")
     if config.engine == "flower":
         _require_flower()
+    if config.vectorise not in VECTORISE:
+        raise MedPFLError(f"--vectorise must be one of {', '.join(VECTORISE)}, got '{config.vectorise}'.")
     if config.rounds < 1:
         raise MedPFLError(f"--rounds {config.rounds} is invalid; train for 1 or more rounds.")
     if config.attack is None:
@@ -311,7 +318,8 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
     if config.engine == "flower" and done < config.rounds:
         weights = _train_on_flower(config, hooks, weights, done, finished)
     elif done < config.rounds:
-        engine = InProcessFederation(model, sites, num_classes, config.training, config.seed, hooks)
+        vectorise = config.vectorise == "on" or (config.vectorise == "auto" and device.type != "cpu")
+        engine = InProcessFederation(model, sites, num_classes, config.training, config.seed, hooks, vectorise)
         for round_index in range(done + 1, config.rounds + 1):
             outcome = engine.run_round(weights, round_index)
             weights = outcome.weights

@@ -1,9 +1,11 @@
-"""The in-process engine: every site of a round trains at once, vectorised with torch.func.vmap.
+"""The in-process engine: the sites of a round train one after another, or at once with torch.func.vmap.
 
-Sites holding the same number of images share one batch structure (same steps, same batch sizes), so
-they are stacked and run through one vmapped fl.rounds.site_update: the arithmetic of each site is that
-of the site alone (no padding, which would also corrupt BatchNorm's batch statistics). Sites of
-different sizes form separate groups; an IID partition gives at most two.
+Vectorised, sites holding the same number of images share one batch structure (same steps, same batch
+sizes), so they are stacked and run through one vmapped fl.local.local_update: each site's arithmetic is
+that of the site alone (no padding, which would also corrupt BatchNorm's batch statistics), up to float
+rounding, as batched kernels sum in another order. Sites of different sizes form separate groups; an IID
+partition gives at most two. One after another, each site runs fl.rounds.site_update exactly as a Flower
+client does, bit for bit.
 """
 
 from __future__ import annotations
