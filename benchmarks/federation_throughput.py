@@ -111,6 +111,7 @@ def throughput(models: list[str], rounds: int, n_sites: int, image_size: int) ->
             row["speedup_vectorised_vs_flower"] = flower["seconds_per_round"] / vectorised["seconds_per_round"]
             difference = _max_difference(vectorised["weights"], flower["weights"])
             row["max_weight_difference_vectorised_vs_flower"] = difference
+            row["max_weight_difference_loop_vs_flower"] = _max_difference(looped["weights"], flower["weights"])
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
@@ -142,6 +143,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--utility", action="store_true", help="also train the defaults on IID and Dirichlet(0.3)")
+    parser.add_argument("--keep-utility", action="store_true",
+                        help="keep the utility section of the existing --out file (re-measure throughput only)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "federation_throughput.json")
     args = parser.parse_args()
     if args.threads:
@@ -150,6 +153,8 @@ def main() -> None:
               "throughput": throughput(args.models.split(","), args.rounds, args.sites, args.image_size)}
     if args.utility:
         report["utility"] = utility(["iid", "dirichlet:0.3"])
+    elif args.keep_utility and args.out.exists():
+        report["utility"] = json.loads(args.out.read_text()).get("utility")
     report["load_average_at_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=str) + "\n")
