@@ -142,3 +142,14 @@ def test_cli_names_a_bad_partition_in_one_sentence(tmp_path, capsys):
     assert main(["train", "--partition", "random", "--out", str(tmp_path / "run"), "--quiet"]) == 2
     message = capsys.readouterr().err
     assert "Unknown --partition 'random'; use iid, dirichlet:ALPHA" in message and "Traceback" not in message
+
+
+def test_a_site_side_defense_changes_what_is_sent_and_trained(tmp_path):
+    from medpfl.fl.rounds import RoundHooks
+
+    config = TrainRunConfig(sites=2, rounds=1, image_size=16, local_batch=64, local_epochs=1)
+    run_training(config, tmp_path / "plain")
+    halve = RoundHooks(site_transform=lambda update, facts: {n: u / 2 for n, u in update.items()})
+    run_training(config, tmp_path / "halved", defenses=halve)
+    plain, halved = _lines(tmp_path / "plain" / "rounds.jsonl")[0], _lines(tmp_path / "halved" / "rounds.jsonl")[0]
+    assert halved["update_norms"] == pytest.approx([n / 2 for n in plain["update_norms"]], rel=1e-5)

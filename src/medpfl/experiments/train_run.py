@@ -279,8 +279,13 @@ def _prepare_dir(out: Path, record: dict[str, Any], resume: bool) -> tuple[Path,
 
 
 def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
-                 progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Train (or resume) the federation described by `config` into `out`; returns the summary."""
+                 progress: Callable[[int, int], None] | None = None,
+                 defenses: RoundHooks | None = None) -> dict[str, Any]:
+    """Train (or resume) the federation described by `config` into `out`; returns the summary.
+
+    `defenses` supplies the site transform and aggregator of every round (default: none, FedAvg); the
+    curious server's observer is added to its observers. What it does must be recorded in `config`.
+    """
     _check(config)
     device = torch.device(config.device)
     source = open_source(config.data)
@@ -301,7 +306,8 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
     test = _load(source, federation.test, config, device)
     server = (CuriousServer(config, model, sites, num_classes, [[it.item_id for it in s] for s in federation.sites],
                             path) if config.attack else None)
-    hooks = RoundHooks(observers=[server] if server else [])
+    base = defenses or RoundHooks()
+    hooks = RoundHooks(base.site_transform, base.aggregate, [*base.observers, *([server] if server else [])])
     if progress:
         progress(done, config.rounds)
 
