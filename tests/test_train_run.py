@@ -19,7 +19,7 @@ from medpfl.models.registry import build_model
 
 # Small and fast: 16 px, 2 sites, one local epoch of big batches; an attack of 2 L-BFGS steps on 1 image.
 TINY = ["--image-size", "16", "--sites", "2", "--rounds", "4", "--local-epochs", "1", "--local-batch", "64",
-        "--attack", "idlg", "--attack-rounds", "1,3", "--attack-sites", "1", "--attack-batch", "1",
+        "--attack", "idlg", "--attack-rounds", "1,3", "--attack-sites", "0,1", "--attack-batch", "1",
         "--steps", "2", "--set", "restarts=0", "--quiet"]
 TIMINGS = {"seconds", "attack_seconds"}
 
@@ -55,7 +55,7 @@ def test_killed_run_resumes_from_the_last_finished_round_without_losing_or_repea
     assert _lines(killed / "rounds.jsonl", TIMINGS) == _lines(whole / "rounds.jsonl", TIMINGS)
     assert [r["round"] for r in _lines(killed / "rounds.jsonl")] == [1, 2, 3, 4]
     assert _lines(killed / "attacks.jsonl", TIMINGS) == _lines(whole / "attacks.jsonl", TIMINGS)
-    assert [(a["round"], a["site"]) for a in _lines(killed / "attacks.jsonl")] == [(1, 1), (3, 1)]
+    assert [(a["round"], a["site"]) for a in _lines(killed / "attacks.jsonl")] == [(1, 0), (1, 1), (3, 0), (3, 1)]
     assert (killed / "attacks" / "round0003-site001-0.png").exists()
     state = torch.load(killed / "model.pt", weights_only=True)
     reference_state = torch.load(whole / "model.pt", weights_only=True)
