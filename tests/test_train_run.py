@@ -153,13 +153,3 @@ def test_a_site_side_defense_changes_what_is_sent_and_trained(tmp_path):
     run_training(config, tmp_path / "halved", defenses=halve)
     plain, halved = _lines(tmp_path / "plain" / "rounds.jsonl")[0], _lines(tmp_path / "halved" / "rounds.jsonl")[0]
     assert halved["update_norms"] == pytest.approx([n / 2 for n in plain["update_norms"]], rel=1e-5)
-
-
-def test_update_inversion_attacks_a_multi_step_fedavg_update_granted_the_local_training(tmp_path):
-    config = TrainRunConfig(sites=2, rounds=1, image_size=16, local_epochs=2, local_batch=2, attack="update-inversion",
-                            attack_rounds=[1], attack_sites=[0, 1], attack_batch=2,
-                            attack_settings={"steps": 2, "restarts": 1})
-    summary = run_training(config, tmp_path / "run")
-    attacks = _lines(tmp_path / "run" / "attacks.jsonl")
-    assert [(a["round"], a["site"], len(a["ssim"])) for a in attacks] == [(1, 0, 2), (1, 1, 2)]
-    assert len(summary["attacks"]) == 2 and (tmp_path / "run" / "attacks" / "round0001-site001-1.png").exists()
