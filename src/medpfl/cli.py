@@ -50,7 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     attack.add_argument("--seed", type=int, default=0)
     attack.add_argument("--steps", type=int, help="optimiser steps (paper: 300 L-BFGS, 24000 Adam)")
     attack.add_argument("--restarts", type=int,
-                        help="Inverting Gradients: restarts (paper: 8); L-BFGS attacks: fresh starts for failed victims")
+                        help="Inverting Gradients: restarts (paper: 8); L-BFGS attacks: fresh starts for failed "
+                             "victims (default 7; the paper: 0)")
+    attack.add_argument("--paper", action="store_true",
+                        help="the paper's optimisation procedure: one start per image for DLG/iDLG/CPL "
+                             "(300 L-BFGS steps, no restarts); 24000 steps and 8 restarts for invgrad")
     attack.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any other attack setting, e.g. --set tv_weight=1e-4 (repeatable)")
     attack.add_argument("--labels", choices=LABEL_ACCESS,
@@ -62,7 +66,10 @@ def _parser() -> argparse.ArgumentParser:
     attack.add_argument("--norm", default="batch", choices=("batch", "group", "none"))
     attack.add_argument("--victims-per-batch", type=int, default=64,
                         help="victims per vectorised attack, results written after each (bounds memory)")
-    attack.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    attack.add_argument("--device", default="auto", help="auto (the GPU if there is one, else the CPU), cpu, cuda, "
+                                                         "cuda:1, mps")
+    attack.add_argument("--strict", action="store_true", help="refuse to start if any file of --data is broken "
+                                                              "(default: skip and name them)")
     attack.add_argument("--out", default=None, help="run directory (default: runs/ATTACK-MODEL-seedS)")
     attack.add_argument("--fresh", action="store_true", help="start over instead of resuming --out")
     attack.add_argument("--checkpoint-every", type=float, default=300.0, metavar="SECONDS",
@@ -82,24 +89,36 @@ def _parse_setting(text: str) -> tuple[str, object]:
     return key.strip(), value
 
 
-def _progress(quiet: bool, label: str):
+def _progress(quiet: bool, *labels: str):
+    """A progress display and one update(done, total) per label; each line appears at its first update."""
     if quiet:
-        return None, None
-    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console)
-    task = bar.add_task(label, total=None)
-    return bar, lambda done, total: bar.update(task, completed=done, total=total)
+        return None, [None for _ in labels]
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console)
+
+    def updater(label: str):
+        task = None
+
+        def update(done: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                task = bar.add_task(label, total=total)
+            bar.update(task, completed=done, total=total)
+        return update
+    return bar, [updater(label) for label in labels]
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> None:
     from medpfl.data import format_report, inspect_source
 
-    bar, update = _progress(args.quiet, "checking files")
+    bar, (update,) = _progress(args.quiet, "checking files")
     with bar or nullcontext():
         report = inspect_source(args.source, strict=args.strict, verify=not args.no_verify, progress=update)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:
-        out.print(format_report(report))
+        # Into a file or a pipe nothing is cut or folded to a pretend terminal's 80 columns: whole paths.
+        out.print(format_report(report), width=None if out.is_terminal else 100_000)
 
 
 def cmd_data_sample(args: argparse.Namespace) -> None:
@@ -128,19 +147,28 @@ def cmd_attack(args: argparse.Namespace) -> None:
                              channels=args.channels, batch_size=args.batch_size, n_images=args.n_images,
                              seed=args.seed, norm=args.norm, victims_per_batch=args.victims_per_batch,
                              device=args.device, settings=settings, labels=args.labels,
-                             bn_mode=args.bn_mode)
+                             bn_mode=args.bn_mode, paper=args.paper)
     run = Path(args.out or f"runs/{config.attack}-{config.model_name}-seed{config.seed}")
-    bar, update = _progress(args.quiet, f"{config.attack} on {config.model_name}")
+
+    def warn_skipped(skipped) -> None:
+        listing = "\n".join(f"  {s.path}: {s.reason}" for s in skipped)
+        console.print(f"[yellow]warning:[/yellow] {len(skipped)} file(s) of the data cannot be used and are left "
+                      f"out (listed in {run / 'skipped.json'}; --strict refuses them):\n{listing}",
+                      soft_wrap=True, highlight=False)
+
+    bar, (checking, update) = _progress(args.quiet, "checking files", f"{config.attack} on {config.model_name}")
     with bar or nullcontext():
-        summary = run_attack(config, run, resume=not args.fresh, progress=update,
-                             checkpoint_every=args.checkpoint_every)
+        summary = run_attack(config, run, resume=not args.fresh, progress=update, checkpoint_every=args.checkpoint_every,
+                             strict=args.strict, checking=checking, on_skipped=warn_skipped)
     table = Table(title=f"{summary['attack']} on {summary['model']}, {summary['n_images']} images of {summary['data']}")
-    for column in ("ASR", "mean SSIM", "mean PSNR", "mean MSE", "label acc.", "re-id", "s / image"):
+    for column in ("ASR", "mean SSIM", "mean PSNR", "mean MSE", "label acc.", "re-id", "re-id chance", "s / image"):
         table.add_column(column, justify="right")
     table.add_row(f"{summary['asr']:.2f}", f"{summary['mean_ssim']:.3f}", f"{summary['mean_psnr']:.1f} dB",
                   f"{summary['mean_mse']:.4f}", f"{summary['label_accuracy']:.2f}", f"{summary['reid_rate']:.2f}",
-                  f"{summary['seconds_per_image']:.2f}")
+                  f"{summary['reid_chance']:.2g}", f"{summary['seconds_per_image']:.2f}")
     out.print(table)
+    out.print(f"Re-identification: nearest of {summary['reid_gallery_size']} images by SSIM; a random guess is "
+              f"right {summary['reid_chance']:.2g} of the time.")
     out.print(f"Results in {run}/ (summary.json, results.jsonl, reconstructions.png)")
 
 

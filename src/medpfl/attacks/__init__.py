@@ -25,6 +25,14 @@ DEFAULT_BN_MODES = {name: "eval" if name == "invgrad" else "train" for name in A
 # The paper hands Inverting Gradients the true labels; the others find them themselves.
 LABEL_ACCESS = ("granted", "recovered")
 THREAT_MODELS = {name: ThreatModel(knows_labels=name == "invgrad") for name in ATTACKS}
+# The papers' optimisation procedure (SEED.md), which `--paper` sets: one start per image for the L-BFGS
+# attacks, whose default here restarts failed victims; Inverting Gradients' defaults are already the paper's.
+PAPER_PROCEDURE = {
+    "dlg": {"steps": 300, "restarts": 0},
+    "idlg": {"steps": 300, "restarts": 0},
+    "cpl": {"steps": 300, "restarts": 0},
+    "invgrad": {"steps": 24_000, "restarts": 8},
+}
 
 
 def build_attack(name: str, **settings: Any):
@@ -48,5 +56,5 @@ def build_attack(name: str, **settings: Any):
     return attack
 
 
-__all__ = ["ATTACKS", "DEFAULT_BN_MODES", "DEFAULT_MODELS", "LABEL_ACCESS", "THREAT_MODELS", "ObservedUpdate",
-           "Reconstruction", "ServerPayload", "ThreatModel", "build_attack"]
+__all__ = ["ATTACKS", "DEFAULT_BN_MODES", "DEFAULT_MODELS", "LABEL_ACCESS", "PAPER_PROCEDURE", "THREAT_MODELS",
+           "ObservedUpdate", "Reconstruction", "ServerPayload", "ThreatModel", "build_attack"]

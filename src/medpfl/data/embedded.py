@@ -93,9 +93,10 @@ def _pydicom_data_file(name: str) -> Path:
 
 
 def _nibabel_file(name: str) -> Path:
-    from nibabel.testing import data_path
+    # Located by hand: nibabel.testing (its `data_path`) imports pytest, which users need not have.
+    from importlib.resources import files
 
-    return _existing(Path(data_path) / name, "nibabel")
+    return _existing(Path(str(files("nibabel"))) / "tests" / "data" / name, "nibabel")
 
 
 def _skimage_file(name: str) -> Path:

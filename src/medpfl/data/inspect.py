@@ -42,6 +42,25 @@ def _item_size(source: ImageSource, item: Any) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
+def verify_source(source: ImageSource, strict: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> list[Skipped]:
+    """Decode every file of `source` cheaply and drop the broken ones from its items, before any work uses
+    them; returns every file skipped (unreadable headers too), or refuses them all with `strict`."""
+    if hasattr(source, "verify"):
+        source.verify(progress=progress)  # drops failing items, records them in source.skipped
+    return _skipped(source, strict)
+
+
+def _skipped(source: ImageSource, strict: bool) -> list[Skipped]:
+    skipped = list(getattr(source, "skipped", []))
+    if strict and skipped:
+        listing = "; ".join(f"{s.path} ({s.reason})" for s in skipped)
+        raise MedPFLError(
+            f"{len(skipped)} file(s) could not be used: {listing}; fix or remove them, or run without --strict."
+        )
+    return skipped
+
+
 def inspect_source(
     spec: str | os.PathLike[str] | ImageSource | None,
     strict: bool = False,
@@ -53,16 +72,8 @@ def inspect_source(
     from medpfl.data.sources import open_source
 
     source = spec if isinstance(spec, ImageSource) else open_source(spec, **options)
-    verified = False
-    if verify and hasattr(source, "verify"):
-        source.verify(progress=progress)  # drops failing items, records them in source.skipped
-        verified = True
-    skipped = list(getattr(source, "skipped", []))
-    if strict and skipped:
-        listing = "; ".join(f"{s.path} ({s.reason})" for s in skipped)
-        raise MedPFLError(
-            f"{len(skipped)} file(s) could not be used: {listing}; fix or remove them, or run without strict mode."
-        )
+    verified = verify and hasattr(source, "verify")
+    skipped = verify_source(source, strict=strict, progress=progress) if verify else _skipped(source, strict)
     counts = Counter(it.class_name for it in source.items)
     class_counts = {c: counts.get(c, 0) for c in source.classes}
     sizes = Counter(_item_size(source, it) for it in source.items)
@@ -111,7 +122,10 @@ def format_report(report: InspectReport) -> Any:
         classes.add_row(str(i), name, str(n))
     parts: list[Any] = [summary, classes]
     if report.skipped:
-        skipped = Table("file", "reason", title="Skipped files", title_justify="left")
+        skipped = Table(title="Skipped files", title_justify="left")
+        # Fold, never cut: the file's name is the point of this table, however narrow the output.
+        skipped.add_column("file", overflow="fold")
+        skipped.add_column("reason", overflow="fold")
         for s in report.skipped:
             skipped.add_row(s.path, s.reason)
         parts.append(skipped)

@@ -14,19 +14,22 @@ from typing import Any, Callable
 
 import torch
 
-from medpfl.attacks import (DEFAULT_BN_MODES, DEFAULT_MODELS, LABEL_ACCESS, THREAT_MODELS, ObservedUpdate,
-                            ServerPayload, build_attack)
+from medpfl.attacks import (DEFAULT_BN_MODES, DEFAULT_MODELS, LABEL_ACCESS, PAPER_PROCEDURE, THREAT_MODELS,
+                            ObservedUpdate, ServerPayload, build_attack)
 from medpfl.attacks.optim import Checkpoint
-from medpfl.data import ImageDataset, open_source, sample_items
+from medpfl.data import ImageDataset, Skipped, open_source, sample_items, verify_source
+from medpfl.device import resolve_device
 from medpfl.errors import MedPFLError
 from medpfl.experiments.run_dir import append_result, open_run_dir, read_results, write_json
 from medpfl.fl.gradients import BN_MODES, site_gradients, stack_params
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score, reidentified
 from medpfl.models.registry import build_model
+from medpfl.seeds import ATTACK_STARTS, MODEL_WEIGHTS, stream, stream_seed
 from medpfl.report.images import comparison_grid, load_png, save_png
 
 
 CHECKPOINT = "checkpoint.pt"  # the state of a long attack in progress, in the run directory
+SKIPPED = "skipped.json"  # the source's files that could not be used, and why
 
 
 @dataclass
@@ -47,8 +50,9 @@ class AttackRunConfig:
     victims_per_batch: int = 64  # victims attacked in one vectorised optimisation; bounds memory
     success_ssim: float = SUCCESS_SSIM
     reid_gallery: int = 2000  # at most this many images of the source to re-identify against
-    device: str = "cpu"
+    device: str = "auto"  # "auto": the GPU when there is one, else the CPU
     settings: dict[str, Any] = field(default_factory=dict)  # attack settings, e.g. {"steps": 100}
+    paper: bool = False  # the paper's optimisation procedure (PAPER_PROCEDURE), e.g. no restarts for L-BFGS
     labels: str | None = None  # "granted" or "recovered"; None: as the paper ran the attack
     bn_mode: str | None = None  # BatchNorm in the sites' step: "train" or "eval"; None: as the paper ran it
 
@@ -71,26 +75,50 @@ class AttackRunConfig:
     def model_name(self) -> str:
         return self.model or DEFAULT_MODELS[self.attack]
 
+    @property
+    def attack_settings(self) -> dict[str, Any]:
+        """The settings the attack is built with: `settings`, on top of the paper's procedure with `paper`."""
+        if not self.paper:
+            return dict(self.settings)
+        procedure = PAPER_PROCEDURE[self.attack]
+        clash = sorted(set(procedure) & set(self.settings))
+        if clash:
+            raise MedPFLError(f"--paper sets {', '.join(clash)} to the paper's ({procedure}); drop --paper or "
+                              f"the {', '.join('--' + c for c in clash)} option.")
+        return {**procedure, **self.settings}
+
 
 def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
-               progress: Callable[[int, int], None] | None = None, checkpoint_every: float = 300.0) -> dict[str, Any]:
+               progress: Callable[[int, int], None] | None = None, checkpoint_every: float = 300.0,
+               strict: bool = False, checking: Callable[[int, int], None] | None = None,
+               on_skipped: Callable[[list[Skipped]], None] | None = None) -> dict[str, Any]:
     """Run (or resume) the attack described by `config` into `out`; returns the summary. Attacks that
-    take checkpoints save their state every `checkpoint_every` seconds (it does not change results)."""
-    attack = build_attack(config.attack, **config.settings)
+    take checkpoints save their state every `checkpoint_every` seconds (it does not change results).
+
+    Every file of the source is decoded first (`checking` reports progress): broken ones are left out of
+    the attacked images and the re-identification gallery, handed to `on_skipped` before any work starts
+    and listed in skipped.json, or, with `strict`, refused before the run directory is touched.
+    """
+    attack = build_attack(config.attack, **config.attack_settings)
     if checkpoint_every < 0:
         raise MedPFLError(f"--checkpoint-every {checkpoint_every} must be 0 or more seconds.")
     if config.n_images < config.batch_size or config.n_images % config.batch_size:
         raise MedPFLError(f"--n-images {config.n_images} must be a positive multiple of --batch-size "
                           f"{config.batch_size}; each victim shares one update of --batch-size images.")
-    device = torch.device(config.device)
+    stream_seed(config.seed)  # a seed that cannot seed the streams is refused before any work
+    device = resolve_device(config.device)
     source = open_source(config.data)
+    skipped = verify_source(source, strict=strict, progress=checking)
+    if skipped and on_skipped:
+        on_skipped(skipped)
     items = sample_items(source.items, config.n_images, config.seed)
     dataset = ImageDataset(source, items, size=config.image_size, channels=config.channels)
     K = len(source.classes)
     bn_mode, labels_granted = config.bn_mode_used, config.labels_granted
     record = {**asdict(config), "model": config.model_name, "labels_granted": labels_granted,
-              "bn_mode_used": bn_mode, "attack_settings": attack.config()}
+              "bn_mode_used": bn_mode, "device_used": str(device), "attack_settings": attack.config()}
     path = open_run_dir(out, record, resume=resume)
+    write_json(path / SKIPPED, [asdict(s) for s in skipped])
     if not resume:
         (path / CHECKPOINT).unlink(missing_ok=True)
     (path / "images").mkdir(exist_ok=True)
@@ -105,14 +133,14 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
         victims = todo[start:start + config.victims_per_batch]
         images, labels = zip(*(dataset.load_batch(range(v * B, v * B + B)) for v in victims))
         images, labels = torch.stack(images).to(device), torch.stack(labels).to(device)
-        models = [_victim_model(config, K, v) for v in victims]
+        models = [victim_model(config, K, v) for v in victims]
         params = {n: p.to(device) for n, p in stack_params([dict(m.named_parameters()) for m in models]).items()}
         # The site's side: what each victim computes and shares. Ground truth stays on this side.
         gradients = site_gradients(models[0], params, images, labels, K, bn_mode)
         granted = labels if labels_granted else None
         payload = ServerPayload(models[0].to(device), params, K, tuple(images.shape[2:]), bn_mode)
         update = ObservedUpdate(gradients, B, labels=granted)
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + victims[0])
+        generator = attack_generator(config, victims)
         # Long optimisations keep their state here, so that a crash costs minutes, not hours.
         checkpoint = Checkpoint(path / CHECKPOINT, key=json.dumps({"run": record, "victims": victims}, default=str),
                                 every_seconds=checkpoint_every)
@@ -129,10 +157,18 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
     return summary
 
 
-def _victim_model(config: AttackRunConfig, num_classes: int, victim: int) -> torch.nn.Module:
-    seed = config.seed if config.shared_model else config.seed * 1_000_003 + victim
+def victim_model(config: AttackRunConfig, num_classes: int, victim: int) -> torch.nn.Module:
+    """The model `victim` computes its update on: fresh weights per victim (or one shared model), drawn
+    from the run's weight stream, independent of the attacker's."""
+    key = (MODEL_WEIGHTS,) if config.shared_model else (MODEL_WEIGHTS, victim)
     return build_model(config.model_name, num_classes, config.channels, config.image_size,
-                       init=config.init, norm=config.norm, seed=seed)
+                       init=config.init, norm=config.norm, seed=stream_seed(config.seed, *key))
+
+
+def attack_generator(config: AttackRunConfig, victims: list[int]) -> torch.Generator:
+    """The attacker's random stream (starting points, restarts) for the batch of `victims` attacked
+    together: its own branch of the run's seed, never the stream the victims' weights came from."""
+    return stream(config.seed, ATTACK_STARTS, victims[0])
 
 
 def _score(path: Path, dataset: ImageDataset, victim: int, B: int, originals: torch.Tensor,
@@ -173,7 +209,9 @@ def summarise(path: Path, config: AttackRunConfig, dataset: ImageDataset) -> dic
     recons = torch.stack([load_png(path / "images" / f"victim{r['victim']:05d}-{b}.png", config.channels)
                           for r in results for b in range(B)])
     comparison_grid(originals[:32], recons[:32], path / "reconstructions.png")
-    reid = _reid_rate(config, dataset, results, recons)
+    reid, gallery_size = _reid_rate(config, dataset, results, recons)
+    skipped_file = path / SKIPPED
+    skipped = len(json.loads(skipped_file.read_text())) if skipped_file.exists() else 0
     return {
         "attack": config.attack,
         "model": config.model_name,
@@ -190,15 +228,21 @@ def summarise(path: Path, config: AttackRunConfig, dataset: ImageDataset) -> dic
         "mean_mse": statistics.fmean(mses),
         "label_accuracy": sum(hits) / n,
         "reid_rate": reid,
+        "reid_gallery_size": gallery_size,
+        # What naming a gallery image at random achieves: a re-identification rate means nothing without it.
+        "reid_chance": 1 / gallery_size,
         "diverged": sum(r["diverged"] for r in results),
         "seconds_per_image": sum(r["seconds"] for r in results) / n,
         "evaluations_per_victim": statistics.fmean(r["evaluations"] for r in results),
         "seed": config.seed,
+        "skipped_files": skipped,
     }
 
 
-def _reid_rate(config: AttackRunConfig, dataset: ImageDataset, results: list[dict], recons: torch.Tensor) -> float:
-    """Share of reconstructions whose nearest image in the victim's data (by SSIM) is the true one."""
+def _reid_rate(config: AttackRunConfig, dataset: ImageDataset, results: list[dict],
+               recons: torch.Tensor) -> tuple[float, int]:
+    """Share of reconstructions whose nearest image in the victim's data (by SSIM) is the true one, and
+    the size of that gallery (attacked images first, then others of the verified source)."""
     source = dataset.source
     attacked = [i for r in results for i in r["items"]]
     others = [it for it in source.items if it.item_id not in set(attacked)]
@@ -209,4 +253,4 @@ def _reid_rate(config: AttackRunConfig, dataset: ImageDataset, results: list[dic
     gallery = ImageDataset(source, gallery_items, size=config.image_size, channels=config.channels)
     images = torch.stack([gallery.image(i) for i in range(len(gallery_items))])
     hits = reidentified(recons, torch.arange(len(recons)), images)
-    return float(hits.float().mean())
+    return float(hits.float().mean()), len(gallery_items)

@@ -56,23 +56,59 @@ def open_run_dir(out: str | os.PathLike[str], config: dict[str, Any], resume: bo
             )
         if not resume:
             (path / "results.jsonl").unlink()
-        else:  # drop a last line cut short by an interruption, so new results start on a clean line
-            kept = [json.dumps(r) + "\n" for r in read_results(path)]
-            (path / "results.jsonl").write_text("".join(kept))
+        else:
+            _drop_cut_off_tail(path / "results.jsonl")
     write_json(config_file, record)
     return path
 
 
 def read_results(path: Path) -> Iterator[dict[str, Any]]:
-    """Finished results of a run; a last line cut short by an interruption is ignored."""
+    """Finished results of a run. A last line cut short by a kill is left out; any other unreadable
+    line is damage and raises a MedPFLError naming the file and line."""
     results = path / "results.jsonl"
     if not results.exists():
-        return
-    for line in results.read_text().splitlines():
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
+        return iter(())
+    return iter(_parse_results(results)[0])
+
+
+def _parse_results(file: Path) -> tuple[list[dict[str, Any]], int | None]:
+    """The results in `file`, and the byte offset where a cut-off last line begins (None if there is none)."""
+    data = file.read_bytes()
+    whole = data.rfind(b"\n") + 1  # everything up to the last newline was written in full
+    results = []
+    for number, line in enumerate(data[:whole].split(b"\n")[:-1], start=1):
+        if not line.strip():
             continue
+        try:
+            results.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MedPFLError(
+                f"'{file}' line {number} is not a readable result ({exc}); it was damaged after it was "
+                "written: repair or delete that line, or start over with a new --out (nothing was changed)."
+            ) from exc
+    tail = data[whole:]
+    if not tail.strip():
+        return results, None
+    try:
+        results.append(json.loads(tail))  # a whole result whose newline was never written
+        return results, None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return results, whole  # the normal trace of a kill during a write: that result is redone
+
+
+def _drop_cut_off_tail(file: Path) -> None:
+    """Before appending again: cut a last line left half-written by a kill, or end a whole one with its
+    newline. Finished results are never rewritten, only the bytes after them touched."""
+    _, cut_at = _parse_results(file)  # raises on damage before anything is changed
+    if cut_at is not None:
+        os.truncate(file, cut_at)
+    elif file.stat().st_size and not file.read_bytes().endswith(b"\n"):
+        with open(file, "ab") as f:
+            f.write(b"\n")
+    else:
+        return
+    with open(file, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def append_result(path: Path, result: dict[str, Any]) -> None:

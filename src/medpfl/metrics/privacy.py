@@ -56,9 +56,10 @@ def _multiset_hits(true_labels: torch.Tensor, labels: torch.Tensor) -> list[bool
 def reidentified(reconstructions: torch.Tensor, true_index: torch.Tensor, gallery: torch.Tensor,
                  chunk: int = 256) -> torch.Tensor:
     """Whether each reconstruction's most similar image (by SSIM) in the victim's whole dataset
-    (`gallery`, N x C x H x W) is its own original, whose gallery index is `true_index`."""
-    best = []
-    for r in reconstructions:
+    (`gallery`, N x C x H x W) is its own original, whose gallery index is `true_index`. An exact
+    copy of the original elsewhere in the gallery ties with it, and a tie counts as found."""
+    hits = []
+    for r, true in zip(reconstructions, true_index.tolist()):
         scores = torch.cat([ssim(r[None].expand(len(g), -1, -1, -1), g) for g in gallery.split(chunk)])
-        best.append(int(scores.argmax()))
-    return torch.tensor(best) == true_index.cpu()
+        hits.append(bool(scores[true] >= scores.max()))
+    return torch.tensor(hits, dtype=torch.bool)
