@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -12,9 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
+from medpfl.attacks import build_attack
 from medpfl.cli import main
 from medpfl.data import ImageDataset, sample_items
 from medpfl.data.embedded import embedded_source
+from medpfl.experiments.attack_run import AttackRunConfig, attack_generator, victim_model
 
 QUICK = ["--image-size", "16", "--steps", "3", "--quiet"]
 
@@ -38,7 +43,7 @@ def class_folders(tmp_path_factory) -> Path:
     return root
 
 
-def test_attack_writes_results_summary_config_and_grid(tmp_path):
+def test_attack_writes_results_summary_config_and_grid(tmp_path, capsys):
     out = tmp_path / "run"
     assert run(["attack", "--attack", "idlg", "--n-images", "3", "--out", str(out), *QUICK]) == 0
     lines = (out / "results.jsonl").read_text().splitlines()
@@ -48,10 +53,22 @@ def test_attack_writes_results_summary_config_and_grid(tmp_path):
                 "reid_rate", "seconds_per_image"):
         assert key in summary
     assert summary["n_images"] == 3 and summary["model"] == "lenet-idlg"
-    assert 0 <= summary["asr"] <= 1 and summary["label_accuracy"] == 1.0
+    # The summary is the results' aggregate: ASR is the share of images at SSIM >= 0.9.
+    ssims = [s for line in lines for s in json.loads(line)["ssim"]]
+    assert summary["asr"] == sum(s >= 0.9 for s in ssims) / 3
+    assert summary["mean_ssim"] == pytest.approx(sum(ssims) / 3) and summary["label_accuracy"] == 1.0
     config = json.loads((out / "config.json").read_text())
     assert config["seed"] == 0 and config["versions"]["torch"]
     assert Image.open(out / "reconstructions.png").size[0] > 16
+    # Re-identification comes with its chance level: the gallery is the whole verified source (all 726
+    # embedded images, fewer than the 2,000 cap), so a random guess is right 1 / 726 of the time.
+    assert summary["reid_gallery_size"] == 726 and summary["reid_chance"] == pytest.approx(1 / 726)
+    printed = capsys.readouterr().out
+    assert "726 images" in printed and "0.0014" in printed
+    # --device auto takes the GPU when there is one, and the run records what it used.
+    gpu = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert config["config"]["device"] == "auto" and config["config"]["device_used"] == gpu
+
 
 
 def test_same_seed_same_results(tmp_path):
@@ -140,6 +157,83 @@ def test_inverting_gradients_can_be_made_to_recover_the_labels_of_a_batch(tmp_pa
     assert json.loads((out / "summary.json").read_text())["label_accuracy"] == 1.0
 
 
+def test_paper_sets_the_papers_single_start_procedure_for_every_attack(tmp_path):
+    out = tmp_path / "run"
+    assert run(["attack", "--paper", "--n-images", "1", "--out", str(out), "--image-size", "8", "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["paper"] is True
+    assert config["attack_settings"]["restarts"] == 0 and config["attack_settings"]["steps"] == 300
+    assert json.loads((out / "results.jsonl").read_text())["runs"] == 1  # one start, never restarted
+    procedure = lambda attack: build_attack(attack, **AttackRunConfig(attack=attack, paper=True).attack_settings)  # noqa: E731
+    assert all(procedure(a).settings.restarts == 0 and procedure(a).settings.steps == 300 for a in ("dlg", "idlg"))
+    assert (procedure("invgrad").settings.steps, procedure("invgrad").settings.restarts) == (24_000, 8)
+    # Without --paper the L-BFGS attacks restart failed victims (not the paper's procedure).
+    assert build_attack("idlg", **AttackRunConfig().attack_settings).settings.restarts == 7
+
+
+def test_starting_noise_and_model_weights_come_from_independent_streams():
+    """The attacker's generator and the victims' weights never share a stream: the first victim's
+    weights are not the attacker's first draws, for any seed."""
+    for seed in (0, 1, 5):
+        config = AttackRunConfig(attack="idlg", seed=seed)
+        weights = next(victim_model(config, 6, 0).parameters()).detach().flatten()
+        attacker = attack_generator(config, [0])
+        draws = torch.rand(weights.numel(), generator=attacker) - 0.5  # what U(-0.5, 0.5) would take
+        assert not torch.allclose(draws, weights)
+        # Different victims, and the attacker's batches, draw from different streams too.
+        assert not torch.equal(weights, next(victim_model(config, 6, 1).parameters()).detach().flatten())
+        assert attack_generator(config, [0]).initial_seed() != attack_generator(config, [64]).initial_seed()
+
+
+@pytest.fixture(scope="module")
+def folder_with_broken_files(tmp_path_factory, class_folders) -> tuple[Path, list[str]]:
+    """The user's class folders plus a truncated JPEG, an empty PNG and a text file named .png."""
+    root = tmp_path_factory.mktemp("broken_data")
+    shutil.copytree(class_folders, root, dirs_exist_ok=True)
+    cls = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    jpeg = io.BytesIO()
+    Image.open(next(cls.glob("*.png"))).convert("RGB").resize((256, 256)).save(jpeg, "JPEG", quality=95)
+    (cls / "truncated.jpeg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    (cls / "empty.png").write_bytes(b"")
+    (cls / "notes.png").write_text("this is not an image\n")
+    return root, ["truncated.jpeg", "empty.png", "notes.png"]
+
+
+def test_broken_files_are_named_before_the_attack_and_left_out_of_everything(tmp_path, folder_with_broken_files,
+                                                                             capsys):
+    root, broken = folder_with_broken_files
+    out = tmp_path / "run"
+    assert run(["attack", "--data", str(root), "--n-images", "6", "--restarts", "0", "--out", str(out), *QUICK]) == 0
+    err = capsys.readouterr().err
+    assert all(name in err for name in broken) and "3 file(s)" in err
+    skipped = json.loads((out / "skipped.json").read_text())
+    assert sorted(Path(s["path"]).name for s in skipped) == sorted(broken) and all(s["reason"] for s in skipped)
+    summary = json.loads((out / "summary.json").read_text())
+    # All six good images attacked; the gallery holds only verified images.
+    assert summary["n_images"] == 6 and summary["reid_gallery_size"] == 6 and summary["skipped_files"] == 3
+
+
+def test_strict_refuses_broken_files_before_any_work(tmp_path, folder_with_broken_files, capsys):
+    root, broken = folder_with_broken_files
+    out = tmp_path / "run"
+    assert run(["attack", "--data", str(root), "--strict", "--n-images", "2", "--out", str(out), *QUICK]) == 2
+    err = capsys.readouterr().err
+    assert all(name in err for name in broken) and "--strict" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_data_inspect_names_long_paths_whole_in_a_log_file(tmp_path, class_folders):
+    """Not a terminal (a log file, CI): the skipped file's full path is printed, never cut to 80 columns."""
+    deep = tmp_path / ("a-rather-long-folder-name-for-one-hospital-site" * 2) / "scans"
+    shutil.copytree(class_folders, deep)
+    broken = sorted(p for p in deep.iterdir() if p.is_dir())[0] / "scan-with-a-descriptive-name-truncated.png"
+    broken.write_bytes(b"")
+    done = subprocess.run([sys.executable, "-m", "medpfl.cli", "data", "inspect", str(deep), "--quiet"],
+                          capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"})
+    assert done.returncode == 0, done.stderr
+    assert str(broken) in done.stdout
+
+
 @pytest.mark.parametrize("argv, words", [
     (["data", "inspect", "/no/such/folder"], "/no/such/folder"),
     (["attack", "--data", "/no/such/folder", "--quiet"], "/no/such/folder"),
@@ -147,6 +241,11 @@ def test_inverting_gradients_can_be_made_to_recover_the_labels_of_a_batch(tmp_pa
     (["attack", "--set", "tv_weight", "--quiet"], "KEY=VALUE"),
     (["attack", "--set", "nonsense=1", "--quiet"], "no setting 'nonsense'"),
     (["attack", "--checkpoint-every", "-5", "--quiet"], "--checkpoint-every -5.0 must be 0 or more"),
+    (["attack", "--paper", "--restarts", "3", "--quiet"], "drop --paper or the --restarts option"),
+    (["attack", "--paper", "--attack", "invgrad", "--steps", "100", "--quiet"], "--paper sets steps"),
+    (["attack", "--device", "nonsense", "--quiet"], "--device 'nonsense' is not a device name"),
+    (["attack", "--device", "cuda:7", "--quiet"], "no such CUDA device"),
+    (["attack", "--seed", "-1", "--quiet"], "--seed -1 is negative"),
 ])
 def test_bad_input_gets_one_clear_sentence(argv, words, capsys, tmp_path):
     assert run([*argv[:2], *argv[2:], *(["--out", str(tmp_path / "r")] if argv[0] == "attack" else [])]) == 2

@@ -93,6 +93,8 @@ def test_batch_of_two_with_recovered_labels(crops: torch.Tensor, norm: str) -> N
     payload, update = observe("convnet", images, labels, norm=norm, grant=False)
     rec = invgrad(steps=5, restarts=2).reconstruct(payload, update, torch.Generator().manual_seed(0))
     assert rec.images.shape == (2, 2, 3, SIZE, SIZE) and rec.labels.shape == (2, 2)
+    # The labels of each batch, repeated one included, read off the update (order within a batch is lost).
+    assert [sorted(row) for row in rec.labels.tolist()] == [[0, 2], [1, 1]]
     assert rec.images.min() >= 0 and rec.images.max() <= 1
     assert rec.seconds > 0 and not rec.diverged.any()
 

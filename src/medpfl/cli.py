@@ -117,8 +117,8 @@ def cmd_data_inspect(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:
-        # Into a file or a pipe nothing is cut or folded to a pretend terminal's 80 columns: whole paths.
-        out.print(format_report(report), width=None if out.is_terminal else 100_000)
+        # Into a file or a pipe, nothing is cut or folded to a pretend terminal's 80 columns: whole paths.
+        (out if out.is_terminal else Console(width=100_000)).print(format_report(report))
 
 
 def cmd_data_sample(args: argparse.Namespace) -> None:

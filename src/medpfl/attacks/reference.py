@@ -1,7 +1,11 @@
 """The paper's attacks written plainly: one victim at a time, torch.optim.LBFGS, 300 steps.
 
 This is the yardstick the batched engine is measured against (benchmarks/attack_throughput.py) and
-checked against (tests): same objective, same settings, no vectorisation.
+checked against (tests): same objective, same settings, no vectorisation. As the papers' code, it
+calls `.step()` all 300 times and back-propagates the distance into the model's parameters as well
+(DLG's `backward()`); `lean=True` is the same attack written with care, to the same result: the
+distance differentiated with respect to the attacked variables only, and no `.step()` after one that
+left them unchanged (every later one would leave them unchanged too).
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ def reference_gradient_matching(
     num_classes: int,
     settings: GradientMatchingSettings,
     start_label: torch.Tensor | None = None,
+    lean: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, float, int]:
     """One victim: L-BFGS on the squared gradient distance from `start` (B x C x H x W).
 
     `labels` fixes the targets (iDLG, CPL); with None a soft label from `start_label` is optimised
-    (DLG). Returns the images clamped to [0,1], the labels, wall seconds and objective evaluations.
+    (DLG). `lean`: see the module's note. Returns the images clamped to [0,1], the labels, wall
+    seconds and objective evaluations.
     """
     params = list(model.parameters())
     dummy = start.clone().requires_grad_(True)
@@ -51,12 +57,19 @@ def reference_gradient_matching(
         loss = soft_cross_entropy(model(dummy), target)
         grads = torch.autograd.grad(loss, params, create_graph=True)
         distance = sum(((g - o) ** 2).sum() for g, o in zip(grads, observed))
-        distance.backward()
+        if lean:
+            for variable, gradient in zip(variables, torch.autograd.grad(distance, variables)):
+                variable.grad = gradient
+        else:
+            distance.backward()
         return distance
 
     began = time.perf_counter()
     for _ in range(settings.steps):
+        before = [v.detach().clone() for v in variables] if lean else None
         optimizer.step(closure)
+        if lean and all(torch.equal(b, v) for b, v in zip(before, variables)):
+            break  # converged: L-BFGS's state is deterministic, so it would stay here
     seconds = time.perf_counter() - began
     found = soft.detach().argmax(-1) if labels is None else labels
     return dummy.detach().clamp(0, 1), found, seconds, evaluations

@@ -106,7 +106,10 @@ def format_report(report: InspectReport) -> Any:
     from rich.console import Group
     from rich.table import Table
 
-    summary = Table(title=f"{report.kind} source: {report.root}", show_header=False, title_justify="left")
+    summary = Table(title=f"{report.kind} source", show_header=False, title_justify="left")
+    summary.add_column()
+    summary.add_column(overflow="fold")  # a long path folds in a narrow terminal, never cut
+    summary.add_row("path", report.root)
     summary.add_row("images", str(report.n_items))
     summary.add_row("classes", str(len(report.class_counts)))
     if report.sizes:

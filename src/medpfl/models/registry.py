@@ -15,7 +15,8 @@ from medpfl.models.norms import NORMS
 from medpfl.models.resnet import ResNet18
 
 MODELS: dict[str, str] = {
-    "lenet-dlg": "DLG paper's LeNet: 4 sigmoid convs (12 ch, k5, strides 2,2,1,1), Linear 768->K at 32x32",
+    "lenet-dlg": "MedPFL DLG notebook's LeNet: 4 sigmoid convs (12 ch, k5, strides 2,2,1,1), Linear 768->K at 32x32 "
+                 "(the DLG paper's own has 3 convs: lenet-idlg)",
     "lenet-idlg": "iDLG paper's LeNet: 3 sigmoid convs (12 ch, k5, strides 2,2,1), Linear 768->K at 32x32",
     "lenet-cpl": "CPL paper's LeNet: 6 sigmoid convs (16 ch, k2, pad 2), Linear 40000->K at 32x32",
     "convnet": "small ConvNet 32/64/128, conv3x3 + norm + ReLU + max-pool, global average pool, Linear",

@@ -1,0 +1,79 @@
+"""SSIM and PSNR against scikit-image on real images, and re-identification on cases whose answer is known."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from medpfl.data import ImageDataset, sample_items
+from medpfl.data.embedded import embedded_source
+from medpfl.metrics.image import psnr, ssim
+from medpfl.metrics.privacy import reidentified
+
+
+@pytest.fixture(scope="module")
+def real() -> torch.Tensor:
+    """24 real embedded images, 3 x 32 x 32, every modality."""
+    source = embedded_source()
+    items = sample_items(source.items, 24, seed=11)
+    return ImageDataset(source, items, size=32).load_batch(range(24))[0]
+
+
+def pairs(real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Originals against: other real images, noisy copies (leaving [0,1]: clamped), blurred copies, themselves
+    shifted a pixel: scores from near 0 to near 1."""
+    g = torch.Generator().manual_seed(0)
+    noisy = real + 0.1 * torch.randn(real.shape, generator=g)
+    blurred = torch.nn.functional.avg_pool2d(real, 3, stride=1, padding=1, count_include_pad=False)
+    shifted = real.roll(1, dims=-1)
+    a = torch.cat([real, real, real, real])
+    b = torch.cat([real.roll(1, dims=0), noisy, blurred, shifted])
+    return a, b
+
+
+def test_ssim_equals_scikit_image_on_real_images(real):
+    a, b = pairs(real)
+    ours = ssim(a, b)
+    theirs = torch.tensor([structural_similarity(
+        x.clamp(0, 1).permute(1, 2, 0).double().numpy(), y.clamp(0, 1).permute(1, 2, 0).double().numpy(),
+        gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1, channel_axis=-1)
+        for x, y in zip(a, b)], dtype=torch.float32)
+    assert theirs.min() < 0.3 and theirs.max() > 0.9  # the pairs span the scale
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert torch.allclose(ssim(real, real), torch.ones(len(real)))
+
+
+def test_psnr_equals_scikit_image_on_real_images(real):
+    a, b = pairs(real)
+    ours = psnr(a, b)
+    theirs = torch.tensor([peak_signal_noise_ratio(x.clamp(0, 1).double().numpy(), y.clamp(0, 1).double().numpy(),
+                                                   data_range=1) for x, y in zip(a, b)], dtype=torch.float32)
+    torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
+
+
+def test_a_perfect_reconstruction_is_always_reidentified(real):
+    picked = torch.tensor([3, 0, 17, 23, 8])
+    assert reidentified(real[picked], picked, real).all()
+
+
+def test_random_reconstructions_are_reidentified_at_chance(real):
+    """A rate means something only against chance: noise finds its 'original' 1 / gallery size of the time."""
+    g = torch.Generator().manual_seed(1)
+    gallery = real[:8]
+    noise = torch.rand(400, *real.shape[1:], generator=g)
+    truth = torch.randint(0, len(gallery), (400,), generator=g)
+    rate = float(reidentified(noise, truth, gallery).float().mean())
+    assert abs(rate - 1 / len(gallery)) < 0.05
+
+
+def test_near_duplicates_in_the_gallery(real):
+    """A close look-alike beside the original: the better reconstruction decides; an exact copy ties and
+    the original counts as found."""
+    original, other = real[0], real[1:6]
+    near = (original + 0.05 * torch.randn(original.shape, generator=torch.Generator().manual_seed(2))).clamp(0, 1)
+    gallery = torch.stack([original, near, *other])
+    assert reidentified(original[None], torch.tensor([0]), gallery).all()
+    assert not reidentified(near[None], torch.tensor([0]), gallery).any()  # it is the look-alike's picture
+    with_copy = torch.stack([original, *other, original])
+    assert reidentified(original[None], torch.tensor([len(with_copy) - 1]), with_copy).all()
