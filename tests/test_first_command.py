@@ -32,8 +32,8 @@ def test_the_default_path_runs_without_pytest(tmp_path):
     not import it (nibabel.testing does)."""
     out = tmp_path / "run"
     code = ("import sys; sys.modules['pytest'] = None; from medpfl.cli import main; "
-            f"sys.exit(main(['attack', '--n-images', '1', '--steps', '1', '--image-size', '16', '--quiet', "
-            f"'--out', {str(out)!r}]))")
+            "sys.exit(main(['attack', '--n-images', '1', '--steps', '1', '--image-size', '16', '--restarts', '0', "
+            f"'--quiet', '--out', {str(out)!r}]))")
     env = {**os.environ, "MEDPFL_CACHE": str(tmp_path / "empty-cache")}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
