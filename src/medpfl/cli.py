@@ -227,7 +227,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         attack_settings=settings, engine=args.engine, vectorise=args.vectorise, seed=args.seed,
         device=args.device)
     run = Path(args.out or f"runs/train-{config.model}-{config.partition.replace(':', '')}-seed{config.seed}")
-    bar, update = _progress(args.quiet, "rounds")
+    bar, (update,) = _progress(args.quiet, "rounds")
     with bar or nullcontext():
         summary = run_training(config, run, resume=not args.fresh, progress=update)
     table = Table(title=f"{config.model}, {summary['sites']} sites ({summary['partition']}), "
