@@ -164,7 +164,8 @@ def test_paper_sets_the_papers_single_start_procedure_for_every_attack(tmp_path)
     assert config["paper"] is True
     assert config["attack_settings"]["restarts"] == 0 and config["attack_settings"]["steps"] == 300
     assert json.loads((out / "results.jsonl").read_text())["runs"] == 1  # one start, never restarted
-    procedure = lambda attack: build_attack(attack, **AttackRunConfig(attack=attack, paper=True).attack_settings)  # noqa: E731
+    def procedure(attack: str):
+        return build_attack(attack, **AttackRunConfig(attack=attack, paper=True).attack_settings)
     assert all(procedure(a).settings.restarts == 0 and procedure(a).settings.steps == 300 for a in ("dlg", "idlg"))
     assert (procedure("invgrad").settings.steps, procedure("invgrad").settings.restarts) == (24_000, 8)
     # Without --paper the L-BFGS attacks restart failed victims (not the paper's procedure).

@@ -158,8 +158,9 @@ def cmd_attack(args: argparse.Namespace) -> None:
 
     bar, (checking, update) = _progress(args.quiet, "checking files", f"{config.attack} on {config.model_name}")
     with bar or nullcontext():
-        summary = run_attack(config, run, resume=not args.fresh, progress=update, checkpoint_every=args.checkpoint_every,
-                             strict=args.strict, checking=checking, on_skipped=warn_skipped)
+        summary = run_attack(config, run, resume=not args.fresh, progress=update,
+                             checkpoint_every=args.checkpoint_every, strict=args.strict, checking=checking,
+                             on_skipped=warn_skipped)
     table = Table(title=f"{summary['attack']} on {summary['model']}, {summary['n_images']} images of {summary['data']}")
     for column in ("ASR", "mean SSIM", "mean PSNR", "mean MSE", "label acc.", "re-id", "re-id chance", "s / image"):
         table.add_column(column, justify="right")

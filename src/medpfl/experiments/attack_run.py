@@ -24,8 +24,8 @@ from medpfl.experiments.run_dir import append_result, open_run_dir, read_results
 from medpfl.fl.gradients import BN_MODES, site_gradients, stack_params
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score, reidentified
 from medpfl.models.registry import build_model
-from medpfl.seeds import ATTACK_STARTS, MODEL_WEIGHTS, stream, stream_seed
 from medpfl.report.images import comparison_grid, load_png, save_png
+from medpfl.seeds import ATTACK_STARTS, MODEL_WEIGHTS, stream, stream_seed
 
 
 CHECKPOINT = "checkpoint.pt"  # the state of a long attack in progress, in the run directory
