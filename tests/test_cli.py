@@ -159,7 +159,7 @@ def test_inverting_gradients_can_be_made_to_recover_the_labels_of_a_batch(tmp_pa
 
 def test_paper_sets_the_papers_single_start_procedure_for_every_attack(tmp_path):
     out = tmp_path / "run"
-    assert run(["attack", "--paper", "--n-images", "1", "--out", str(out), "--image-size", "8", "--quiet"]) == 0
+    assert run(["attack", "--paper", "--n-images", "1", "--out", str(out), "--image-size", "16", "--quiet"]) == 0
     config = json.loads((out / "config.json").read_text())["config"]
     assert config["paper"] is True
     assert config["attack_settings"]["restarts"] == 0 and config["attack_settings"]["steps"] == 300

@@ -60,11 +60,11 @@ def test_a_perfect_reconstruction_is_always_reidentified(real):
 def test_random_reconstructions_are_reidentified_at_chance(real):
     """A rate means something only against chance: noise finds its 'original' 1 / gallery size of the time."""
     g = torch.Generator().manual_seed(1)
-    gallery = real[:8]
-    noise = torch.rand(400, *real.shape[1:], generator=g)
-    truth = torch.randint(0, len(gallery), (400,), generator=g)
+    gallery = torch.nn.functional.avg_pool2d(real[:8], 2)  # 16 x 16 keeps it cheap
+    noise = torch.rand(240, *gallery.shape[1:], generator=g)
+    truth = torch.randint(0, len(gallery), (240,), generator=g)
     rate = float(reidentified(noise, truth, gallery).float().mean())
-    assert abs(rate - 1 / len(gallery)) < 0.05
+    assert abs(rate - 1 / len(gallery)) < 0.06  # 1/8 +- 2.6 standard deviations
 
 
 def test_near_duplicates_in_the_gallery(real):
