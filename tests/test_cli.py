@@ -244,6 +244,7 @@ def test_data_inspect_names_long_paths_whole_in_a_log_file(tmp_path, class_folde
     (["attack", "--checkpoint-every", "-5", "--quiet"], "--checkpoint-every -5.0 must be 0 or more"),
     (["attack", "--paper", "--restarts", "3", "--quiet"], "drop --paper or the --restarts option"),
     (["attack", "--paper", "--attack", "invgrad", "--steps", "100", "--quiet"], "--paper sets steps"),
+    (["attack", "--paper", "--attack", "update-inversion", "--quiet"], "not one of the paper's attacks"),
     (["attack", "--device", "nonsense", "--quiet"], "--device 'nonsense' is not a device name"),
     (["attack", "--device", "cuda:7", "--quiet"], "no such CUDA device"),
     (["attack", "--seed", "-1", "--quiet"], "--seed -1 is negative"),

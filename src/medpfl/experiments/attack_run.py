@@ -80,6 +80,9 @@ class AttackRunConfig:
         """The settings the attack is built with: `settings`, on top of the paper's procedure with `paper`."""
         if not self.paper:
             return dict(self.settings)
+        if self.attack not in PAPER_PROCEDURE:
+            raise MedPFLError(f"--paper: '{self.attack}' is not one of the paper's attacks "
+                              f"({', '.join(PAPER_PROCEDURE)}); drop --paper.")
         procedure = PAPER_PROCEDURE[self.attack]
         clash = sorted(set(procedure) & set(self.settings))
         if clash:
