@@ -43,6 +43,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from medpfl.attacks import DEFAULT_MODELS, ObservedUpdate, ServerPayload, build_attack
+from medpfl.attacks.gradient_matching import PAPER_PROCEDURE
 from medpfl.attacks.reference import reference_gradient_matching
 from medpfl.data import ImageDataset, sample_items
 from medpfl.data.embedded import embedded_source
@@ -137,7 +138,7 @@ def quality(recon: torch.Tensor, originals: torch.Tensor) -> dict[str, float]:
 
 
 def run_engine(attack_name: str, images, labels, K, steps, device, victims_per_batch: int) -> dict:
-    attack = build_attack(attack_name, steps=steps, restarts=0)
+    attack = build_attack(attack_name, steps=steps, **PAPER_PROCEDURE)
     models, payload, update = victims(attack_name, images, labels, K, device)
     recon, seconds, evaluations = [], 0.0, []
     with PeakMemory(device) as memory:
@@ -158,7 +159,7 @@ def run_engine(attack_name: str, images, labels, K, steps, device, victims_per_b
 
 def run_reference(attack_name: str, images, labels, K, steps, device, victims_per_batch: int,
                   lean: bool = False) -> dict:
-    attack = build_attack(attack_name, steps=steps)
+    attack = build_attack(attack_name, steps=steps, **PAPER_PROCEDURE)
     models, _, update = victims(attack_name, images, labels, K, device)
     recon, seconds, evaluations = [], 0.0, 0
     with PeakMemory(device) as memory:
@@ -208,7 +209,7 @@ def peak_matmul_gflops(device: torch.device) -> float:
 
 def flops_per_evaluation(attack_name: str, image, label, K, device) -> float:
     """Floating-point operations of one gradient-distance evaluation (forward, gradient, backward)."""
-    attack = build_attack(attack_name)
+    attack = build_attack(attack_name, **PAPER_PROCEDURE)
     models, _, update = victims(attack_name, image[None], label[None], K, device)
     observed = [update.gradients[n][0] for n, _ in models[0].named_parameters()]
     start = attack.initial_images(1, tuple(image.shape), torch.Generator().manual_seed(0)).to(device)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.func import grad_and_value, vmap
 
 from medpfl.attacks import ObservedUpdate, ServerPayload, build_attack
-from medpfl.attacks.gradient_matching import GradientMatchingSettings, _l2_objective
+from medpfl.attacks.gradient_matching import PAPER_PROCEDURE, GradientMatchingSettings, _l2_objective
 from medpfl.attacks.labels import count_labels, idlg_labels
 from medpfl.attacks.lenet_matching import LeNetGradientDistance
 from medpfl.attacks.objectives import l2_distance
@@ -47,8 +47,8 @@ def test_batched_lbfgs_follows_torch_lbfgs_per_victim(real_images):
     x, y, K = real_images
     images, labels = x[:2, None].double(), y[:2, None]
     models, payload, update = victims("lenet-idlg", images, labels, K, torch.float64)
-    settings = GradientMatchingSettings(steps=4, max_iter=5, history_size=6)
-    attack = build_attack("idlg", steps=4, max_iter=5, history_size=6, restarts=0)
+    settings = GradientMatchingSettings(steps=4, max_iter=5, history_size=6, **PAPER_PROCEDURE)
+    attack = build_attack("idlg", steps=4, max_iter=5, history_size=6, **PAPER_PROCEDURE)
     start = attack.initial_images(2, images.shape[2:], torch.Generator().manual_seed(0)).double()
     result = attack.reconstruct(payload, update, torch.Generator().manual_seed(0))
     for v in range(2):

@@ -27,10 +27,13 @@ LABEL_ACCESS = ("granted", "recovered")
 THREAT_MODELS = {name: ThreatModel(knows_labels=name == "invgrad") for name in ATTACKS}
 # The papers' optimisation procedure (SEED.md), which `--paper` sets: one start per image for the L-BFGS
 # attacks, whose default here restarts failed victims; Inverting Gradients' defaults are already the paper's.
+# For the L-BFGS attacks also the plain distance and the absolute tolerances (gradient_matching.PAPER_PROCEDURE).
+_PLAIN_MATCHING = {"restarts": 0, "normalize": False, "logit_gradient": "candidate", "tolerance_grad": 1e-7,
+                   "tolerance_change": 1e-9, "curvature_tolerance": 1e-10}
 PAPER_PROCEDURE = {
-    "dlg": {"steps": 300, "restarts": 0},
-    "idlg": {"steps": 300, "restarts": 0},
-    "cpl": {"steps": 300, "restarts": 0},
+    "dlg": {"steps": 300, **_PLAIN_MATCHING},
+    "idlg": {"steps": 300, **_PLAIN_MATCHING},
+    "cpl": {"steps": 300, **_PLAIN_MATCHING},
     "invgrad": {"steps": 24_000, "restarts": 8},
 }
 

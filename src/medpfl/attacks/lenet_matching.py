@@ -96,17 +96,33 @@ class _Conv:
         return g_w, g_b
 
 
+def _one_minus(p: torch.Tensor) -> torch.Tensor:
+    """1 - p for softmax outputs p (last dimension), accurate where p is within float epsilon of 1: for
+    the largest entry it is the sum of the others. A confident model's gradient (p_y - 1) lives there."""
+    top = F.one_hot(p.argmax(-1), p.shape[-1]).bool()
+    return torch.where(top, p.masked_fill(top, 0).sum(-1, keepdim=True), 1 - p)
+
+
+def _centred(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """v - sum_i p_i v_i over the last dimension, as sum_i p_i (v - v_i): no cancellation where one p_i
+    is near 1 (K x K per image; K is the number of classes)."""
+    return (p[..., None, :] * (v[..., :, None] - v[..., None, :])).sum(-1)
+
+
 class LeNetGradientDistance:
     """Per victim, the squared L2 distance between the LeNet gradient of its candidate and its observed
     gradient, and the distance's gradient w.r.t. the candidate (images, then soft-label logits when
     `targets` is None): set up once for a set of victims, then evaluated for many candidates.
 
     params/observed: name -> V x shape; targets: V x B x K or None; candidates z: V x (B*C*H*W [+ B*K]).
+    `logit_gradient` (V x B x K): the site's gradient w.r.t. its logits, when the attacker read it off the
+    update; the candidate's gradient is then the backward pass of that one vector, so no softmax is taken.
     """
 
     def __init__(self, model: LeNet, params: dict[str, torch.Tensor], observed: dict[str, torch.Tensor],
-                 targets: torch.Tensor | None, batch: int, shape: tuple[int, int, int]) -> None:
-        self.batch, self.shape, self.targets = batch, shape, targets
+                 targets: torch.Tensor | None, batch: int, shape: tuple[int, int, int],
+                 logit_gradient: torch.Tensor | None = None) -> None:
+        self.batch, self.shape, self.targets, self.logit_gradient = batch, shape, targets, logit_gradient
         self.convs = [_Conv(layer, f"body.{i}", params, observed)
                       for i, layer in enumerate(model.body) if isinstance(layer, nn.Conv2d)]
         # The classifier's weights with their features in the order channels-last activations hold them.
@@ -127,7 +143,7 @@ class LeNetGradientDistance:
         n_pixels = B * C * H * W
         convs, w_fc = self.convs, self.w_fc
         x = _channels_last(z[:, :n_pixels].reshape(V, B, C, H, W).transpose(0, 1).reshape(B, V * C, H, W))
-        soft = self.targets is None
+        soft = self.targets is None and self.logit_gradient is None
         targets = z[:, n_pixels:].reshape(V, B, -1).softmax(-1) if soft else self.targets
 
         # The site's forward pass and its cross-entropy (mean over the batch, probability targets).
@@ -136,9 +152,13 @@ class LeNetGradientDistance:
             padded.append(conv.pad(acts[-1]))
             acts.append(torch.sigmoid(conv(padded[-1], bias=conv.bias)))
         feat = _features(acts[-1], V)  # V x B x F
-        p = torch.baddbmm(self.b_fc[:, None, :], feat, w_fc.transpose(1, 2)).softmax(-1)
-        mass = targets.sum(-1, keepdim=True)
-        d_logits = (p * mass - targets) / B
+        if self.logit_gradient is None:
+            p = torch.baddbmm(self.b_fc[:, None, :], feat, w_fc.transpose(1, 2)).softmax(-1)
+            mass = targets.sum(-1, keepdim=True)
+            # (p * mass - targets) / B, without subtracting numbers near 1 (see _one_minus).
+            d_logits = (p * (mass - targets) - targets * _one_minus(p)) / B
+        else:
+            d_logits = self.logit_gradient
 
         # The site's backward pass: its gradient, and the residual against the observed one. The distance's
         # derivative w.r.t. the site's gradient is R = 2 (g - o); the classifier's 2 is applied to its
@@ -152,7 +172,8 @@ class LeNetGradientDistance:
             return diff
 
         diff_wfc = residual(torch.baddbmm(self.negated_w_fc, d_logits.transpose(1, 2), feat))
-        r_bfc = 2 * residual(d_logits.sum(1) - self.observed_b_fc)
+        # With the logit gradient read off the update, the bias gradient is the observed one by construction.
+        r_bfc = 2 * residual(d_logits.sum(1) - self.observed_b_fc) if self.logit_gradient is None else None
         d_act = _activations(torch.bmm(d_logits, w_fc), acts[-1])  # d loss / d last activation
         # Per layer: gradient w.r.t. its output and pre-activation, 2 (g - o) of weight and bias.
         d_acts, d_pre, r_w, r_b = ([None] * len(convs) for _ in range(4))
@@ -184,12 +205,13 @@ class LeNetGradientDistance:
             accumulate(i + 1, d_pre_bar.mul_(torch.addcmul(d_acts[i], d_acts[i], acts[i + 1], value=-2)))
 
         # ... through the classifier's gradient and the cross-entropy's ...
-        d_feat_bar = _features(d_act_bar, V)
-        d_logits_bar = (torch.bmm(d_feat_bar, w_fc.transpose(1, 2)) + 2 * torch.bmm(feat, diff_wfc.transpose(1, 2))
-                        + r_bfc[:, None])
-        p_bar = d_logits_bar * mass / B
-        logits_bar = p * (p_bar - (p_bar * p).sum(-1, keepdim=True))
-        feat_bar = torch.bmm(2 * d_logits, diff_wfc).add_(torch.bmm(logits_bar, w_fc))
+        feat_bar = torch.bmm(2 * d_logits, diff_wfc)
+        if self.logit_gradient is None:
+            d_feat_bar = _features(d_act_bar, V)
+            d_logits_bar = (torch.bmm(d_feat_bar, w_fc.transpose(1, 2))
+                            + 2 * torch.bmm(feat, diff_wfc.transpose(1, 2)) + r_bfc[:, None])
+            logits_bar = p * _centred(d_logits_bar * mass / B, p)  # through the softmax's Jacobian
+            feat_bar.add_(torch.bmm(logits_bar, w_fc))
         accumulate(len(convs), _activations(feat_bar, acts[-1]))
 
         # ... and of the forward pass, top layer down, to the images; each layer's input also receives the
@@ -202,6 +224,6 @@ class LeNetGradientDistance:
         if not soft:
             return loss, x_bar
         # Soft labels: d/dt of (p * sum(t) - t) / B, then through the softmax that makes t.
-        t_bar = ((d_logits_bar * p).sum(-1, keepdim=True) - d_logits_bar) / B
+        t_bar = -_centred(d_logits_bar, p) / B
         label_bar = targets * (t_bar - (t_bar * targets).sum(-1, keepdim=True))
         return loss, torch.cat([x_bar, label_bar.reshape(V, -1)], dim=1)

@@ -32,6 +32,9 @@ class OptimResult:
     converged: torch.Tensor  # V bool: the kept run stopped early because nothing would move any more
     diverged: torch.Tensor  # V bool: every run's loss or gradient became NaN/inf (x: a last finite point)
     runs: torch.Tensor  # V, how many runs the victim had (1 + its restarts)
+    # V, runs that ended at their first evaluation (gradient already under tolerance at the start): such a
+    # run never moved, so it is no answer; a restart treats it as unsatisfied whatever its loss.
+    stalled: torch.Tensor
 
 
 @dataclass
@@ -116,9 +119,11 @@ def lbfgs(
     history_size: int = 100,
     restart: Restart | None = None,
     max_active: int | None = None,
+    curvature_tolerance: float = 1e-10,
 ) -> OptimResult:
     """L-BFGS for V victims at once, each run following exactly what `torch.optim.LBFGS` (no line
-    search) would do over `steps` calls of `.step(closure)` on that victim alone.
+    search) would do over `steps` calls of `.step(closure)` on that victim alone. A step's curvature pair
+    joins the history when s.y > `curvature_tolerance` (torch's fixed 1e-10 by default).
 
     A run stops early when torch's optimiser would no longer move it: its gradient falls under
     `tolerance_grad`, or its search direction is no longer a descent direction. With `restart`, a
@@ -137,7 +142,7 @@ def lbfgs(
     out = OptimResult(x=x0.detach().clone(), loss=torch.full((V,), float("nan"), device=dev, dtype=dt),
                       evaluations=zeros(V, dtype=torch.long), steps=zeros(V, dtype=torch.long),
                       converged=zeros(V, dtype=torch.bool), diverged=zeros(V, dtype=torch.bool),
-                      runs=zeros(V, dtype=torch.long))
+                      runs=zeros(V, dtype=torch.long), stalled=zeros(V, dtype=torch.long))
 
     def new_rows(victims: torch.Tensor, x: torch.Tensor) -> _Rows:
         n = len(victims)
@@ -171,6 +176,7 @@ def lbfgs(
             v = r.victim[mask]
             broke = torch.full_like(v, diverged, dtype=torch.bool)
             loss = torch.where(broke, float("nan"), r.loss[mask])
+            stalled = ~broke & (r.evaluations[mask] <= 1)
             # Keep a victim's best run: any finite run beats a diverged one, else the lower loss wins.
             better = (out.runs[v] == 0) | (out.diverged[v] & ~broke) | (~broke & (loss < out.loss[v]))
             kept = v[better]
@@ -178,9 +184,11 @@ def lbfgs(
             out.converged[kept], out.diverged[kept] = r.converged[mask][better], broke[better]
             out.evaluations[v] += r.evaluations[mask]
             out.runs[v] += 1
+            out.stalled[v] += stalled.long()
             r.keep(~mask)
             if restart is not None:
-                again = (out.runs[v] <= restart.tries) & (out.diverged[v] | restart.unsatisfied(v, out.loss[v]))
+                again = (out.runs[v] <= restart.tries) & (
+                    out.diverged[v] | stalled | restart.unsatisfied(v, out.loss[v]))
                 waiting.append(v[again])
         return ~mask
 
@@ -241,7 +249,7 @@ def lbfgs(
         order = (r.head[:, None] + slots[None, :]) % m  # order[v, i] = slot of the i-th oldest pair
         dots = torch.bmm(grad[:, None, :], r.W.transpose(1, 2))[:, 0]
         Sg, Yg = torch.gather(dots[:, :m], 1, order), torch.gather(dots[:, m:], 1, order)
-        add = ~first & (ys > 1e-10)
+        add = ~first & (ys > curvature_tolerance)
         if bool(add.any()):
             s_ynew, y_ynew = Sg - r.prev_Sg, Yg - r.prev_Yg
             coef_s, coef_y = r.coef[:, None, :m], r.coef[:, None, m:]

@@ -34,8 +34,11 @@ def reference_gradient_matching(
 
     `labels` fixes the targets (iDLG, CPL); with None a soft label from `start_label` is optimised
     (DLG). `lean`: see the module's note. Returns the images clamped to [0,1], the labels, wall
-    seconds and objective evaluations.
+    seconds and objective evaluations. The paper's procedure only: the plain distance and torch's own
+    curvature tolerance (PAPER_PROCEDURE).
     """
+    if settings.normalize or settings.logit_gradient != "candidate" or settings.curvature_tolerance != 1e-10:
+        raise ValueError("the reference runs the paper's procedure; pass GradientMatchingSettings(**PAPER_PROCEDURE)")
     params = list(model.parameters())
     dummy = start.clone().requires_grad_(True)
     variables = [dummy]
