@@ -248,6 +248,8 @@ def test_data_inspect_names_long_paths_whole_in_a_log_file(tmp_path, class_folde
     (["attack", "--device", "nonsense", "--quiet"], "--device 'nonsense' is not a device name"),
     (["attack", "--device", "cuda:7", "--quiet"], "no such CUDA device"),
     (["attack", "--seed", "-1", "--quiet"], "--seed -1 is negative"),
+    (["attack", "--model-state", "/no/such/state.pt", "--quiet"], "'/no/such/state.pt' does not exist"),
+    (["attack", "--pretrain-steps", "-1", "--quiet"], "--pretrain-steps -1 must be 0 or more"),
 ])
 def test_bad_input_gets_one_clear_sentence(argv, words, capsys, tmp_path):
     assert run([*argv[:2], *argv[2:], *(["--out", str(tmp_path / "r")] if argv[0] == "attack" else [])]) == 2
@@ -261,3 +263,56 @@ def test_data_inspect_and_sample_report_the_embedded_set(capsys):
     assert run(["data", "inspect", "--json", "--quiet"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["n_items"] == 726
+
+
+def _results(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_pretrained_victims_models_are_more_confident_and_each_update_is_described(tmp_path):
+    """--pretrain-steps trains every victim's model on images it is not attacked on; each result says how
+    large the observed update was and how sure the model was of the true class."""
+    args = ["attack", "--n-images", "6", "--restarts", "0", *QUICK]
+    assert run([*args, "--out", str(tmp_path / "fresh")]) == 0
+    assert run([*args, "--pretrain-steps", "400", "--out", str(tmp_path / "trained")]) == 0
+    fresh, trained = _results(tmp_path / "fresh"), _results(tmp_path / "trained")
+    assert all(r["update_norm"] > 0 and 0 < r["p_true"][0] < 1 for r in fresh + trained)
+    mean = lambda results: sum(r["p_true"][0] for r in results) / len(results)  # noqa: E731
+    assert mean(trained) > mean(fresh) + 0.15, (mean(trained), mean(fresh))
+    config = json.loads((tmp_path / "trained" / "config.json").read_text())["config"]
+    assert config["pretrain_steps"] == 400
+
+
+def test_pretraining_never_sees_the_attacked_images():
+    from medpfl.experiments.attack_run import AttackRunConfig, _pretrain_data
+
+    source = embedded_source()
+    attacked = sample_items(source.items, 700, seed=0)
+    images, _ = _pretrain_data(AttackRunConfig(pretrain_steps=1, image_size=8), source, attacked, torch.device("cpu"))
+    others = [it for it in source.items if it not in attacked]
+    expected = ImageDataset(source, others, size=8).load_batch(range(len(others)))[0]
+    assert len(images) == len(others) == 26
+    assert torch.equal(images.sum((1, 2, 3)).sort().values, expected.sum((1, 2, 3)).sort().values)
+
+
+def test_model_state_is_the_model_attacked_and_a_mismatched_one_is_named(tmp_path, capsys):
+    from medpfl.models.registry import build_model
+
+    state = tmp_path / "trained.pt"
+    model = build_model("lenet-idlg", 6, 3, 16, seed=123)
+    torch.save(model.state_dict(), state)
+    out = tmp_path / "run"
+    assert run(["attack", "--n-images", "2", "--restarts", "0", "--model-state", str(state), "--out", str(out),
+                *QUICK]) == 0
+    source = embedded_source()
+    by_id = {it.item_id: it for it in source.items}
+    for result in _results(out):
+        x, y = ImageDataset(source, [by_id[result["items"][0]]], size=16).load_batch([0])
+        with torch.no_grad():
+            assert abs(model(x).softmax(-1)[0, y[0]].item() - result["p_true"][0]) < 1e-5
+
+    torch.save(build_model("lenet-idlg", 2, 3, 16).state_dict(), state)
+    assert run(["attack", "--model-state", str(state), "--out", str(tmp_path / "other"), *QUICK]) == 2
+    err = capsys.readouterr().err
+    assert "'fc.weight' is (2, 192) in the file but (6, 192)" in " ".join(err.split()) and "Traceback" not in err
+    assert not (tmp_path / "other").exists()  # refused before the run directory is touched

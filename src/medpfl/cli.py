@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="BatchNorm in the sites' training step: batch statistics (train) or running "
                              "statistics (eval); default: as the paper ran the attack: eval for invgrad only")
     attack.add_argument("--norm", default="batch", choices=("batch", "group", "none"))
+    attack.add_argument("--model-state", metavar="PATH",
+                        help="attack a trained model: a state dict saved with torch.save(model.state_dict(), PATH)")
+    attack.add_argument("--pretrain-steps", type=int, default=0, metavar="N",
+                        help="train each victim's model N SGD steps on images of the source not attacked, first")
     attack.add_argument("--victims-per-batch", type=int, default=64,
                         help="victims per vectorised attack, results written after each (bounds memory)")
     attack.add_argument("--device", default="auto", help="auto (the GPU if there is one, else the CPU), cpu, cuda, "
@@ -147,7 +151,8 @@ def cmd_attack(args: argparse.Namespace) -> None:
                              channels=args.channels, batch_size=args.batch_size, n_images=args.n_images,
                              seed=args.seed, norm=args.norm, victims_per_batch=args.victims_per_batch,
                              device=args.device, settings=settings, labels=args.labels,
-                             bn_mode=args.bn_mode, paper=args.paper)
+                             bn_mode=args.bn_mode, paper=args.paper, model_state=args.model_state,
+                             pretrain_steps=args.pretrain_steps)
     run = Path(args.out or f"runs/{config.attack}-{config.model_name}-seed{config.seed}")
 
     def warn_skipped(skipped) -> None:

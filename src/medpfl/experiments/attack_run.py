@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +21,7 @@ from medpfl.data import ImageDataset, Skipped, open_source, sample_items, verify
 from medpfl.device import resolve_device
 from medpfl.errors import MedPFLError
 from medpfl.experiments.run_dir import append_result, open_run_dir, read_results, write_json
+from medpfl.experiments.victim_models import load_model_state, pretrain, true_class_probability
 from medpfl.fl.gradients import BN_MODES, site_gradients, stack_params
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score, reidentified
 from medpfl.models.registry import build_model
@@ -55,6 +56,10 @@ class AttackRunConfig:
     paper: bool = False  # the paper's optimisation procedure (PAPER_PROCEDURE), e.g. no restarts for L-BFGS
     labels: str | None = None  # "granted" or "recovered"; None: as the paper ran the attack
     bn_mode: str | None = None  # BatchNorm in the sites' step: "train" or "eval"; None: as the paper ran it
+    model_state: str | None = None  # a state dict every victim's model starts from instead of a fresh draw
+    pretrain_steps: int = 0  # SGD steps each victim's model trains first, on images of the source not attacked
+    pretrain_lr: float = 0.05
+    pretrain_batch: int = 16
 
     @property
     def bn_mode_used(self) -> str:
@@ -118,6 +123,8 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
     dataset = ImageDataset(source, items, size=config.image_size, channels=config.channels)
     K = len(source.classes)
     bn_mode, labels_granted = config.bn_mode_used, config.labels_granted
+    if config.model_state:  # a bad file is named before the run directory is touched
+        victim_model(replace(config, pretrain_steps=0), K, 0)
     record = {**asdict(config), "model": config.model_name, "labels_granted": labels_granted,
               "bn_mode_used": bn_mode, "device_used": str(device), "attack_settings": attack.config()}
     path = open_run_dir(out, record, resume=resume)
@@ -128,6 +135,7 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
 
     B = config.batch_size
     n_victims = config.n_images // B
+    pretrain_data = _pretrain_data(config, source, items, device)
     done = {r["victim"] for r in read_results(path)}
     todo = [v for v in range(n_victims) if v not in done]
     if progress:
@@ -136,10 +144,13 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
         victims = todo[start:start + config.victims_per_batch]
         images, labels = zip(*(dataset.load_batch(range(v * B, v * B + B)) for v in victims))
         images, labels = torch.stack(images).to(device), torch.stack(labels).to(device)
-        models = [victim_model(config, K, v) for v in victims]
+        models = [victim_model(config, K, v, pretrain_data) for v in victims]
         params = {n: p.to(device) for n, p in stack_params([dict(m.named_parameters()) for m in models]).items()}
         # The site's side: what each victim computes and shares. Ground truth stays on this side.
         gradients = site_gradients(models[0], params, images, labels, K, bn_mode)
+        # For the auditor: how large each update is and how sure the model was of the truth.
+        update_norms = sum((g.flatten(1).double() ** 2).sum(1) for g in gradients.values()).sqrt().tolist()
+        p_true = true_class_probability(models[0], params, images, labels, bn_mode).tolist()
         granted = labels if labels_granted else None
         payload = ServerPayload(models[0].to(device), params, K, tuple(images.shape[2:]), bn_mode)
         update = ObservedUpdate(gradients, B, labels=granted)
@@ -150,7 +161,8 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
         result = attack.reconstruct(payload, update, generator,
                                     **({"checkpoint": checkpoint} if attack.takes_checkpoints else {}))
         for j, v in enumerate(victims):
-            append_result(path, _score(path, dataset, v, B, images[j], labels[j], result, j, len(victims)))
+            scored = _score(path, dataset, v, B, images[j], labels[j], result, j, len(victims))
+            append_result(path, {**scored, "update_norm": update_norms[j], "p_true": p_true[j]})
         checkpoint.clear()
         if progress:
             progress(len(done) + start + len(victims), n_victims)
@@ -160,18 +172,50 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
     return summary
 
 
-def victim_model(config: AttackRunConfig, num_classes: int, victim: int) -> torch.nn.Module:
+def victim_model(config: AttackRunConfig, num_classes: int, victim: int,
+                 pretrain_data: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.nn.Module:
     """The model `victim` computes its update on: fresh weights per victim (or one shared model), drawn
-    from the run's weight stream, independent of the attacker's."""
+    from the run's weight stream, independent of the attacker's; then loaded from --model-state and
+    trained --pretrain-steps, each victim's minibatches from its own stream."""
     key = (MODEL_WEIGHTS,) if config.shared_model else (MODEL_WEIGHTS, victim)
-    return build_model(config.model_name, num_classes, config.channels, config.image_size,
-                       init=config.init, norm=config.norm, seed=stream_seed(config.seed, *key))
+    model = build_model(config.model_name, num_classes, config.channels, config.image_size,
+                        init=config.init, norm=config.norm, seed=stream_seed(config.seed, *key))
+    if config.model_state:
+        load_model_state(model, config.model_state, f"--model {config.model_name} with {num_classes} classes, "
+                         f"{config.channels} channels at {config.image_size} px")
+    if pretrain_data is not None:
+        model.to(pretrain_data[0].device)
+        pretrain(model, *pretrain_data, config.pretrain_steps, config.pretrain_lr, config.pretrain_batch,
+                 stream(config.seed, PRETRAIN_MINIBATCHES, victim))
+        model.cpu()
+    return model
 
 
 def attack_generator(config: AttackRunConfig, victims: list[int]) -> torch.Generator:
     """The attacker's random stream (starting points, restarts) for the batch of `victims` attacked
     together: its own branch of the run's seed, never the stream the victims' weights came from."""
     return stream(config.seed, ATTACK_STARTS, victims[0])
+
+
+PRETRAIN_MINIBATCHES = 2  # the seed stream of the victims' pretraining minibatches (beside medpfl.seeds')
+_PRETRAIN_POOL = 1024  # at most this many images of the source to pretrain on
+
+
+def _pretrain_data(config: AttackRunConfig, source, attacked: list, device: torch.device):
+    """Images and labels the victims' models pretrain on: the source's images that are not attacked."""
+    if config.pretrain_steps < 0:
+        raise MedPFLError(f"--pretrain-steps {config.pretrain_steps} must be 0 or more.")
+    if not config.pretrain_steps:
+        return None
+    taken = {it.item_id for it in attacked}
+    others = [it for it in source.items if it.item_id not in taken]
+    if not others:
+        raise MedPFLError(f"--pretrain-steps needs images besides the {len(attacked)} attacked, but the source holds "
+                          f"no others; lower --n-images or pass a larger --data.")
+    pool = sample_items(others, min(_PRETRAIN_POOL, len(others)), config.seed + 2)
+    images, labels = ImageDataset(source, pool, size=config.image_size, channels=config.channels).load_batch(
+        range(len(pool)))
+    return images.to(device), labels.to(device)
 
 
 def _score(path: Path, dataset: ImageDataset, victim: int, B: int, originals: torch.Tensor,
@@ -194,6 +238,8 @@ def _score(path: Path, dataset: ImageDataset, victim: int, B: int, originals: to
         "objective": float(result.objective[j]),
         "evaluations": int(result.evaluations[j]),
         **({"runs": int(result.extra["runs"][j])} if "runs" in result.extra else {}),
+        # Runs that ended at their first evaluation: never an answer (restarted while restarts remain).
+        **({"stalled_runs": int(result.extra["stalled_runs"][j])} if "stalled_runs" in result.extra else {}),
         # Victims are attacked together; each is charged an equal share of the batch's wall time.
         "seconds": result.seconds / n_in_batch,
     }
