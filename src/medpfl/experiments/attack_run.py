@@ -281,6 +281,8 @@ def summarise(path: Path, config: AttackRunConfig, dataset: ImageDataset) -> dic
         # What naming a gallery image at random achieves: a re-identification rate means nothing without it.
         "reid_chance": 1 / gallery_size,
         "diverged": sum(r["diverged"] for r in results),
+        # Victims none of whose runs ever moved from its start: no answer at all, whatever their score.
+        "never_moved": sum(r.get("stalled_runs", 0) == r.get("runs", -1) for r in results),
         "seconds_per_image": sum(r["seconds"] for r in results) / n,
         "evaluations_per_victim": statistics.fmean(r["evaluations"] for r in results),
         "seed": config.seed,
