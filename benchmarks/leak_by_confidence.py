@@ -102,7 +102,8 @@ def measure(source: ImageSource, n: int, steps: int, seed: int) -> dict:
                 "update_norm": float(norms[v]), "ssim_engine": float(s_engine[v]),
                 "ssim_reference": float(s_reference[v]), "engine_runs": int(result.extra["runs"][v]),
                 "engine_stalled_runs": int(result.extra["stalled_runs"][v]),
-                "engine_evaluations": int(result.evaluations[v]), "reference_evaluations": reference_evaluations[v]}
+                "engine_objective": float(result.objective[v]), "engine_evaluations": int(result.evaluations[v]),
+                "reference_evaluations": reference_evaluations[v]}
                for v in range(n)]
     table = []
     for lo, hi, name in BINS:

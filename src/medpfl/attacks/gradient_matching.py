@@ -54,8 +54,8 @@ class GradientMatchingSettings:
     logit_gradient: str = "observed"
     # Fresh starts for victims whose run diverged, ended at its first evaluation, or ended with a relative
     # gradient distance (distance / observed squared norm) above `restart_above`. The attacker judges by its
-    # own objective alone: successes end below 1e-7 and failures above 1e-3 on the embedded set (six
-    # classes and two-class subsets) and on dermoscopy patches (benchmarks/leak_by_confidence.py).
+    # own objective alone: with the relative tolerances, reconstructions (SSIM >= 0.99) end below 2e-9 on
+    # the embedded set, six classes and CT vs MR, untrained and pretrained models.
     # A restart costs only the victims that need it and runs in place, so the budget is generous.
     restarts: int = 7
     restart_above: float = 1e-4
