@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from medpfl.attacks.gradient_matching import GradientMatchingSettings
+from medpfl.attacks.gradient_matching import PAPER_PROCEDURE, GradientMatchingSettings
 from medpfl.attacks.reference import reference_gradient_matching
 from medpfl.data import ImageDataset, sample_items
 from medpfl.data.embedded import embedded_source
@@ -26,7 +26,7 @@ def one_victim():
 def test_lean_reference_follows_the_papers_loop_to_the_same_images():
     model, observed, x, y, K = one_victim()
     start = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-    settings = GradientMatchingSettings(steps=4)
+    settings = GradientMatchingSettings(steps=4, **PAPER_PROCEDURE)
     paper = reference_gradient_matching(model, observed, start, y, K, settings)
     model.zero_grad(set_to_none=True)
     lean = reference_gradient_matching(model, observed, start, y, K, settings, lean=True)
@@ -37,7 +37,7 @@ def test_lean_reference_follows_the_papers_loop_to_the_same_images():
 def test_lean_reference_stops_once_converged_where_the_papers_loop_goes_on():
     """From the true image the distance is zero at once: the papers' loop still calls L-BFGS 300 times."""
     model, observed, x, y, K = one_victim()
-    settings = GradientMatchingSettings()
+    settings = GradientMatchingSettings(**PAPER_PROCEDURE)
     *_, paper_evaluations = reference_gradient_matching(model, observed, x, y, K, settings)
     image, _, _, lean_evaluations = reference_gradient_matching(model, observed, x, y, K, settings, lean=True)
     assert paper_evaluations == 300 and lean_evaluations == 1

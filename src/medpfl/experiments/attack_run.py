@@ -91,7 +91,7 @@ class AttackRunConfig:
         procedure = PAPER_PROCEDURE[self.attack]
         clash = sorted(set(procedure) & set(self.settings))
         if clash:
-            raise MedPFLError(f"--paper sets {', '.join(clash)} to the paper's ({procedure}); drop --paper or "
+            raise MedPFLError(f"--paper sets {', '.join(clash)}: drop --paper or "
                               f"the {', '.join('--' + c for c in clash)} option.")
         return {**procedure, **self.settings}
 
