@@ -9,7 +9,8 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
 from medpfl.errors import MedPFLError
@@ -78,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     attack.add_argument("--fresh", action="store_true", help="start over instead of resuming --out")
     attack.add_argument("--checkpoint-every", type=float, default=300.0, metavar="SECONDS",
                         help="Inverting Gradients: save the optimiser state this often, to resume after a crash")
+
+    report = commands.add_parser("report", parents=[common], help="write report.html and results.csv for a run directory")
+    report.add_argument("run_dir", help="a directory written by medpfl attack, train, sweep or audit (or a folder of them)")
+    report.add_argument("--out", help="the HTML file to write (default: RUN_DIR/report.html)")
     _add_train_parser(commands, common)
     return parser
 
@@ -98,7 +103,7 @@ def _progress(quiet: bool, *labels: str):
     if quiet:
         return None, [None for _ in labels]
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   console=console)
+                   TextColumn("left"), TimeRemainingColumn(), console=console)
 
     def updater(label: str):
         task = None
@@ -175,7 +180,12 @@ def cmd_attack(args: argparse.Namespace) -> None:
     out.print(table)
     out.print(f"Re-identification: nearest of {summary['reid_gallery_size']} images by SSIM; a random guess is "
               f"right {summary['reid_chance']:.2g} of the time.")
-    out.print(f"Results in {run}/ (summary.json, results.jsonl, reconstructions.png)")
+    recognised = round(summary["asr"] * summary["n_images"])
+    out.print(f"ASR {summary['asr']:.2f}: {recognised} of {summary['n_images']} images were reconstructed "
+              f"recognisably (SSIM >= {summary['success_ssim']:g}).")
+    report = _report(run, args.quiet)
+    out.print(f"Results in {run}/ (summary.json, results.jsonl, reconstructions.png"
+              + (f", {report.name}" if report else "") + ")")
 
 
 def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
@@ -246,11 +256,33 @@ def cmd_train(args: argparse.Namespace) -> None:
     for a in summary["attacks"]:
         out.print(f"round {a['round']} site {a['site']} ({a['observed']} update, {a['images']} images): "
                   f"ASR {a['asr']:.2f}, SSIM {a['mean_ssim']:.3f}, PSNR {a['mean_psnr']:.1f} dB")
-    out.print(f"Results in {run}/ (rounds.jsonl, attacks.jsonl, model.pt, summary.json)")
+    report = _report(run, args.quiet)
+    out.print(f"Results in {run}/ (rounds.jsonl, attacks.jsonl, model.pt, summary.json"
+              + (f", {report.name}" if report else "") + ")")
+
+
+def _report(run: Path, quiet: bool) -> Path | None:
+    """Write the run's report.html; a failure is reported and never costs the results already written."""
+    from medpfl.report import build_report
+
+    try:
+        return build_report(run)
+    except Exception as exc:  # noqa: BLE001 - the results are safe on disk whatever goes wrong here
+        console.print(f"[yellow]warning:[/yellow] the report could not be written ({exc}); the results are "
+                      f"saved, and `medpfl report {run}` tries again.")
+        return None
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from medpfl.report import build_report
+
+    path = build_report(args.run_dir, args.out)
+    out.print(f"Report: {path} (open it in a browser; it needs no network). Per-image results: "
+              f"{Path(args.run_dir) / 'results.csv'}")
 
 
 COMMANDS = {("data", "inspect"): cmd_data_inspect, ("data", "sample"): cmd_data_sample, ("attack", None): cmd_attack,
-            ("train", None): cmd_train}
+            ("train", None): cmd_train, ("report", None): cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

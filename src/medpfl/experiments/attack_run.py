@@ -23,6 +23,7 @@ from medpfl.errors import MedPFLError
 from medpfl.experiments.run_dir import append_result, open_run_dir, read_results, write_json
 from medpfl.experiments.victim_models import load_model_state, pretrain, true_class_probability
 from medpfl.fl.gradients import BN_MODES, site_gradients, stack_params
+from medpfl.metrics.image import ssim
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score, reidentified
 from medpfl.models.registry import build_model
 from medpfl.report.images import comparison_grid, load_png, save_png
@@ -258,7 +259,8 @@ def summarise(path: Path, config: AttackRunConfig, dataset: ImageDataset) -> dic
     recons = torch.stack([load_png(path / "images" / f"victim{r['victim']:05d}-{b}.png", config.channels)
                           for r in results for b in range(B)])
     comparison_grid(originals[:32], recons[:32], path / "reconstructions.png")
-    reid, gallery_size = _reid_rate(config, dataset, results, recons)
+    reid, gallery = _reidentification(config, dataset, results, recons)
+    guess = _random_guess_ssim(originals, gallery, config.seed)
     skipped_file = path / SKIPPED
     skipped = len(json.loads(skipped_file.read_text())) if skipped_file.exists() else 0
     return {
@@ -276,10 +278,15 @@ def summarise(path: Path, config: AttackRunConfig, dataset: ImageDataset) -> dic
         "mean_psnr": statistics.fmean(psnrs),
         "mean_mse": statistics.fmean(mses),
         "label_accuracy": sum(hits) / n,
-        "reid_rate": reid,
-        "reid_gallery_size": gallery_size,
+        "reid_rate": float(reid.float().mean()),
+        "reidentified": reid.tolist(),  # per image, in the order of results.jsonl's victims and their images
+        "reid_gallery_size": len(gallery),
         # What naming a gallery image at random achieves: a re-identification rate means nothing without it.
-        "reid_chance": 1 / gallery_size,
+        "reid_chance": 1 / len(gallery),
+        # Chance levels: an attacker who answers with a random image of the same data.
+        "asr_chance": float((guess >= config.success_ssim).float().mean()),
+        "mean_ssim_chance": float(guess.mean()),
+        "num_classes": len(dataset.classes),
         "diverged": sum(r["diverged"] for r in results),
         # Victims none of whose runs ever moved from its start: no answer at all, whatever their score.
         "never_moved": sum(r.get("stalled_runs", 0) == r.get("runs", -1) for r in results),
@@ -290,10 +297,10 @@ def summarise(path: Path, config: AttackRunConfig, dataset: ImageDataset) -> dic
     }
 
 
-def _reid_rate(config: AttackRunConfig, dataset: ImageDataset, results: list[dict],
-               recons: torch.Tensor) -> tuple[float, int]:
-    """Share of reconstructions whose nearest image in the victim's data (by SSIM) is the true one, and
-    the size of that gallery (attacked images first, then others of the verified source)."""
+def _reidentification(config: AttackRunConfig, dataset: ImageDataset, results: list[dict],
+                      recons: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per reconstruction, whether its nearest image in the victim's data (by SSIM) is the true one;
+    and that gallery (the attacked images first, in order, then others of the source)."""
     source = dataset.source
     attacked = [i for r in results for i in r["items"]]
     others = [it for it in source.items if it.item_id not in set(attacked)]
@@ -303,5 +310,15 @@ def _reid_rate(config: AttackRunConfig, dataset: ImageDataset, results: list[dic
                      for b in range(config.batch_size)] + extra
     gallery = ImageDataset(source, gallery_items, size=config.image_size, channels=config.channels)
     images = torch.stack([gallery.image(i) for i in range(len(gallery_items))])
-    hits = reidentified(recons, torch.arange(len(recons)), images)
-    return float(hits.float().mean()), len(gallery_items)
+    return reidentified(recons, torch.arange(len(recons)), images), images
+
+
+def _random_guess_ssim(originals: torch.Tensor, gallery: torch.Tensor, seed: int) -> torch.Tensor:
+    """SSIM of each original against another image drawn at random from the gallery (never itself)."""
+    n, size = len(originals), len(gallery)
+    if size < 2:
+        return torch.zeros(n)
+    generator = torch.Generator().manual_seed(seed + 2)
+    other = torch.randint(0, size - 1, (n,), generator=generator)
+    other = other + (other >= torch.arange(n)).long()  # skip the original's own index (index i of the gallery)
+    return ssim(originals, gallery[other])

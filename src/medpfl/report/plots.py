@@ -1,0 +1,96 @@
+"""Plots for the report, drawn with matplotlib (Agg: no display needed) and returned as PNG bytes."""
+
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# Colours that stay distinct in greyscale print and for colour-blind readers (Okabe-Ito).
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _style(ax) -> None:
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.grid(axis="y", color="#dddddd", linewidth=0.6)
+    ax.set_axisbelow(True)
+
+
+def ssim_strip(groups: dict[str, Sequence[float]], threshold: float) -> bytes:
+    """SSIM of every attacked image, one column per run, with the success threshold drawn across."""
+    names = list(groups)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(names) + 2), 3.2))
+    for i, name in enumerate(names):
+        values = list(groups[name])
+        jitter = [(((k * 7919) % 97) / 97 - 0.5) * 0.35 for k in range(len(values))]  # fixed, not random
+        ax.scatter([i + j for j in jitter], values, s=14, alpha=0.75, color=PALETTE[i % len(PALETTE)], linewidths=0)
+        if values:
+            mean = sum(values) / len(values)
+            ax.plot([i - 0.3, i + 0.3], [mean, mean], color="black", linewidth=1.5)
+    ax.axhline(threshold, color="#B00020", linestyle="--", linewidth=1)
+    ax.text(len(names) - 0.5, threshold, f" recognisable (SSIM \u2265 {threshold:g})", color="#B00020",
+            va="bottom", ha="right", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=20 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+    ax.set_ylabel("SSIM to the original")
+    ax.set_ylim(min(-0.05, min((min(v) for v in groups.values() if v), default=0) - 0.05), 1.05)
+    ax.set_title("Each dot is one attacked image; black line: mean", fontsize=9)
+    _style(ax)
+    return _png(fig)
+
+
+def per_round(rounds: Sequence[int], series: dict[str, Sequence[float | None]], ylabel: str, title: str,
+              chance: float | None = None, ylim: tuple[float, float] | None = (0, 1.02)) -> bytes:
+    """Lines over training rounds (utility, or leakage per site)."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.0))
+    for i, (name, values) in enumerate(series.items()):
+        points = [(r, v) for r, v in zip(rounds, values) if v is not None]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.4, label=name, color=PALETTE[i % len(PALETTE)])
+    if chance is not None:
+        ax.axhline(chance, color="#777777", linestyle=":", linewidth=1)
+        ax.text(ax.get_xlim()[1], chance, " chance", color="#777777", va="center", fontsize=8)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, frameon=False)
+    _style(ax)
+    return _png(fig)
+
+
+def tradeoff(points: Sequence[dict], x_label: str, y_label: str, front: Sequence[int], title: str) -> bytes:
+    """Privacy (y, lower is safer) against utility (x, higher is better); the Pareto front joined by a line.
+
+    `points` hold x, y, label and group (points of one group share a colour); `front` indexes the front.
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    groups = list(dict.fromkeys(p["group"] for p in points))
+    for i, group in enumerate(groups):
+        members = [p for p in points if p["group"] == group]
+        ax.scatter([p["x"] for p in members], [p["y"] for p in members], s=28, color=PALETTE[i % len(PALETTE)],
+                   label=group, zorder=3)
+    for p in points:
+        ax.annotate(p["label"], (p["x"], p["y"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if front:
+        line = sorted((points[i] for i in front), key=lambda p: p["x"])
+        ax.plot([p["x"] for p in line], [p["y"] for p in line], color="black", linewidth=1, linestyle="--",
+                label="Pareto front", zorder=2)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, frameon=False)
+    _style(ax)
+    return _png(fig)

@@ -1,0 +1,637 @@
+"""The report's sections. Each takes what the run directory holds and returns a Section, or None when
+the directory holds nothing for it (a sweep section without a sweep, a training section without training)."""
+
+from __future__ import annotations
+
+import io
+import json
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image
+
+from medpfl.report import plots
+from medpfl.report.html import Section, esc, img, img_file, table
+from medpfl.report.runs import AttackRun, ImageResult, Run, SweepRun, TrainRun
+
+SUCCESS_SSIM = 0.9  # the paper's threshold; runs that recorded another one say so in their summary
+RANKED_ROWS = 40  # rows of the per-image ranking shown in the page; results.csv holds all
+PAIRS_SHOWN = 4  # best and worst reconstructions shown per run
+RUNS_WITH_PICTURES = 12  # runs whose reconstructions are shown (the others are in the tables)
+
+ATTACK_NAMES = {"dlg": "DLG", "idlg": "iDLG", "cpl": "CPL", "invgrad": "Inverting Gradients",
+                "update-inversion": "update inversion"}
+ATTACK_PLAIN = {
+    "dlg": "starts from random noise and a random label and adjusts both until the update they would "
+           "produce matches the observed one (Zhu et al. 2019)",
+    "idlg": "reads the label off the last layer of the update, then adjusts a random image until its update "
+            "matches the observed one (Zhao et al. 2020)",
+    "cpl": "like iDLG, but starts from a regular pattern instead of noise (Wei et al. 2020)",
+    "invgrad": "adjusts an image until its update points in the same direction as the observed one, "
+               "favouring natural-looking images (Geiping et al. 2020)",
+    "update-inversion": "simulates the hospital's local training steps on a candidate image and adjusts it "
+                        "until the simulated weight change matches the observed one",
+}
+
+
+def attack_name(attack: str) -> str:
+    return ATTACK_NAMES.get(attack, attack)
+
+
+# ---------------------------------------------------------------- context
+
+
+class Originals:
+    """The attacked images themselves, read back from the data source a run names, as PNG bytes.
+
+    Run directories store reconstructions, not the source images; when the source cannot be opened here
+    (another machine, data moved), pictures show reconstructions only and the report says why."""
+
+    def __init__(self) -> None:
+        self._datasets: dict[tuple, Any] = {}
+        self._cache: dict[tuple, bytes | None] = {}
+        self.problems: dict[str, str] = {}
+
+    def _dataset(self, run: Run):
+        key = (run.config.get("data"), run.config.get("image_size", 32), run.config.get("channels", 3))
+        if key not in self._datasets:
+            try:
+                from medpfl.data import ImageDataset, open_source
+
+                source = open_source(key[0])
+                self._datasets[key] = (ImageDataset(source, size=key[1], channels=key[2]),
+                                       {it.item_id: i for i, it in enumerate(source.items)})
+            except Exception as exc:  # noqa: BLE001 - any failure means: show reconstructions only
+                self.problems[str(key[0] or "embedded")] = str(exc) or type(exc).__name__
+                self._datasets[key] = None
+        return self._datasets[key]
+
+    def png(self, run: Run, item_id: str) -> bytes | None:
+        key = (run.config.get("data"), run.config.get("image_size"), run.config.get("channels"), item_id)
+        if key not in self._cache:
+            self._cache[key] = self._load(run, item_id)
+        return self._cache[key]
+
+    def _load(self, run: Run, item_id: str) -> bytes | None:
+        from medpfl.report.images import to_uint8
+
+        loaded = self._dataset(run)
+        if loaded is None or item_id not in loaded[1]:
+            return None
+        try:
+            array = to_uint8(loaded[0].image(loaded[1][item_id]))
+        except Exception:  # noqa: BLE001
+            return None
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def class_names(self, run: Run) -> list[str] | None:
+        loaded = self._dataset(run)
+        return list(loaded[0].classes) if loaded else None
+
+
+@dataclass
+class RunStats:
+    """A run's leak in numbers, computed from its per-image results so every kind of run is scored alike."""
+
+    n: int
+    asr: float
+    mean_ssim: float
+    mean_psnr: float
+    mean_mse: float
+    label_accuracy: float | None
+    reid_rate: float | None
+    seconds_per_image: float
+    success_ssim: float = SUCCESS_SSIM
+    asr_chance: float | None = None
+    mean_ssim_chance: float | None = None
+    reid_gallery: int | None = None
+    num_classes: int | None = None
+    epsilon: float | None = None
+
+    @property
+    def recognised(self) -> int:
+        return round(self.asr * self.n)
+
+
+@dataclass
+class Context:
+    """Everything a section may draw on."""
+
+    root: Path
+    runs: list[Run]
+    originals: Originals = field(default_factory=Originals)
+
+    @property
+    def attack_runs(self) -> list[AttackRun]:
+        return [r for r in self.runs if isinstance(r, AttackRun)]
+
+    @property
+    def train_runs(self) -> list[TrainRun]:
+        return [r for r in self.runs if isinstance(r, TrainRun)]
+
+    @property
+    def sweeps(self) -> list[SweepRun]:
+        return [r for r in self.runs if isinstance(r, SweepRun)]
+
+    @property
+    def attacked(self) -> list[AttackRun | TrainRun]:
+        """Runs with attacked images."""
+        return [r for r in self.runs if isinstance(r, (AttackRun, TrainRun)) and r.images()]
+
+    def images(self) -> list[ImageResult]:
+        return [row for run in self.attacked for row in run.images()]
+
+
+def run_stats(run: AttackRun | TrainRun) -> RunStats:
+    rows = run.images()
+    summary = run.summary or {}
+    threshold = float(summary.get("success_ssim", run.config.get("success_ssim", SUCCESS_SSIM)))
+    labels = [r.label_correct for r in rows if r.label_correct is not None]
+    reid = [r.reidentified for r in rows if r.reidentified is not None]
+    gallery = summary.get("reid_gallery_size")
+    return RunStats(
+        n=len(rows),
+        asr=sum(r.ssim >= threshold for r in rows) / len(rows),
+        mean_ssim=statistics.fmean(r.ssim for r in rows),
+        mean_psnr=statistics.fmean(r.psnr for r in rows),
+        mean_mse=statistics.fmean(r.mse for r in rows),
+        label_accuracy=sum(labels) / len(labels) if labels else None,
+        reid_rate=(sum(reid) / len(reid) if len(reid) == len(rows)
+                   else summary.get("reid_rate") if isinstance(run, AttackRun) else None),
+        seconds_per_image=statistics.fmean(r.seconds for r in rows),
+        success_ssim=threshold,
+        asr_chance=summary.get("asr_chance"),
+        mean_ssim_chance=summary.get("mean_ssim_chance"),
+        reid_gallery=int(gallery) if gallery else None,
+        num_classes=summary.get("num_classes") or ((run.federation or {}).get("classes") and
+                                                   len(run.federation["classes"]) if isinstance(run, TrainRun)
+                                                   else None),
+        epsilon=summary.get("epsilon"),
+    )
+
+
+def _label(run: AttackRun | TrainRun) -> str:
+    """A short name for a run: attack, defense, and round/site context where the run has one."""
+    name = attack_name(run.attack)
+    if run.defense not in ("none", ""):
+        name += f" + {run.defense}"
+    if isinstance(run, TrainRun):
+        name += " in training"
+    return name
+
+
+def _fmt(value: float | None, digits: int = 2, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def plain_findings(run: AttackRun | TrainRun, stats: RunStats) -> list[str]:
+    """The run's numbers with their meaning, in sentences."""
+    lines = [f"ASR {stats.asr:.2f}: {stats.recognised} of {stats.n} images were reconstructed recognisably "
+             f"(SSIM \u2265 {stats.success_ssim:g})"
+             + (f"; an attacker answering with a random image of the same data would reach {stats.asr_chance:.2f}"
+                if stats.asr_chance is not None else "") + "."]
+    if stats.reid_rate is not None:
+        hits = round(stats.reid_rate * stats.n)
+        line = f"Re-identification {stats.reid_rate:.2f}: {hits} of {stats.n} reconstructions are most similar to " \
+               "their own patient's image"
+        if stats.reid_gallery:
+            line += f" among {stats.reid_gallery} images of the data; a random guess would re-identify 1 in " \
+                    f"{stats.reid_gallery}"
+        lines.append(line + ".")
+    if stats.label_accuracy is not None:
+        hits = round(stats.label_accuracy * stats.n)
+        line = f"Label accuracy {stats.label_accuracy:.2f}: the attacker learned the class (diagnosis or modality) " \
+               f"of {hits} of {stats.n} images"
+        if stats.num_classes:
+            line += f"; guessing would get 1 in {stats.num_classes}"
+        lines.append(line + ".")
+    lines.append(f"Mean SSIM {stats.mean_ssim:.3f} (1 is a perfect copy"
+                 + (f", a random image of the data scores {stats.mean_ssim_chance:.3f}" if stats.mean_ssim_chance
+                    is not None else "") + f"), mean PSNR {stats.mean_psnr:.1f} dB; "
+                 f"{stats.seconds_per_image:.2f} s of attack per image.")
+    return lines
+
+
+# ---------------------------------------------------------------- sections
+
+
+def section_overview(ctx: Context) -> Section | None:
+    attacked = ctx.attacked
+    if not attacked and not ctx.sweeps:
+        return None
+    parts = ["<p class=lead>This report shows what an adversary who sees the model updates a hospital shares in "
+             "federated learning could reconstruct of its patients' images, measured by running the attacks on "
+             "real images and comparing each reconstruction with the original.</p>"]
+    ranked = sorted(attacked, key=lambda r: -run_stats(r).asr)
+    if ranked:
+        items = []
+        for run in ranked:
+            stats = run_stats(run)
+            items.append(f"<li><strong>{esc(_label(run))}</strong> ({esc(run.name)}): "
+                         f"{esc(plain_findings(run, stats)[0])}</li>")
+        parts.append("<h3>What leaked</h3><ul class=findings>" + "".join(items) + "</ul>")
+        worst = ranked[0]
+        stats = run_stats(worst)
+        verdict = ("Patients' images can be recovered from the shared updates." if stats.asr > 0 else
+                   "No attacked image was reconstructed recognisably in these runs; see the re-identification "
+                   "and per-image sections for weaker leaks.")
+        parts.append(f"<p><strong>In short:</strong> {esc(verdict)}</p>")
+    for sweep in ctx.sweeps:
+        rec = _recommendations(sweep)
+        if rec:
+            parts.append("<h3>Recommended defense settings</h3><ul class=findings>"
+                         + "".join(f"<li>{esc(r)}</li>" for r in rec) + "</ul>")
+    return Section("overview", "Summary", "".join(parts))
+
+
+def section_threat_model(ctx: Context) -> Section | None:
+    attacked = ctx.attacked
+    if not attacked:
+        return None
+    parts = ["<p>The adversary is the server that coordinates training, assumed honest but curious: it runs "
+             "the protocol as agreed but studies what it receives. An eavesdropper on the connection between a "
+             "hospital and the server is in the same position. For each shared update it sees exactly two things: "
+             "the model it sent to the hospital (architecture and current weights) and the update the hospital "
+             "sent back. It never sees the patients' images, and sees their labels only where stated below.</p>"]
+    rows = []
+    for run in attacked:
+        cfg = run.config
+        if isinstance(run, AttackRun):
+            granted = cfg.get("labels_granted")
+            batch = (run.summary or {}).get("images_per_update") or cfg.get("batch_size", 1)
+            bn = cfg.get("bn_mode_used") or cfg.get("bn_mode")
+            norm = cfg.get("norm", "batch")
+            model_note = "a shared model" if cfg.get("shared_model") else "a freshly initialised model per update"
+            context = f"one update per victim, {model_note}"
+        else:
+            granted = cfg.get("attack") == "invgrad"
+            batch = cfg.get("attack_batch") or cfg.get("local_batch")
+            bn, norm = "train", cfg.get("norm", "group")
+            rounds = ", ".join(map(str, cfg.get("attack_rounds", []))) or "?"
+            sites = ", ".join(map(str, cfg.get("attack_sites", []))) or "?"
+            context = (f"{cfg.get('protocol', '?')} training of {cfg.get('sites', '?')} sites for "
+                       f"{cfg.get('rounds', '?')} rounds; updates of sites {sites} attacked at rounds {rounds}")
+        labels = ("handed the true labels (a stronger adversary than usual)" if granted else
+                  "recovered by the attacker from the update itself")
+        if norm != "batch":
+            bn_text = f"no BatchNorm ({norm} normalisation)"
+        else:
+            bn_text = ("batch statistics (an ordinary training step)" if bn == "train" else
+                       "running statistics (network in eval mode, as the Inverting Gradients paper computed updates)")
+        rows.append([run.name, attack_name(run.attack), ATTACK_PLAIN.get(run.attack, ""),
+                     cfg.get("model", "?"), str(batch), labels, bn_text, run.defense, context])
+    parts.append(table(["run", "attack", "how it works", "model", "images per update", "labels", "BatchNorm",
+                        "defense", "setting"], rows, numeric=[4]))
+    parts.append("<p class=note>Images per update: how many of a hospital's images stand behind one shared "
+                 "update. More images per update blend into one another and are harder to separate.</p>")
+    return Section("threat-model", "Threat model: who sees what", "".join(parts))
+
+
+def section_data(ctx: Context) -> Section | None:
+    attacked = ctx.attacked
+    if not attacked:
+        return None
+    parts = []
+    by_source: dict[str, list] = defaultdict(list)
+    for run in attacked:
+        by_source[str(run.config.get("data") or "embedded")].append(run)
+    for source, runs in by_source.items():
+        classes = ctx.originals.class_names(runs[0])
+        rows = runs[0].images()
+        counts = Counter(r.label for r in rows)
+        name = "the embedded real-image set" if source == "embedded" else source
+        cfg = runs[0].config
+        parts.append(f"<h3>Data: {esc(name)}</h3>")
+        if source == "embedded":
+            parts.append("<p>726 real medical images at 64x64 pixels in six modalities (CT, MR, X-ray, "
+                         "ultrasound, fundus photography, histology), cut from files that open-source Python "
+                         "packages ship (pydicom, pydicom-data, nibabel, scikit-image), each with its provenance "
+                         "and licence recorded.</p>")
+        parts.append(f"<p>Images are resized to {cfg.get('image_size', '?')}x{cfg.get('image_size', '?')} pixels "
+                     f"with {cfg.get('channels', '?')} channel(s). The first run here attacked "
+                     f"{_count(len(rows), 'image')}:</p>")
+        parts.append(table(["class", "images attacked"],
+                           [[classes[k] if classes and isinstance(k, int) and k < len(classes) else k, v]
+                            for k, v in sorted(counts.items(), key=lambda kv: str(kv[0]))], numeric=[1]))
+    for run in ctx.train_runs:
+        fed, cfg = run.federation or {}, run.config
+        parts.append(f"<h3>Federation: {esc(run.name)}</h3>")
+        sizes = fed.get("n_images") or []
+        parts.append(f"<p>{_count(len(sizes) or cfg.get('sites', 0), 'site')} ({esc(cfg.get('partition', '?'))} "
+                     f"partition), {sum(sizes)} training images, {fed.get('n_test', '?')} held-out test images; "
+                     f"protocol {esc(cfg.get('protocol', '?'))}, {cfg.get('local_epochs', '?')} local epoch(s) of "
+                     f"batch {cfg.get('local_batch', '?')}, learning rate {cfg.get('lr', '?')}, "
+                     f"{cfg.get('rounds', '?')} rounds.</p>")
+        if sizes and fed.get("label_counts"):
+            classes = fed.get("classes") or []
+            parts.append(table(["site", "images", *classes],
+                               [[s, n, *fed["label_counts"][s]] for s, n in enumerate(sizes)],
+                               numeric=list(range(1, 2 + len(classes)))))
+    return Section("data", "Data", "".join(parts))
+
+
+def section_results(ctx: Context) -> Section | None:
+    attacked = ctx.attacked
+    if not attacked:
+        return None
+    has_eps = any(run_stats(r).epsilon is not None for r in attacked)
+    rows, groups = [], {}
+    for run in attacked:
+        s = run_stats(run)
+        asr = f"{s.asr:.2f}" + (f" (chance {s.asr_chance:.2f})" if s.asr_chance is not None else "")
+        reid = _fmt(s.reid_rate) + (f" (chance 1/{s.reid_gallery})" if s.reid_gallery and s.reid_rate is not None
+                                   else "")
+        label = _fmt(s.label_accuracy) + (f" (chance 1/{s.num_classes})" if s.num_classes and
+                                          s.label_accuracy is not None else "")
+        row = [run.name, attack_name(run.attack), run.config.get("model", "?"), run.defense]
+        if has_eps:
+            row.append(_fmt(s.epsilon, 2))
+        rows.append(row + [s.n, asr, f"{s.mean_ssim:.3f}", f"{s.mean_psnr:.1f} dB", f"{s.mean_mse:.4f}", label,
+                           reid, f"{s.seconds_per_image:.2f}"])
+        groups[run.name if len(attacked) > 1 else _label(run)] = [r.ssim for r in run.images()]
+    header = ["run", "attack", "model", "defense"] + (["epsilon"] if has_eps else []) + [
+        "images", "ASR", "mean SSIM", "mean PSNR", "mean MSE", "label accuracy", "re-identified", "s / image"]
+    first_num = 5 if has_eps else 4
+    parts = [table(header, rows, numeric=list(range(first_num, len(header))))]
+    parts.append("<p class=note>ASR (attack success rate): share of images reconstructed with SSIM \u2265 0.9, "
+                 "the paper's threshold for a recognisable copy. SSIM (structural similarity, 0 to 1) and PSNR "
+                 "(higher is closer) compare each reconstruction with its original, both clamped to [0,1]. "
+                 "Re-identified: the reconstruction is more similar to its own image than to any other image of "
+                 "the data. Chance levels: what an attacker would score by answering with a random image of the "
+                 "data, or a random label. Time: wall time of the attack alone.</p>")
+    for run in attacked:
+        parts.append(f"<h3>{esc(_label(run))} ({esc(run.name)})</h3><ul class=findings>"
+                     + "".join(f"<li>{esc(line)}</li>" for line in plain_findings(run, run_stats(run))) + "</ul>")
+    parts.append("<figure>" + img(plots.ssim_strip(groups, SUCCESS_SSIM), "SSIM of every attacked image per run",
+                                  "plot") + "<figcaption>How close each reconstruction came to its original. Dots "
+                 "above the dashed line are recognisable copies.</figcaption></figure>")
+    return Section("results", "Results per attack", "".join(parts))
+
+
+def _pair(ctx: Context, run: Run, row: ImageResult, tag: str) -> str:
+    original = ctx.originals.png(run, row.item_id)
+    left = img(original, f"original {row.item_id}", "px") if original else '<span class="missing">(original n/a)</span>'
+    right = img_file(row.reconstruction, f"reconstruction of {row.item_id}", "px")
+    where = f" r{row.round} s{row.site}" if row.round is not None else ""
+    return (f'<div class="pair"><div class="imgs">{left}{right}</div>'
+            f'<span class="tag">{esc(tag)}{esc(where)}</span>SSIM {row.ssim:.3f}, {row.psnr:.1f} dB</div>')
+
+
+def section_reconstructions(ctx: Context) -> Section | None:
+    attacked = ctx.attacked
+    if not attacked:
+        return None
+    parts = ["<p>Each pair shows the patient's image (left) and what the attacker reconstructed from the shared "
+             "update alone (right), for the best and the worst reconstructions of each run.</p>"]
+    for run in attacked[:RUNS_WITH_PICTURES]:
+        rows = sorted(run.images(), key=lambda r: -r.ssim)
+        k = min(PAIRS_SHOWN, len(rows) // 2) or 1
+        best, worst = rows[:k], rows[-k:] if len(rows) > k else []
+        parts.append(f"<h3>{esc(_label(run))} ({esc(run.name)})</h3>")
+        parts.append('<div class="pairs">' + "".join(_pair(ctx, run, r, "best") for r in best)
+                     + "".join(_pair(ctx, run, r, "worst") for r in worst) + "</div>")
+        grid = run.path / "reconstructions.png"
+        if isinstance(run, AttackRun) and grid.exists():
+            parts.append("<figure>" + img_file(grid, f"originals above reconstructions, {run.name}", "grid")
+                         + "<figcaption>All attacked images of the run (up to 32): each row of originals is followed "
+                           "by their reconstructions.</figcaption></figure>")
+    if len(attacked) > RUNS_WITH_PICTURES:
+        parts.append(f"<p class=note>{len(attacked) - RUNS_WITH_PICTURES} more runs are in the tables and in "
+                     "results.csv.</p>")
+    if ctx.originals.problems:
+        parts.append("<p class=note>Originals could not be shown for: " + esc("; ".join(
+            f"{k} ({v})" for k, v in ctx.originals.problems.items())) + ".</p>")
+    return Section("reconstructions", "Originals beside reconstructions", "".join(parts))
+
+
+def risk_level(row: ImageResult, threshold: float = SUCCESS_SSIM) -> str:
+    """High: a recognisable copy. Medium: not recognisable by SSIM, yet it singles out the patient's image.
+    Low: neither."""
+    if row.ssim >= threshold:
+        return "high"
+    if row.reidentified:
+        return "medium"
+    return "low"
+
+
+def section_risk_ranking(ctx: Context) -> Section | None:
+    rows = sorted(ctx.images(), key=lambda r: -r.ssim)
+    if not rows:
+        return None
+    run_of = {run.name: run for run in ctx.attacked}
+    levels = Counter(risk_level(r) for r in rows)
+    parts = [f"<p>Every attacked image, most exposed first ({levels['high']} high, {levels['medium']} medium, "
+             f"{levels['low']} low risk). <span class='pill high'>high</span> the reconstruction is a recognisable "
+             "copy (SSIM \u2265 0.9); <span class='pill medium'>medium</span> not a recognisable copy, but it is "
+             "more similar to the patient's own image than to any other, so it re-identifies the patient; "
+             "<span class='pill low'>low</span> neither.</p>"]
+    show_round = any(r.round is not None for r in rows)
+    table_rows = []
+    for rank, row in enumerate(rows[:RANKED_ROWS], 1):
+        run = run_of[row.run]
+        original = ctx.originals.png(run, row.item_id)
+        reid = "n/a" if row.reidentified is None else ("yes" if row.reidentified else "no")
+        label = "n/a" if row.label_correct is None else ("yes" if row.label_correct else "no")
+        cells = [rank, f"<span class='pill {risk_level(row)}'>{risk_level(row)}</span>",
+                 img(original, "original", "px") if original else "n/a",
+                 img_file(row.reconstruction, "reconstruction", "px"), f"{row.ssim:.3f}", f"{row.psnr:.1f}", reid,
+                 label, esc(row.item_id), esc(f"{attack_name(row.attack)} / {row.defense}")]
+        if show_round:
+            cells.append(esc(f"round {row.round}, site {row.site}" if row.round is not None else "-"))
+        table_rows.append(cells)
+    header = ["#", "risk", "original", "reconstruction", "SSIM", "PSNR dB", "re-identified", "label learned", "image",
+              "attack / defense"] + (["update"] if show_round else [])
+    parts.append(table(header, table_rows, numeric=[0, 4, 5], raw=True))
+    if len(rows) > RANKED_ROWS:
+        parts.append(f"<p class=note>The {RANKED_ROWS} most exposed of {len(rows)} images are shown; results.csv "
+                     "beside this report lists all.</p>")
+    return Section("risk", "Per-image risk ranking", "".join(parts))
+
+
+def section_training(ctx: Context) -> Section | None:
+    runs = [r for r in ctx.train_runs if r.rounds]
+    if not runs:
+        return None
+    parts = []
+    for run in runs:
+        rounds = [r["round"] for r in run.rounds]
+        metrics = {k: [r.get(k) for r in run.rounds] for k in ("accuracy", "balanced_accuracy", "auc")
+                   if any(r.get(k) is not None for r in run.rounds)}
+        chance = (run.summary or {}).get("chance") or {}
+        parts.append(f"<h3>{esc(run.name)}</h3>")
+        if metrics:
+            last = run.rounds[-1]
+            parts.append("<p>" + esc(", ".join(
+                f"{k.replace('_', ' ')} {last[k]:.3f}" + (f" (chance {chance[k]:.3f})" if isinstance(
+                    chance.get(k), (int, float)) else "") for k in metrics if last.get(k) is not None))
+                + f" after round {last['round']}.</p>")
+            parts.append("<figure>" + img(plots.per_round(rounds, {k.replace("_", " "): v for k, v in metrics.items()},
+                                                          "on held-out test images", "Utility of the global model",
+                                                          chance=chance.get("accuracy")), "utility per round", "plot")
+                         + "<figcaption>What the federation's model is worth, round by round.</figcaption></figure>")
+        if run.attacks:
+            per_site: dict[str, dict[int, float]] = defaultdict(dict)
+            rows = []
+            for a in sorted(run.attacks, key=lambda a: (a["round"], a["site"])):
+                mean = statistics.fmean(a["ssim"])
+                per_site[f"site {a['site']}"][a["round"]] = mean
+                asr = sum(s >= SUCCESS_SSIM for s in a["ssim"]) / len(a["ssim"])
+                rows.append([a["round"], a["site"], len(a["ssim"]), f"{asr:.2f}", f"{mean:.3f}",
+                             f"{statistics.fmean(a['psnr']):.1f}", a.get("observed", "")])
+            parts.append(table(["round", "site", "images", "ASR", "mean SSIM", "mean PSNR dB", "update attacked"],
+                               rows, numeric=[0, 1, 2, 3, 4, 5], caption="Leakage per round and site"))
+            attacked_rounds = sorted({a["round"] for a in run.attacks})
+            parts.append("<figure>" + img(plots.per_round(attacked_rounds, {
+                site: [values.get(r) for r in attacked_rounds] for site, values in per_site.items()},
+                "mean SSIM of reconstructions", "Leakage per round and site"), "leakage per round", "plot")
+                + "</figure>")
+    return Section("training", "Federated training: utility and leakage per round", "".join(parts))
+
+
+# Column names a sweep may use, first match wins.
+_PRIVACY = ("asr", "mean_ssim")
+_UTILITY = ("accuracy", "balanced_accuracy", "auc", "test_accuracy")
+
+
+def _first(cells: list[dict], names: tuple[str, ...]) -> str | None:
+    return next((n for n in names if any(isinstance(c.get(n), (int, float)) for c in cells)), None)
+
+
+def _cell_label(cell: dict) -> str:
+    for key in ("defense_label", "defense", "spec"):
+        if cell.get(key):
+            return str(cell[key])
+    return "none"
+
+
+def _averaged_cells(sweep: SweepRun) -> list[dict]:
+    """Cells averaged over seeds: one per attack x defense setting."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for cell in sweep.cells:
+        groups[(str(cell.get("attack", "")), _cell_label(cell))].append(cell)
+    averaged = []
+    for (attack, defense), cells in groups.items():
+        row: dict[str, Any] = {"attack": attack, "defense": defense, "seeds": len(cells)}
+        for key in {k for c in cells for k, v in c.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}:
+            values = [c[key] for c in cells if isinstance(c.get(key), (int, float))]
+            row[key] = statistics.fmean(values) if values else None
+        averaged.append(row)
+    return averaged
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points no other point beats on both counts (higher utility x, lower leak y)."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        if not any((x2 >= x and y2 <= y) and (x2 > x or y2 < y) for j, (x2, y2) in enumerate(points) if j != i):
+            front.append(i)
+    return front
+
+
+def _recommendations(sweep: SweepRun) -> list[str]:
+    """Per attack: the setting with the best utility among those that keep ASR below 0.1."""
+    cells = _averaged_cells(sweep)
+    privacy, utility = _first(cells, _PRIVACY), _first(cells, _UTILITY)
+    if not privacy or not utility:
+        return []
+    lines = []
+    for attack in sorted({c["attack"] for c in cells}):
+        mine = [c for c in cells if c["attack"] == attack and c.get(privacy) is not None and c.get(utility) is not None]
+        safe = [c for c in mine if c[privacy] < 0.1] if privacy == "asr" else []
+        name = attack_name(attack) if attack else "the attacks"
+        if safe:
+            best = max(safe, key=lambda c: c[utility])
+            lines.append(f"Against {name}: {best['defense']} keeps ASR at {best[privacy]:.2f} (below 0.1) with "
+                         f"{utility.replace('_', ' ')} {best[utility]:.3f}"
+                         + (f", epsilon {best['epsilon']:.2f}" if best.get("epsilon") is not None else "") + ".")
+        elif mine:
+            best = min(mine, key=lambda c: (c[privacy], -c[utility]))
+            lines.append(f"Against {name}: no setting tested keeps ASR below 0.1; the lowest is {best['defense']} "
+                         f"({privacy} {best[privacy]:.2f}, {utility.replace('_', ' ')} {best[utility]:.3f}).")
+    return lines
+
+
+def section_tradeoff(ctx: Context) -> Section | None:
+    sweeps = [s for s in ctx.sweeps if s.cells]
+    if not sweeps:
+        return None
+    parts = []
+    for sweep in sweeps:
+        cells = _averaged_cells(sweep)
+        privacy, utility = _first(cells, _PRIVACY), _first(cells, _UTILITY)
+        parts.append(f"<h3>{esc(sweep.name)}</h3>")
+        if privacy and utility:
+            usable = [c for c in cells if c.get(privacy) is not None and c.get(utility) is not None]
+            front = pareto_front([(c[utility], c[privacy]) for c in usable])
+            points = [{"x": c[utility], "y": c[privacy], "label": c["defense"], "group": attack_name(c["attack"])}
+                      for c in usable]
+            parts.append("<figure>" + img(plots.tradeoff(points, f"{utility.replace('_', ' ')} (higher is better)",
+                                                         f"{privacy.replace('_', ' ')} (lower is safer)", front,
+                                                         "Privacy against utility, one point per defense setting"),
+                                          "privacy-utility trade-off", "plot")
+                         + "<figcaption>Settings on the dashed line are not beaten on both privacy and utility by "
+                           "any other.</figcaption></figure>")
+            rec = _recommendations(sweep)
+            if rec:
+                parts.append("<ul class=findings>" + "".join(f"<li>{esc(r)}</li>" for r in rec) + "</ul>")
+        columns = [k for k in ("asr", "mean_ssim", "mean_psnr", "label_accuracy", "reid_rate", "accuracy",
+                               "balanced_accuracy", "auc", "epsilon", "seconds") if any(c.get(k) is not None
+                                                                                       for c in cells)]
+        rows = [[attack_name(c["attack"]), c["defense"], c["seeds"]] + [_fmt(c.get(k), 3) for k in columns]
+                for c in sorted(cells, key=lambda c: (c["attack"], c["defense"]))]
+        parts.append(table(["attack", "defense", "seeds", *[k.replace("_", " ") for k in columns]], rows,
+                           numeric=list(range(2, 3 + len(columns))),
+                           caption="Each row: privacy (leak) and utility (model quality) of one defense setting, "
+                                   "averaged over seeds; epsilon only where the defense is differential privacy."))
+    return Section("tradeoff", "Defenses: privacy against utility", "".join(parts))
+
+
+def section_provenance(ctx: Context) -> Section | None:
+    if not ctx.runs:
+        return None
+    parts = ["<p>Everything needed to repeat these runs: the command, its full configuration, the seed and the "
+             "library versions. The same command with the same seed gives the same results.</p>"]
+    versions = [r.record.get("versions") for r in ctx.runs if r.record.get("versions")]
+    if versions:
+        keys = list(dict.fromkeys(k for v in versions for k in v))
+        distinct = {k: sorted({str(v.get(k, "")) for v in versions}) for k in keys}
+        parts.append(table(["library", "version"], [[k, ", ".join(v)] for k, v in distinct.items()],
+                           caption="Python, libraries and device"))
+    rows = []
+    for run in ctx.runs:
+        stats_time = ""
+        if isinstance(run, (AttackRun, TrainRun)) and run.images():
+            total = sum(r.seconds for r in run.images())
+            stats_time = f"{total:.1f} s attacking"
+        if isinstance(run, TrainRun) and run.rounds:
+            stats_time += f"; {sum(r.get('seconds', 0) for r in run.rounds):.1f} s training"
+        rows.append([run.name, type(run).__name__.replace("Run", "").lower() or "sweep", run.record.get("seed", ""),
+                     stats_time, " ".join(_short_argv(run.record.get("argv") or []))])
+    parts.append(table(["run", "kind", "seed", "time", "command"], rows, numeric=[2]))
+    for run in ctx.runs:
+        if run.config:
+            parts.append(f"<h3>Configuration of {esc(run.name)}</h3><pre>{esc(json.dumps(run.config, indent=1, default=str))}</pre>")
+    return Section("provenance", "Provenance", "".join(parts))
+
+
+def _short_argv(argv: list[str]) -> list[str]:
+    """The command as typed: the program's name without its install path."""
+    if not argv:
+        return []
+    first = Path(argv[0]).name
+    return ["medpfl" if first in ("medpfl", "cli.py", "__main__.py") else first, *argv[1:]]
+
+
+SECTIONS: list[Callable[[Context], Section | None]] = [
+    section_overview, section_threat_model, section_data, section_results, section_tradeoff, section_training,
+    section_reconstructions, section_risk_ranking, section_provenance,
+]
