@@ -80,6 +80,15 @@ def _parser() -> argparse.ArgumentParser:
     attack.add_argument("--checkpoint-every", type=float, default=300.0, metavar="SECONDS",
                         help="Inverting Gradients: save the optimiser state this often, to resume after a crash")
 
+    audit = commands.add_parser("audit", parents=[common],
+                                help="run every attack, defense and federation a config names, then write one report")
+    audit.add_argument("config", nargs="?", help="a YAML audit config, or a shipped one: demo (default), medpfl-paper")
+    audit.add_argument("--out", help="audit directory (default: runs/audit-NAME)")
+    audit.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
+                       help="audit your data sets instead of the config's, e.g. --data skin=/data/melanoma "
+                            "(repeatable)")
+    audit.add_argument("--fresh", action="store_true", help="start over instead of resuming --out")
+
     report = commands.add_parser("report", parents=[common], help="write report.html and results.csv for a run directory")
     report.add_argument("run_dir", help="a directory written by medpfl attack, train, sweep or audit (or a folder of them)")
     report.add_argument("--out", help="the HTML file to write (default: RUN_DIR/report.html)")
@@ -273,6 +282,49 @@ def _report(run: Path, quiet: bool) -> Path | None:
         return None
 
 
+def cmd_audit(args: argparse.Namespace) -> None:
+    import time
+
+    from medpfl.experiments.audit import run_audit
+    from medpfl.experiments.audit_config import load_audit_config
+
+    config = load_audit_config(args.config)
+    if args.data:  # the user's data sets replace the config's
+        config.data = {}
+        for text in args.data:
+            name, _, path = text.partition("=")
+            if not name or not path:
+                raise MedPFLError(f"--data '{text}' must be NAME=PATH, e.g. --data skin=/data/melanoma.")
+            config.data[name] = path
+        config.check()
+    name = Path(args.config).stem if args.config else "demo"
+    run = Path(args.out or f"runs/audit-{name}")
+    started = time.perf_counter()
+    bar = None if args.quiet else Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                                           TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), console=console)
+    task = bar.add_task("audit", total=None) if bar else None
+
+    def update(done: float, total: int, label: str) -> None:
+        if bar:
+            bar.update(task, completed=done, total=total, description=f"audit: {label}")
+
+    with bar or nullcontext():
+        summary = run_audit(config, run, resume=not args.fresh, progress=update)
+    table = Table(title=f"{config.title}: {summary['jobs']} runs")
+    for column in ("run", "ASR", "mean SSIM", "mean PSNR", "label acc.", "re-id", "epsilon", "accuracy"):
+        table.add_column(column, justify="left" if column == "run" else "right")
+    number = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
+    for r in summary["results"]:
+        table.add_row(r["dir"], number(r.get("asr"), ".2f"), number(r.get("mean_ssim"), ".3f"),
+                      number(r.get("mean_psnr"), ".1f"), number(r.get("label_accuracy"), ".2f"),
+                      number(r.get("reid_rate"), ".2f"), number(r.get("epsilon"), ".2f"),
+                      number(r.get("accuracy"), ".3f"))
+    out.print(table)
+    report = _report(run, args.quiet)
+    out.print(f"Audit finished in {time.perf_counter() - started:.0f} s. Report: {report or '(not written)'}; "
+              f"per-image results: {run / 'results.csv'}.")
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     from medpfl.report import build_report
 
@@ -282,7 +334,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {("data", "inspect"): cmd_data_inspect, ("data", "sample"): cmd_data_sample, ("attack", None): cmd_attack,
-            ("train", None): cmd_train, ("report", None): cmd_report}
+            ("train", None): cmd_train, ("report", None): cmd_report, ("audit", None): cmd_audit}
 
 
 def main(argv: list[str] | None = None) -> int:

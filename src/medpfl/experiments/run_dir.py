@@ -62,10 +62,10 @@ def open_run_dir(out: str | os.PathLike[str], config: dict[str, Any], resume: bo
     return path
 
 
-def read_results(path: Path) -> Iterator[dict[str, Any]]:
-    """Finished results of a run. A last line cut short by a kill is left out; any other unreadable
-    line is damage and raises a MedPFLError naming the file and line."""
-    results = path / "results.jsonl"
+def read_results(path: Path, name: str = "results.jsonl") -> Iterator[dict[str, Any]]:
+    """Finished results of a run (in `name`). A last line cut short by a kill is left out; any other
+    unreadable line is damage and raises a MedPFLError naming the file and line."""
+    results = path / name
     if not results.exists():
         return iter(())
     return iter(_parse_results(results)[0])
@@ -111,9 +111,9 @@ def _drop_cut_off_tail(file: Path) -> None:
         os.fsync(f.fileno())
 
 
-def append_result(path: Path, result: dict[str, Any]) -> None:
-    """Append one finished result and flush it to disk at once."""
-    with open(path / "results.jsonl", "a") as f:
+def append_result(path: Path, result: dict[str, Any], name: str = "results.jsonl") -> None:
+    """Append one finished result (to `name`) and flush it to disk at once."""
+    with open(path / name, "a") as f:
         f.write(json.dumps(result) + "\n")
         f.flush()
         os.fsync(f.fileno())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from medpfl.errors import MedPFLError
 from medpfl.report.html import page
-from medpfl.report.runs import AttackRun, TrainRun, find_runs
+from medpfl.report.runs import AttackRun, AuditRun, TrainRun, find_runs
 from medpfl.report.sections import SECTIONS, Context, attack_name, run_stats
 
 CSV_FIELDS = ("run", "attack", "defense", "round", "site", "victim", "slot", "item_id", "label", "recovered_label",
@@ -32,7 +32,9 @@ def build_report(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
     subtitle = [f"Run directory: {root.resolve().name} ({len(runs)} run{'s' if len(runs) > 1 else ''}: "
                 + ", ".join(sorted({_kind(r) for r in runs})) + ")",
                 "Generated " + datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC") + " by medpfl report"]
-    html = page("Privacy audit: what shared model updates reveal", subtitle, sections,
+    title = next((r.config["title"] for r in runs if isinstance(r, AuditRun) and r.config.get("title")),
+                 "Privacy audit: what shared model updates reveal")
+    html = page(title, subtitle, sections,
                 "MedPFL report. It holds patients' images (originals and reconstructions): share it as you would "
                 "the data itself.")
     _write(target, html)

@@ -131,6 +131,13 @@ class TrainRun(Run):
 
 
 @dataclass
+class AuditRun(Run):
+    """An audit's own directory: its config and the jobs it finished (the runs are its sub-directories)."""
+
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
 class SweepRun(Run):
     cells: list[dict[str, Any]] = field(default_factory=list)
 
@@ -167,17 +174,23 @@ def _number(text: str | None) -> Any:
 
 
 def load_run(path: Path, name: str) -> Run | None:
-    """The run `path` holds, or None if it holds none."""
+    """The run `path` holds, or None if it holds none (or nothing finished yet)."""
     record = _read_json(path / "config.json") or {}
+    config = record.get("config", {}) if isinstance(record.get("config"), dict) else {}
     summary = _read_json(path / "summary.json")
-    if (path / "cells.jsonl").exists() or (path / "tradeoff.csv").exists():
+    if (path / "audit.jsonl").exists():
+        return AuditRun(path, name, record, summary, jobs=read_jsonl(path / "audit.jsonl"))
+    if (path / "cells.jsonl").exists() or (path / "tradeoff.csv").exists() or (
+            "defenses" in config and (path / "results.jsonl").exists()):
         return SweepRun(path, name, record, summary, cells=_read_cells(path))
     if (path / "rounds.jsonl").exists():
         return TrainRun(path, name, record, summary, rounds=read_jsonl(path / "rounds.jsonl"),
                         attacks=read_jsonl(path / "attacks.jsonl"), federation=_read_json(path / "federation.json"))
-    if (path / "results.jsonl").exists() and record:
-        results = read_jsonl(path / "results.jsonl")
-        return AttackRun(path, name, record, summary, results=results) if results else None
+    results = read_jsonl(path / "results.jsonl")
+    if results and "attack" in config and "ssim" in results[0]:
+        return AttackRun(path, name, record, summary, results=results)
+    if results and "round" in results[0] and "accuracy" in results[0]:  # a federation trained for its utility
+        return TrainRun(path, name, record, summary, rounds=results)
     return None
 
 

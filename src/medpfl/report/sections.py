@@ -462,7 +462,10 @@ def section_training(ctx: Context) -> Section | None:
     if not runs:
         return None
     parts = []
-    for run in runs:
+    plain = [r for r in runs if not r.attacks and r.config.get("defense") is not None]
+    if len(plain) > 1:  # federations trained only for their utility, e.g. one per defense of a sweep
+        parts.append(_utility_curves(plain))
+    for run in (r for r in runs if r not in plain or len(plain) == 1):
         rounds = [r["round"] for r in run.rounds]
         metrics = {k: [r.get(k) for r in run.rounds] for k in ("accuracy", "balanced_accuracy", "auc")
                    if any(r.get(k) is not None for r in run.rounds)}
@@ -495,6 +498,22 @@ def section_training(ctx: Context) -> Section | None:
                 "mean SSIM of reconstructions", "Leakage per round and site"), "leakage per round", "plot")
                 + "</figure>")
     return Section("training", "Federated training: utility and leakage per round", "".join(parts))
+
+
+def _utility_curves(runs: list[TrainRun]) -> str:
+    """One line per federation: test accuracy over rounds, and a table of where each ended."""
+    rounds = sorted({r["round"] for run in runs for r in run.rounds})
+    label = lambda run: str(run.config.get("defense") or run.name)  # noqa: E731
+    series = {label(run): [next((r.get("accuracy") for r in run.rounds if r["round"] == k), None) for k in rounds]
+              for run in runs}
+    rows = [[label(run), run.config.get("seed", ""), run.rounds[-1]["round"]]
+            + [_fmt(run.rounds[-1].get(k), 3) for k in ("accuracy", "balanced_accuracy", "auc")]
+            + [_fmt((run.summary or {}).get("epsilon"), 2)] for run in runs]
+    return ("<h3>Federations trained with each defense</h3><figure>"
+            + img(plots.per_round(rounds, series, "test accuracy", "Accuracy of the global model per round"),
+                  "accuracy per round per defense", "plot") + "</figure>"
+            + table(["defense", "seed", "rounds", "accuracy", "balanced accuracy", "AUC", "epsilon"], rows,
+                    numeric=[1, 2, 3, 4, 5, 6]))
 
 
 # Column names a sweep may use, first match wins.

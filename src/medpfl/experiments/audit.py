@@ -1,0 +1,153 @@
+"""`medpfl audit`: every run a config asks for, into one directory, then one report.
+
+Directory: config.json (the audit's config, seed list, versions); audit.jsonl (one line per finished job,
+so a killed audit resumes without repeating one); DATA/ATTACK-DEFENSE-seedS/ (attack runs, themselves
+resumable); DATA/utility-DEFENSE-seedS/ (a federation trained with the defense, for its accuracy);
+DATA/tradeoff.csv (privacy and utility per attack and defense); DATA/federation-seedS/ (training with a
+curious server); report.html, results.csv and summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from medpfl.errors import MedPFLError
+from medpfl.experiments.audit_config import AuditConfig
+from medpfl.experiments.run_dir import append_result, library_versions, read_results, write_json
+
+LEDGER = "audit.jsonl"
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=,+-]", "_", text.replace(":", "-"))
+
+
+def _defense_labels(config: AuditConfig) -> list[str]:
+    """Every defense setting the specs name (a key with several values is several settings)."""
+    if config.defenses == ["none"]:
+        return ["none"]
+    try:
+        from medpfl.defenses import parse_defenses
+    except ImportError:
+        raise MedPFLError("Audit config key 'defenses' needs medpfl's defenses, which this installation lacks; "
+                          "use defenses: [none].") from None
+    labels: list[str] = []
+    for i, spec in enumerate(config.defenses):
+        try:
+            chains = parse_defenses(spec)
+        except MedPFLError as exc:
+            raise MedPFLError(f"Audit config key 'defenses[{i}]': {exc}") from None
+        labels += [c.label() for c in chains if c.label() not in labels]
+    return labels
+
+
+def plan(config: AuditConfig) -> list[dict[str, Any]]:
+    """The audit's jobs in the order they run: attacks (quick, the core), utility, then federations."""
+    defenses = _defense_labels(config)
+    jobs = []
+    for data in config.data:
+        for seed in config.seeds:
+            for attack in config.attacks:
+                for defense in defenses:
+                    name = attack.name + (f"-{attack.model}" if attack.model else "")
+                    jobs.append({"kind": "attack", "data": data, "attack": attack.name, "model": attack.model,
+                                 "defense": defense, "seed": seed,
+                                 "dir": f"{data}/{name}-{_safe(defense)}-seed{seed}"})
+            if config.utility.enabled:
+                for defense in defenses:
+                    jobs.append({"kind": "utility", "data": data, "defense": defense, "seed": seed,
+                                 "dir": f"{data}/utility-{_safe(defense)}-seed{seed}"})
+            if config.federation is not None:
+                jobs.append({"kind": "federation", "data": data, "seed": seed, "dir": f"{data}/federation-seed{seed}"})
+    return jobs
+
+
+def _attack_job(config: AuditConfig, job: dict[str, Any], out: Path,
+                progress: Callable[[int, int], None] | None, resume: bool) -> dict[str, Any]:
+    from medpfl.experiments.attack_run import AttackRunConfig, run_attack
+
+    attack = next(a for a in config.attacks if a.name == job["attack"] and a.model == job["model"])
+    extra = {}
+    if job["defense"] != "none":
+        if "defense" not in {f.name for f in fields(AttackRunConfig)}:
+            raise MedPFLError("Audit config key 'defenses' needs attacks on defended updates, which this "
+                              "installation lacks; use defenses: [none].")
+        extra["defense"] = job["defense"]
+    run = AttackRunConfig(attack=attack.name, data=config.data[job["data"]], model=attack.model,
+                          image_size=config.image_size, channels=config.channels,
+                          batch_size=config.threat.batch_size, n_images=attack.n_images or config.n_images,
+                          seed=job["seed"],
+                          norm=config.norm, device=config.device, settings=dict(attack.settings),
+                          labels=config.threat.labels, bn_mode=config.threat.bn_mode, **extra)
+    summary = run_attack(run, out / job["dir"], resume=resume, progress=progress)
+    return {k: summary.get(k) for k in ("asr", "mean_ssim", "mean_psnr", "label_accuracy", "reid_rate",
+                                        "seconds_per_image", "epsilon")}
+
+
+def _unavailable(key: str, what: str) -> MedPFLError:
+    return MedPFLError(f"Audit config key '{key}' needs {what}, which this installation lacks; "
+                       f"remove '{key}' from the config (or set it to false/null).")
+
+
+JOBS: dict[str, Callable[..., dict[str, Any]]] = {"attack": _attack_job}
+
+
+def run_audit(config: AuditConfig, out: str | Path, resume: bool = True,
+              progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) every job of the audit into `out`, then write its report; returns the summary."""
+    jobs = plan(config)
+    missing = sorted({j["kind"] for j in jobs} - set(JOBS))
+    if missing:
+        key = {"utility": "utility.enabled", "federation": "federation"}[missing[0]]
+        raise _unavailable(key, {"utility": "federated training with defenses",
+                                 "federation": "federated training (medpfl train)"}[missing[0]])
+    path = _open(Path(out), config, resume)
+    done = {r["dir"]: r for r in read_results(path, LEDGER)}
+    started = time.perf_counter()
+    for index, job in enumerate(jobs):
+        if job["dir"] in done:
+            continue
+        label = f"{job['kind']} {job.get('attack', '')} {job['defense'] if 'defense' in job else ''}".strip()
+        if progress:
+            progress(index, len(jobs), label)
+
+        def inner(finished: int, total: int, index=index, label=label) -> None:
+            if progress and total:
+                progress(index + finished / total, len(jobs), label)
+
+        job_started = time.perf_counter()
+        result = JOBS[job["kind"]](config, job, path, inner, resume)
+        record = {**job, **result, "seconds": time.perf_counter() - job_started}
+        append_result(path, record, LEDGER)
+        done[job["dir"]] = record
+    if progress:
+        progress(len(jobs), len(jobs), "report")
+    return {"title": config.title, "jobs": len(jobs), "seconds_this_session": time.perf_counter() - started,
+            "results": [done[j["dir"]] for j in jobs]}
+
+
+def _open(out: Path, config: AuditConfig, resume: bool) -> Path:
+    """Create `out` and record the config; a finished or partial audit resumes only with the same config."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MedPFLError(f"Cannot create the audit folder '{out}' ({exc.strerror}); pass a writable --out.") from None
+    record = json.loads(json.dumps(asdict(config), default=str))
+    ledger = out / LEDGER
+    if ledger.exists() and (out / "config.json").exists():
+        previous = json.loads((out / "config.json").read_text()).get("config", {})
+        if previous != record and resume:
+            changed = sorted(k for k in set(previous) | set(record) if previous.get(k) != record.get(k))
+            raise MedPFLError(f"'{out}' holds an audit with other settings ({', '.join(changed)}); pass a new --out, "
+                              "the same config to resume it, or --fresh to start over.")
+    if not resume:
+        ledger.unlink(missing_ok=True)
+    write_json(out / "config.json", {"config": record, "seed": config.seeds, "versions": library_versions(),
+                                     "argv": sys.argv})
+    return out
