@@ -185,6 +185,12 @@ def _label(run: AttackRun | TrainRun) -> str:
     return name
 
 
+def data_name(run: Run) -> str:
+    """The data set a run attacked: the embedded set, or the last part of the user's path."""
+    data = run.config.get("data")
+    return "embedded" if not data else Path(str(data).rstrip("/")).name
+
+
 def _fmt(value: float | None, digits: int = 2, unit: str = "") -> str:
     return "n/a" if value is None else f"{value:.{digits}f}{unit}"
 
@@ -344,6 +350,8 @@ def section_results(ctx: Context) -> Section | None:
     if not attacked:
         return None
     has_eps = any(run_stats(r).epsilon is not None for r in attacked)
+    sources = {run.name: data_name(run) for run in attacked}
+    many_sources = len(set(sources.values())) > 1
     rows, groups = [], {}
     for run in attacked:
         s = run_stats(run)
@@ -352,15 +360,17 @@ def section_results(ctx: Context) -> Section | None:
                                    else "")
         label = _fmt(s.label_accuracy) + (f" (chance 1/{s.num_classes})" if s.num_classes and
                                           s.label_accuracy is not None else "")
-        row = [run.name, attack_name(run.attack), run.config.get("model", "?"), run.defense]
+        row = [run.name] + ([sources[run.name]] if many_sources else []) + [
+            attack_name(run.attack), run.config.get("model", "?"), run.defense]
         if has_eps:
             row.append(_fmt(s.epsilon, 2))
         rows.append(row + [s.n, asr, f"{s.mean_ssim:.3f}", f"{s.mean_psnr:.1f} dB", f"{s.mean_mse:.4f}", label,
                            reid, f"{s.seconds_per_image:.2f}"])
         groups[run.name if len(attacked) > 1 else _label(run)] = [r.ssim for r in run.images()]
-    header = ["run", "attack", "model", "defense"] + (["epsilon"] if has_eps else []) + [
-        "images", "ASR", "mean SSIM", "mean PSNR", "mean MSE", "label accuracy", "re-identified", "s / image"]
-    first_num = 5 if has_eps else 4
+    header = ["run"] + (["data"] if many_sources else []) + ["attack", "model", "defense"] + (
+        ["epsilon"] if has_eps else []) + ["images", "ASR", "mean SSIM", "mean PSNR", "mean MSE", "label accuracy",
+                                          "re-identified", "s / image"]
+    first_num = header.index("epsilon" if has_eps else "images")
     parts = [table(header, rows, numeric=list(range(first_num, len(header))))]
     parts.append("<p class=note>ASR (attack success rate): share of images reconstructed with SSIM \u2265 0.9, "
                  "the paper's threshold for a recognisable copy. SSIM (structural similarity, 0 to 1) and PSNR "
