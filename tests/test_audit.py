@@ -19,6 +19,8 @@ attacks:
   - {name: idlg, settings: {steps: 3, restarts: 0}}
   - {name: dlg, settings: {steps: 3, restarts: 0}}
 defenses: [none]
+federation: {sites: 2, rounds: 2, model: lenet-idlg, norm: none, attack: idlg, attack_rounds: [1, 2],
+             attack_sites: [1], attack_batch: 1, attack_settings: {steps: 3, restarts: 0}}
 """
 
 
@@ -28,18 +30,23 @@ def test_audit_runs_every_job_resumes_and_writes_one_report(tmp_path):
     out = tmp_path / "audit"
     assert main(["audit", str(config), "--out", str(out), "--quiet"]) == 0
     ledger = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
-    assert [j["dir"] for j in ledger] == ["embedded/idlg-none-seed0", "embedded/dlg-none-seed0"]
-    for job in ledger:
+    assert [j["dir"] for j in ledger] == ["embedded/idlg-none-seed0", "embedded/dlg-none-seed0",
+                                          "embedded/federation-seed0"]
+    rounds = [json.loads(line) for line in (out / "embedded/federation-seed0/rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2] and ledger[2]["accuracy"] == rounds[-1]["accuracy"]
+    for job in ledger[:2]:
         summary = json.loads((out / job["dir"] / "summary.json").read_text())
         assert summary["n_images"] == 2 and job["asr"] == summary["asr"]
     html = (out / "report.html").read_text()
     assert "Test audit" in html and "iDLG" in html and "DLG" in html
-    assert len((out / "results.csv").read_text().splitlines()) == 1 + 4
-    # A killed audit: the last job's line is lost; the same command redoes only that job.
+    assert "Federated training: utility and leakage per round" in html and "Leakage per round and site" in html
+    # 2 + 2 attacked images, and one probe image of site 1 at rounds 1 and 2
+    assert len((out / "results.csv").read_text().splitlines()) == 1 + 4 + 2
+    # A killed audit: the last jobs' lines are lost; the same command redoes only those jobs.
     (out / "audit.jsonl").write_text(json.dumps(ledger[0]) + "\n")
     first_run = (out / ledger[0]["dir"] / "results.jsonl").stat().st_mtime_ns
     assert main(["audit", str(config), "--out", str(out), "--quiet"]) == 0
-    assert len((out / "audit.jsonl").read_text().splitlines()) == 2
+    assert len((out / "audit.jsonl").read_text().splitlines()) == 3
     assert (out / ledger[0]["dir"] / "results.jsonl").stat().st_mtime_ns == first_run
 
 

@@ -95,7 +95,21 @@ def _unavailable(key: str, what: str) -> MedPFLError:
                        f"remove '{key}' from the config (or set it to false/null).")
 
 
-JOBS: dict[str, Callable[..., dict[str, Any]]] = {"attack": _attack_job}
+def _federation_job(config: AuditConfig, job: dict[str, Any], out: Path,
+                    progress: Callable[[int, int], None] | None, resume: bool) -> dict[str, Any]:
+    from medpfl.experiments.train_run import TrainRunConfig, run_training
+
+    federation = asdict(config.federation)
+    run = TrainRunConfig(data=config.data[job["data"]], image_size=config.image_size, channels=config.channels,
+                         seed=job["seed"], device=config.device, **federation)
+    summary = run_training(run, out / job["dir"], resume=resume, progress=progress)
+    attacked = summary.get("attacks") or []
+    return {**summary["final"], "rounds": summary["rounds"],
+            **({"asr": sum(a["asr"] for a in attacked) / len(attacked),
+                "mean_ssim": sum(a["mean_ssim"] for a in attacked) / len(attacked)} if attacked else {})}
+
+
+JOBS: dict[str, Callable[..., dict[str, Any]]] = {"attack": _attack_job, "federation": _federation_job}
 
 
 def run_audit(config: AuditConfig, out: str | Path, resume: bool = True,

@@ -49,21 +49,26 @@ class UtilityConfig:
 
 @dataclass
 class FederationConfig:
-    """Federated training with a curious server attacking chosen rounds and sites."""
+    """Federated training (`medpfl train`) with a curious server attacking chosen rounds and sites.
+
+    Data, image size, channels, seeds and device are the audit's; the rest are `medpfl train`'s options."""
 
     attack: str = "idlg"
     model: str = "convnet"
+    norm: str = "group"
     sites: int = 5
     rounds: int = 5
-    protocol: str = "fedsgd"
+    protocol: str = "fedavg"
     partition: str = "iid"
     local_epochs: int = 1
     local_batch: int = 16
     lr: float = 0.05
+    momentum: float = 0.9
     attack_rounds: list[int] = field(default_factory=lambda: [1])
     attack_sites: list[int] = field(default_factory=lambda: [0])
     attack_batch: int | None = 1  # attack a probe update of the site's first K images; None: its whole update
     attack_settings: dict[str, Any] = field(default_factory=dict)
+    engine: str = "inprocess"
 
 
 @dataclass
@@ -125,6 +130,14 @@ class AuditConfig:
             _choice("federation.attack", self.federation.attack, (*ATTACKS, "update-inversion"))
             _choice("federation.model", self.federation.model, tuple(MODELS))
             _choice("federation.protocol", self.federation.protocol, ("fedsgd", "fedavg"))
+            from medpfl.experiments.train_run import TrainRunConfig
+            from medpfl.experiments.train_run import _check as check_training
+
+            try:  # medpfl train's own checks, before anything is trained
+                check_training(TrainRunConfig(data=None, image_size=self.image_size, channels=self.channels,
+                                            **dataclasses.asdict(self.federation)))
+            except MedPFLError as exc:
+                raise MedPFLError(f"Audit config key 'federation': {exc}") from None
         return self
 
 

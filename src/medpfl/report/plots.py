@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 # Colours that stay distinct in greyscale print and for colour-blind readers (Okabe-Ito).
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
@@ -62,6 +63,7 @@ def per_round(rounds: Sequence[int], series: dict[str, Sequence[float | None]], 
         ax.axhline(chance, color="#777777", linestyle=":", linewidth=1)
         ax.text(ax.get_xlim()[1], chance, " chance", color="#777777", va="center", fontsize=8)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     if ylim:
         ax.set_ylim(*ylim)
