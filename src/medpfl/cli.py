@@ -81,16 +81,19 @@ def _parser() -> argparse.ArgumentParser:
                         help="Inverting Gradients: save the optimiser state this often, to resume after a crash")
 
     audit = commands.add_parser("audit", parents=[common],
-                                help="run every attack, defense and federation a config names, then write one report")
-    audit.add_argument("config", nargs="?", help="a YAML audit config, or a shipped one: demo (default), medpfl-paper")
+                                help="run every attack, defense and federation a config names; one report")
+    audit.add_argument("config", nargs="?",
+                       help="a YAML audit config, or a shipped one: demo (default), medpfl-paper")
     audit.add_argument("--out", help="audit directory (default: runs/audit-NAME)")
     audit.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
                        help="audit your data sets instead of the config's, e.g. --data skin=/data/melanoma "
                             "(repeatable)")
     audit.add_argument("--fresh", action="store_true", help="start over instead of resuming --out")
 
-    report = commands.add_parser("report", parents=[common], help="write report.html and results.csv for a run directory")
-    report.add_argument("run_dir", help="a directory written by medpfl attack, train, sweep or audit (or a folder of them)")
+    report = commands.add_parser("report", parents=[common],
+                                 help="write report.html and results.csv for a run directory")
+    report.add_argument("run_dir",
+                        help="a directory written by medpfl attack, train, sweep or audit (or a folder of them)")
     report.add_argument("--out", help="the HTML file to write (default: RUN_DIR/report.html)")
     _add_train_parser(commands, common)
     return parser
@@ -300,8 +303,9 @@ def cmd_audit(args: argparse.Namespace) -> None:
     name = Path(args.config).stem if args.config else "demo"
     run = Path(args.out or f"runs/audit-{name}")
     started = time.perf_counter()
-    bar = None if args.quiet else Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                                           TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), console=console)
+    bar = None if args.quiet else Progress(TextColumn("{task.description}"), BarColumn(),
+                                           TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
+                                           TextColumn("left"), TimeRemainingColumn(), console=console)
     task = bar.add_task("audit", total=None) if bar else None
 
     def update(done: float, total: int, label: str) -> None:

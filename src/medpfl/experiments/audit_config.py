@@ -199,7 +199,8 @@ def from_mapping(cls: type, values: Any, key: str = "") -> Any:
     if values is None:
         values = {}
     if not isinstance(values, dict):
-        raise MedPFLError(f"Audit config {where} must be a mapping of keys ({', '.join(f.name for f in dataclasses.fields(cls))}).")
+        keys = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise MedPFLError(f"Audit config {where} must be a mapping of keys ({keys}).")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for name in values:

@@ -648,7 +648,8 @@ def section_provenance(ctx: Context) -> Section | None:
     parts.append(table(["run", "kind", "seed", "time", "command"], rows, numeric=[2]))
     for run in ctx.runs:
         if run.config:
-            parts.append(f"<h3>Configuration of {esc(run.name)}</h3><pre>{esc(json.dumps(run.config, indent=1, default=str))}</pre>")
+            text = json.dumps(run.config, indent=1, default=str)
+            parts.append(f"<h3>Configuration of {esc(run.name)}</h3><pre>{esc(text)}</pre>")
     return Section("provenance", "Provenance", "".join(parts))
 
 
