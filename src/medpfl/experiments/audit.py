@@ -1,19 +1,18 @@
 """`medpfl audit`: every run a config asks for, into one directory, then one report.
 
-Directory: config.json (the audit's config, seed list, versions); audit.jsonl (one line per finished job,
-so a killed audit resumes without repeating one); DATA/ATTACK-DEFENSE-seedS/ (attack runs, themselves
-resumable); DATA/utility-DEFENSE-seedS/ (a federation trained with the defense, for its accuracy);
-DATA/tradeoff.csv (privacy and utility per attack and defense); DATA/federation-seedS/ (training with a
-curious server); report.html, results.csv and summary.json.
+Directory: config.json (the audit's config, seeds, versions); audit.jsonl (one line per finished job, so
+a killed audit resumes without repeating one); DATA/ATTACK-none-seedS/ (attack runs on plain updates,
+themselves resumable); DATA/defenses/ (medpfl sweep's grid: each defended attack and the utility of a
+federation trained with each defense, tradeoff.csv); DATA/federation-seedS/ (medpfl train with a curious
+server); report.html, results.csv and summary.json.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,45 +23,20 @@ from medpfl.experiments.run_dir import append_result, library_versions, read_res
 LEDGER = "audit.jsonl"
 
 
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.=,+-]", "_", text.replace(":", "-"))
-
-
-def _defense_labels(config: AuditConfig) -> list[str]:
-    """Every defense setting the specs name (a key with several values is several settings)."""
-    if config.defenses == ["none"]:
-        return ["none"]
-    try:
-        from medpfl.defenses import parse_defenses
-    except ImportError:
-        raise MedPFLError("Audit config key 'defenses' needs medpfl's defenses, which this installation lacks; "
-                          "use defenses: [none].") from None
-    labels: list[str] = []
-    for i, spec in enumerate(config.defenses):
-        try:
-            chains = parse_defenses(spec)
-        except MedPFLError as exc:
-            raise MedPFLError(f"Audit config key 'defenses[{i}]': {exc}") from None
-        labels += [c.label() for c in chains if c.label() not in labels]
-    return labels
-
-
 def plan(config: AuditConfig) -> list[dict[str, Any]]:
-    """The audit's jobs in the order they run: attacks (quick, the core), utility, then federations."""
-    defenses = _defense_labels(config)
+    """The audit's jobs in the order they run: attacks on plain updates (quick, the core), the defense grid
+    (each defended attack, and a federation trained with each defense for its utility), then federations."""
+    grid = config.defenses != ["none"] or config.utility.enabled
     jobs = []
     for data in config.data:
         for seed in config.seeds:
             for attack in config.attacks:
-                for defense in defenses:
-                    name = attack.name + (f"-{attack.model}" if attack.model else "")
-                    jobs.append({"kind": "attack", "data": data, "attack": attack.name, "model": attack.model,
-                                 "defense": defense, "seed": seed,
-                                 "dir": f"{data}/{name}-{_safe(defense)}-seed{seed}"})
-            if config.utility.enabled:
-                for defense in defenses:
-                    jobs.append({"kind": "utility", "data": data, "defense": defense, "seed": seed,
-                                 "dir": f"{data}/utility-{_safe(defense)}-seed{seed}"})
+                name = attack.name + (f"-{attack.model}" if attack.model else "")
+                jobs.append({"kind": "attack", "data": data, "attack": attack.name, "model": attack.model,
+                             "defense": "none", "seed": seed, "dir": f"{data}/{name}-none-seed{seed}"})
+        if grid:
+            jobs.append({"kind": "defenses", "data": data, "dir": f"{data}/defenses"})
+        for seed in config.seeds:
             if config.federation is not None:
                 jobs.append({"kind": "federation", "data": data, "seed": seed, "dir": f"{data}/federation-seed{seed}"})
     return jobs
@@ -73,18 +47,12 @@ def _attack_job(config: AuditConfig, job: dict[str, Any], out: Path,
     from medpfl.experiments.attack_run import AttackRunConfig, run_attack
 
     attack = next(a for a in config.attacks if a.name == job["attack"] and a.model == job["model"])
-    extra = {}
-    if job["defense"] != "none":
-        if "defense" not in {f.name for f in fields(AttackRunConfig)}:
-            raise MedPFLError("Audit config key 'defenses' needs attacks on defended updates, which this "
-                              "installation lacks; use defenses: [none].")
-        extra["defense"] = job["defense"]
     run = AttackRunConfig(attack=attack.name, data=config.data[job["data"]], model=attack.model,
                           image_size=config.image_size, channels=config.channels,
                           batch_size=config.threat.batch_size, n_images=attack.n_images or config.n_images,
                           seed=job["seed"],
                           norm=config.norm, device=config.device, settings=dict(attack.settings),
-                          labels=config.threat.labels, bn_mode=config.threat.bn_mode, **extra)
+                          labels=config.threat.labels, bn_mode=config.threat.bn_mode)
     summary = run_attack(run, out / job["dir"], resume=resume, progress=progress)
     return {k: summary.get(k) for k in ("asr", "mean_ssim", "mean_psnr", "label_accuracy", "reid_rate",
                                         "seconds_per_image", "epsilon")}
@@ -109,25 +77,41 @@ def _federation_job(config: AuditConfig, job: dict[str, Any], out: Path,
                 "mean_ssim": sum(a["mean_ssim"] for a in attacked) / len(attacked)} if attacked else {})}
 
 
-JOBS: dict[str, Callable[..., dict[str, Any]]] = {"attack": _attack_job, "federation": _federation_job}
+def _defenses_job(config: AuditConfig, job: dict[str, Any], out: Path,
+                  progress: Callable[[int, int], None] | None, resume: bool) -> dict[str, Any]:
+    """medpfl sweep's grid: every defended attack (batch 1, the sweep's conventions) and its utility."""
+    from medpfl.experiments.sweep import SweepConfig, run_sweep
+
+    defended = [a for a in config.attacks if a.defended]
+    sweep = SweepConfig(attacks=list(dict.fromkeys(a.name for a in defended)), defenses=list(config.defenses),
+                        data=config.data[job["data"]], n_images=config.n_images, seeds=len(config.seeds),
+                        image_size=config.image_size, attack_settings={a.name: dict(a.settings) for a in defended},
+                        utility=config.utility.enabled, rounds=config.utility.rounds, sites=config.utility.sites,
+                        device=config.device)
+    rows = run_sweep(sweep, out / job["dir"], workers=1, progress=progress)
+    return {"rows": len(rows)}
+
+
+JOBS: dict[str, Callable[..., dict[str, Any]]] = {"attack": _attack_job, "defenses": _defenses_job,
+                                                  "federation": _federation_job}
 
 
 def run_audit(config: AuditConfig, out: str | Path, resume: bool = True,
               progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
     """Run (or resume) every job of the audit into `out`, then write its report; returns the summary."""
     jobs = plan(config)
-    missing = sorted({j["kind"] for j in jobs} - set(JOBS))
-    if missing:
-        key = {"utility": "utility.enabled", "federation": "federation"}[missing[0]]
-        raise _unavailable(key, {"utility": "federated training with defenses",
-                                 "federation": "federated training (medpfl train)"}[missing[0]])
+    if any(j["kind"] == "defenses" for j in jobs):
+        try:
+            import medpfl.experiments.sweep  # noqa: F401
+        except ImportError:
+            raise _unavailable("defenses", "medpfl sweep (defenses with utility)") from None
     path = _open(Path(out), config, resume)
     done = {r["dir"]: r for r in read_results(path, LEDGER)}
     started = time.perf_counter()
     for index, job in enumerate(jobs):
         if job["dir"] in done:
             continue
-        label = f"{job['kind']} {job.get('attack', '')} {job['defense'] if 'defense' in job else ''}".strip()
+        label = " ".join(str(job[k]) for k in ("kind", "data", "attack", "defense") if job.get(k))
         if progress:
             progress(index, len(jobs), label)
 

@@ -36,6 +36,7 @@ class AttackConfig:
     model: str | None = None  # None: the model the paper ran this attack on
     settings: dict[str, Any] = field(default_factory=dict)  # e.g. {steps: 100, restarts: 0}
     n_images: int | None = None  # None: the audit's n_images (slow attacks may take fewer)
+    defended: bool = True  # also attacked under each defense of the audit (the defense grid)
 
 
 @dataclass
