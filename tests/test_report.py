@@ -45,7 +45,8 @@ def test_attack_writes_a_self_contained_report(audit_dir):
     assert "http://" not in html and "https://" not in html and "<script" not in html
     # The numbers a reader relies on, with their meaning and chance level.
     recognised = round(summary["asr"] * 4)
-    assert f"ASR {summary['asr']:.2f}: {recognised} of 4 images were reconstructed recognisably" in html
+    verb = "was" if recognised == 1 else "were"
+    assert f"ASR {summary['asr']:.2f}: {recognised} of 4 images {verb} reconstructed recognisably" in html
     assert f"1 in {summary['reid_gallery_size']}" in html and summary["reid_gallery_size"] > 4
     for heading in ("Threat model", "Results per attack", "Originals beside reconstructions", "Per-image risk ranking",
                     "Provenance"):

@@ -40,7 +40,7 @@ def table(header: Sequence[str], rows: Iterable[Sequence[object]], numeric: Sequ
     body = "".join("<tr>" + "".join(f'<td{" class=num" if i in numeric else ""}>{cell(v)}</td>'
                                     for i, v in enumerate(row)) + "</tr>" for row in rows)
     cap = f"<caption>{esc(caption)}</caption>" if caption else ""
-    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f'<div class="tbl"><table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
 
 
 @dataclass
@@ -70,6 +70,7 @@ a { color: var(--accent); }
 p.lead { font-size: 16px; }
 ul.findings li { margin: 6px 0; }
 .muted, caption, .note { color: var(--muted); font-size: 13px; }
+div.tbl { overflow-x: auto; max-width: 100%; }
 table { border-collapse: collapse; margin: 8px 0 14px; font-size: 13.5px; width: auto; }
 caption { text-align: left; caption-side: top; padding-bottom: 4px; }
 th, td { border-bottom: 1px solid var(--rule); padding: 4px 10px; text-align: left; vertical-align: middle; }
@@ -102,6 +103,8 @@ footer { margin-top: 40px; color: var(--muted); font-size: 12px; border-top: 1px
   h2 { break-before: auto; break-after: avoid; }
   h3 { break-after: avoid; }
   table, figure, .pair, dl.kv { break-inside: avoid; }
+  div.tbl { overflow: visible; }
+  table { font-size: 8.5pt; }
   th { background: #eee !important; -webkit-print-color-adjust: exact; print-color-adjust: exact; }
   .pill { border: 1px solid #888; -webkit-print-color-adjust: exact; print-color-adjust: exact; }
   pre { white-space: pre-wrap; }

@@ -42,7 +42,7 @@ def ssim_strip(groups: dict[str, Sequence[float]], threshold: float) -> bytes:
     ax.axhline(threshold, color="#B00020", linestyle="--", linewidth=1)
     ax.text(len(names) - 0.5, threshold, f" recognisable (SSIM \u2265 {threshold:g})", color="#B00020",
             va="bottom", ha="right", fontsize=8)
-    crowded = len(names) > 4
+    crowded = len(names) > 3 or sum(map(len, names)) > 60
     ax.set_xticks(range(len(names)), names, rotation=20 if crowded else 0, ha="right" if crowded else "center")
     ax.set_ylabel("SSIM to the original")
     ax.set_ylim(min(-0.05, min((min(v) for v in groups.values() if v), default=0) - 0.05), 1.05)

@@ -201,7 +201,8 @@ def _count(n: int, word: str) -> str:
 
 def plain_findings(run: AttackRun | TrainRun, stats: RunStats) -> list[str]:
     """The run's numbers with their meaning, in sentences."""
-    lines = [f"ASR {stats.asr:.2f}: {stats.recognised} of {stats.n} images were reconstructed recognisably "
+    lines = [f"ASR {stats.asr:.2f}: {stats.recognised} of {_count(stats.n, 'image')} "
+             f"{'was' if stats.recognised == 1 else 'were'} reconstructed recognisably "
              f"(SSIM \u2265 {stats.success_ssim:g})"
              + (f"; an attacker answering with a random image of the same data would reach {stats.asr_chance:.2f}"
                 if stats.asr_chance is not None else "") + "."]
@@ -268,7 +269,7 @@ def section_threat_model(ctx: Context) -> Section | None:
              "hospital and the server is in the same position. For each shared update it sees exactly two things: "
              "the model it sent to the hospital (architecture and current weights) and the update the hospital "
              "sent back. It never sees the patients' images, and sees their labels only where stated below.</p>"]
-    rows = []
+    rows: dict[tuple, list[str]] = {}  # one row per distinct threat setting, listing its defenses
     for run in attacked:
         cfg = run.config
         if isinstance(run, AttackRun):
@@ -293,10 +294,15 @@ def section_threat_model(ctx: Context) -> Section | None:
         else:
             bn_text = ("batch statistics (an ordinary training step)" if bn == "train" else
                        "running statistics (network in eval mode, as the Inverting Gradients paper computed updates)")
-        rows.append([run.name, attack_name(run.attack), ATTACK_PLAIN.get(run.attack, ""),
-                     cfg.get("model", "?"), str(batch), labels, bn_text, run.defense, context])
-    parts.append(table(["run", "attack", "how it works", "model", "images per update", "labels", "BatchNorm",
-                        "defense", "setting"], rows, numeric=[4]))
+        key = (attack_name(run.attack), cfg.get("model", "?"), str(batch), labels, bn_text, context)
+        defenses = rows.setdefault(key, [])
+        if run.defense not in defenses:
+            defenses.append(run.defense)
+    parts.append(table(["attack", "model", "images per update", "labels", "BatchNorm", "setting", "defenses"],
+                       [[*key, ", ".join(defenses)] for key, defenses in rows.items()], numeric=[2]))
+    attacks = list(dict.fromkeys(run.attack for run in attacked))
+    parts.append("<p>How the attacks work:</p><ul>" + "".join(
+        f"<li><strong>{esc(attack_name(a))}</strong> {esc(ATTACK_PLAIN.get(a, ''))}.</li>" for a in attacks) + "</ul>")
     parts.append("<p class=note>Images per update: how many of a hospital's images stand behind one shared "
                  "update. More images per update blend into one another and are harder to separate.</p>")
     return Section("threat-model", "Threat model: who sees what", "".join(parts))
@@ -328,7 +334,7 @@ def section_data(ctx: Context) -> Section | None:
         parts.append(table(["class", "images attacked"],
                            [[classes[k] if classes and isinstance(k, int) and k < len(classes) else k, v]
                             for k, v in sorted(counts.items(), key=lambda kv: str(kv[0]))], numeric=[1]))
-    for run in ctx.train_runs:
+    for run in (r for r in ctx.train_runs if r.federation):
         fed, cfg = run.federation or {}, run.config
         parts.append(f"<h3>Federation: {esc(run.name)}</h3>")
         sizes = fed.get("n_images") or []
@@ -366,7 +372,7 @@ def section_results(ctx: Context) -> Section | None:
             row.append(_fmt(s.epsilon, 2))
         rows.append(row + [s.n, asr, f"{s.mean_ssim:.3f}", f"{s.mean_psnr:.1f} dB", f"{s.mean_mse:.4f}", label,
                            reid, f"{s.seconds_per_image:.2f}"])
-        groups[run.name if len(attacked) > 1 else _label(run)] = [r.ssim for r in run.images()]
+        groups[run.name] = [r.ssim for r in run.images()]
     header = ["run"] + (["data"] if many_sources else []) + ["attack", "model", "defense"] + (
         ["epsilon"] if has_eps else []) + ["images", "ASR", "mean SSIM", "mean PSNR", "mean MSE", "label accuracy",
                                           "re-identified", "s / image"]
@@ -381,6 +387,9 @@ def section_results(ctx: Context) -> Section | None:
     for run in attacked:
         parts.append(f"<h3>{esc(_label(run))} ({esc(run.name)})</h3><ul class=findings>"
                      + "".join(f"<li>{esc(line)}</li>" for line in plain_findings(run, run_stats(run))) + "</ul>")
+    labels = {run.name: _label(run) for run in attacked}
+    if len(set(labels.values())) == len(labels):  # short names where they tell the runs apart
+        groups = {labels[name]: values for name, values in groups.items()}
     parts.append("<figure>" + img(plots.ssim_strip(groups, SUCCESS_SSIM), "SSIM of every attacked image per run",
                                   "plot") + "<figcaption>How close each reconstruction came to its original. Dots "
                  "above the dashed line are recognisable copies.</figcaption></figure>")
