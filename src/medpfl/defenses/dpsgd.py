@@ -1,0 +1,88 @@
+"""DP-SGD in a site's local training: per-example clipping and calibrated Gaussian noise.
+
+Per-example gradients come from torch.func (vmap of grad), vectorised over victims and examples
+(benchmarks/dpsgd_per_example.py compares it with Opacus's GradSampleModule). Opacus serves the
+accounting (defenses/accounting.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from medpfl.defenses.accounting import DEFAULT_DELTA, epsilon_spent, noise_for_epsilon
+from medpfl.defenses.base import Defense, Update, draw_like, site_norms
+from medpfl.defenses.clip import clip_factors
+from medpfl.errors import MedPFLError
+from medpfl.fl.gradients import soft_cross_entropy
+
+
+def refuse_batchnorm(model: nn.Module) -> None:
+    """DP-SGD needs each example's own gradient, which BatchNorm's batch statistics entangle."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise MedPFLError("DP-SGD cannot clip per-example gradients through BatchNorm, which mixes the examples "
+                          "of a batch; pass --norm group (or --norm none).")
+
+
+def per_example_gradients(model: nn.Module, params: Update, images: torch.Tensor, targets: torch.Tensor) -> Update:
+    """Gradient of each example's loss: params of one model, images B x C x H x W -> name -> B x shape."""
+    def one(x: torch.Tensor, t: torch.Tensor) -> Update:
+        return grad(lambda p: soft_cross_entropy(functional_call(model, p, (x[None],)), t[None]))(params)
+    return vmap(one)(images, targets)
+
+
+@dataclass
+class DPSGD(Defense):
+    """Clip each example's gradient to L2 norm `clip`, sum, add N(0, (noise_multiplier * clip)^2), divide by B.
+
+    Give `noise_multiplier`, or a target `epsilon` (at `delta`) and call `calibrated(sample_rate, steps)`
+    with the run's schedule to get the noise multiplier that spends it over the whole run."""
+
+    epsilon: float | None = None
+    noise_multiplier: float | None = None
+    clip: float = 1.0
+    delta: float = DEFAULT_DELTA
+    accountant: str = "rdp"
+    name = "dpsgd"
+    stage = "local"
+
+    def calibrated(self, sample_rate: float, steps: int) -> DPSGD:
+        """This defense with its noise multiplier set for the target epsilon over `steps` at `sample_rate`."""
+        if self.epsilon is None:
+            return self
+        return replace(self, noise_multiplier=noise_for_epsilon(self.epsilon, sample_rate, steps, self.delta,
+                                                                self.accountant))
+
+    def epsilon_over(self, sample_rate: float, steps: int) -> float:
+        """Epsilon this noise multiplier spends over `steps` at `sample_rate` (Opacus's accountant)."""
+        return epsilon_spent(self._noise(), sample_rate, steps, self.delta, self.accountant)
+
+    def _noise(self) -> float:
+        if self.noise_multiplier is None:
+            raise MedPFLError("dpsgd needs noise=... or epsilon=... calibrated to the run's schedule.")
+        return self.noise_multiplier
+
+    def private_gradient(self, per_example: Update, generator: torch.Generator, batch_size: int | None = None) -> Update:
+        """The noisy mean of clipped per-example gradients (name -> B x shape in, name -> shape out)."""
+        factors = clip_factors(site_norms(per_example), self.clip)
+        B = batch_size or next(iter(per_example.values())).shape[0]
+        out = {}
+        for name, g in per_example.items():
+            summed = torch.einsum("b,b...->...", factors, g)
+            out[name] = (summed + self._noise() * self.clip * draw_like(summed, generator, "normal")) / B
+        return out
+
+    def site_gradients(self, model: nn.Module, params: Update, images: torch.Tensor, labels: torch.Tensor,
+                       num_classes: int, generator: torch.Generator) -> Update:
+        """Each site's DP-SGD update: params S x ..., images S x B x C x H x W, labels S x B -> S x ..."""
+        refuse_batchnorm(model)
+        targets = F.one_hot(labels, num_classes).to(images.dtype)
+        with torch.no_grad():
+            grads = vmap(lambda p, x, t: per_example_gradients(model, p, x, t))(params, images, targets)
+            S = images.shape[0]
+            rows = [self.private_gradient({n: g[s] for n, g in grads.items()}, generator) for s in range(S)]
+        return {n: torch.stack([r[n] for r in rows]) for n in grads}
