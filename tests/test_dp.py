@@ -100,12 +100,14 @@ def test_epsilon_over_a_whole_run_equals_opacus_privacy_engine_for_the_same_sche
 @pytest.mark.parametrize("accountant, target", [("rdp", 1.0), ("rdp", 4.0), ("rdp", 16.0), ("prv", 4.0)])
 def test_target_epsilon_run_lands_within_five_percent_of_its_target(accountant, target):
     sample_rate, steps = 0.05, 400
-    dp = parse_defense(f"dpsgd:epsilon={target},accountant={accountant}").local.calibrated(sample_rate, steps)
+    dp = parse_defense(f"dpsgd:epsilon={target},accountant={accountant},rate={sample_rate},steps={steps}").local
+    dp = dp.calibrated()
     ledger = PrivacyLedger()
     for _ in range(steps):
         ledger.record(dp.noise_multiplier, sample_rate)
     spent = ledger.epsilon(dp.delta, accountant)
     assert target * 0.95 <= spent <= target * 1.0001
+    assert dp.epsilon_spent() == pytest.approx(spent)
 
 
 def test_client_level_dp_clips_each_site_and_noises_the_aggregate():

@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="attack a trained model: a state dict saved with torch.save(model.state_dict(), PATH)")
     attack.add_argument("--pretrain-steps", type=int, default=0, metavar="N",
                         help="train each victim's model N SGD steps on images of the source not attacked, first")
+    attack.add_argument("--defense", default="none", metavar="SPEC",
+                        help="defense on the observed update, e.g. laplace:b=0.01, clip:norm=1+gaussian:sigma=0.01, "
+                             "topk:prune=0.9, quant:bits=4, dpsgd:epsilon=8, secagg:k=4 (default: none)")
     attack.add_argument("--victims-per-batch", type=int, default=64,
                         help="victims per vectorised attack, results written after each (bounds memory)")
     attack.add_argument("--device", default="auto", help="auto (the GPU if there is one, else the CPU), cpu, cuda, "
@@ -169,7 +172,8 @@ def cmd_attack(args: argparse.Namespace) -> None:
                              seed=args.seed, norm=args.norm, victims_per_batch=args.victims_per_batch,
                              device=args.device, settings=settings, labels=args.labels,
                              bn_mode=args.bn_mode, paper=args.paper, model_state=args.model_state,
-                             pretrain_steps=args.pretrain_steps)
+                             pretrain_steps=args.pretrain_steps,
+                             defense=args.defense)
     run = Path(args.out or f"runs/{config.attack}-{config.model_name}-seed{config.seed}")
 
     def warn_skipped(skipped) -> None:
@@ -183,7 +187,9 @@ def cmd_attack(args: argparse.Namespace) -> None:
         summary = run_attack(config, run, resume=not args.fresh, progress=update,
                              checkpoint_every=args.checkpoint_every, strict=args.strict, checking=checking,
                              on_skipped=warn_skipped)
-    table = Table(title=f"{summary['attack']} on {summary['model']}, {summary['n_images']} images of {summary['data']}")
+    defended = "" if summary["defense"] == "none" else f", defense {summary['defense']}"
+    table = Table(title=f"{summary['attack']} on {summary['model']}, {summary['n_images']} images of "
+                        f"{summary['data']}{defended}")
     for column in ("ASR", "mean SSIM", "mean PSNR", "mean MSE", "label acc.", "re-id", "re-id chance", "s / image"):
         table.add_column(column, justify="right")
     table.add_row(f"{summary['asr']:.2f}", f"{summary['mean_ssim']:.3f}", f"{summary['mean_psnr']:.1f} dB",

@@ -10,6 +10,7 @@ from medpfl.errors import MedPFLError
 # Top-level streams of a run: each key below names draws that must not share a stream with the others.
 MODEL_WEIGHTS = 0  # the victims' model weights
 ATTACK_STARTS = 1  # the attacker's starting points (noise, patterns, restarts)
+DEFENSE_NOISE = 2  # a defense's randomness on the sites' side (noise, stochastic rounding, DP-SGD)
 
 
 def stream_seed(seed: int, *key: int) -> int:

@@ -12,7 +12,7 @@ Update = dict[str, torch.Tensor]
 # Where a defense acts in a round, in the order they are applied (DESIGN: clip -> noise -> sparsify -> quantize,
 # then the channel). Local training (DP-SGD) changes how the update is computed, before all of these.
 STAGES = ("local", "clip", "noise", "sparsify", "quantize", "channel")
-SPEC_KEYS = {"noise_multiplier": "noise"}  # constructor arguments whose spec key is shorter
+SPEC_KEYS = {"noise_multiplier": "noise", "sample_rate": "rate"}  # constructor arguments whose spec key is shorter
 
 
 @dataclass

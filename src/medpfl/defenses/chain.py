@@ -39,6 +39,15 @@ class Chain:
         """How many sites' updates the server sees only summed (1 without secure aggregation)."""
         return getattr(self.channel, "k", 1)
 
+    def calibrated(self) -> Chain:
+        """This chain with DP-SGD's noise multiplier set for its target epsilon over its schedule."""
+        return Chain(tuple(d.calibrated() if hasattr(d, "calibrated") else d for d in self.defenses))
+
+    def epsilon(self) -> float | None:
+        """The (epsilon, delta) guarantee's epsilon, for a chain with DP-SGD; None for heuristic defenses."""
+        local = self.local
+        return local.epsilon_spent() if local is not None and local.noise_multiplier is not None else None
+
     def on_site(self, update: Update, generator: torch.Generator) -> Update:
         """What each site does to its computed update before sending it (sites stacked on dim 0)."""
         for d in self.defenses:

@@ -78,7 +78,8 @@ DEFENSES: dict[str, tuple[type, dict[str, tuple[str, Callable[[str], Any]]], tup
     "quant": (Quantize, {"bits": ("bits", _bits), "stochastic": ("stochastic", _bool)}, ("bits",)),
     "dpsgd": (DPSGD, {"epsilon": ("epsilon", _positive(float)), "noise": ("noise_multiplier", _positive(float)),
                       "clip": ("clip", _positive(float)), "delta": ("delta", _probability),
-                      "accountant": ("accountant", _accountant)}, ()),
+                      "accountant": ("accountant", _accountant), "rate": ("sample_rate", _probability),
+                      "steps": ("steps", _positive(int))}, ()),
     "secagg": (SecureAggregation, {"k": ("k", _sites)}, ("k",)),
 }
 

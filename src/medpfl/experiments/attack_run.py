@@ -18,16 +18,18 @@ from medpfl.attacks import (DEFAULT_BN_MODES, DEFAULT_MODELS, LABEL_ACCESS, PAPE
                             ObservedUpdate, ServerPayload, build_attack)
 from medpfl.attacks.optim import Checkpoint
 from medpfl.data import ImageDataset, Skipped, open_source, sample_items, verify_source
+from medpfl.defenses import parse_defense
+from medpfl.defenses.observe import observed_gradients
 from medpfl.device import resolve_device
 from medpfl.errors import MedPFLError
 from medpfl.experiments.run_dir import append_result, open_run_dir, read_results, write_json
 from medpfl.experiments.victim_models import load_model_state, pretrain, true_class_probability
-from medpfl.fl.gradients import BN_MODES, site_gradients, stack_params
+from medpfl.fl.gradients import BN_MODES, stack_params
 from medpfl.metrics.image import ssim
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score, reidentified
 from medpfl.models.registry import build_model
 from medpfl.report.images import comparison_grid, load_png, save_png
-from medpfl.seeds import ATTACK_STARTS, MODEL_WEIGHTS, stream, stream_seed
+from medpfl.seeds import ATTACK_STARTS, DEFENSE_NOISE, MODEL_WEIGHTS, stream, stream_seed
 
 
 CHECKPOINT = "checkpoint.pt"  # the state of a long attack in progress, in the run directory
@@ -61,6 +63,12 @@ class AttackRunConfig:
     pretrain_steps: int = 0  # SGD steps each victim's model trains first, on images of the source not attacked
     pretrain_lr: float = 0.05
     pretrain_batch: int = 16
+    defense: str = "none"  # a defense spec (medpfl.defenses.spec) applied to what the attacker observes
+
+    @property
+    def images_per_update(self) -> int:
+        """Images behind each update the attacker sees: B, or k x B behind a secure aggregate of k sites."""
+        return self.batch_size * parse_defense(self.defense).sites_per_update
 
     @property
     def bn_mode_used(self) -> str:
@@ -111,9 +119,12 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
     attack = build_attack(config.attack, **config.attack_settings)
     if checkpoint_every < 0:
         raise MedPFLError(f"--checkpoint-every {checkpoint_every} must be 0 or more seconds.")
-    if config.n_images < config.batch_size or config.n_images % config.batch_size:
-        raise MedPFLError(f"--n-images {config.n_images} must be a positive multiple of --batch-size "
-                          f"{config.batch_size}; each victim shares one update of --batch-size images.")
+    defense = parse_defense(config.defense).calibrated()
+    B = config.images_per_update
+    if config.n_images < B or config.n_images % B:
+        raise MedPFLError(f"--n-images {config.n_images} must be a positive multiple of {B} (--batch-size "
+                          f"{config.batch_size} x {defense.sites_per_update} securely aggregated sites); each "
+                          "victim's observed update covers that many images.")
     stream_seed(config.seed)  # a seed that cannot seed the streams is refused before any work
     device = resolve_device(config.device)
     source = open_source(config.data)
@@ -127,14 +138,14 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
     if config.model_state:  # a bad file is named before the run directory is touched
         victim_model(replace(config, pretrain_steps=0), K, 0)
     record = {**asdict(config), "model": config.model_name, "labels_granted": labels_granted,
-              "bn_mode_used": bn_mode, "device_used": str(device), "attack_settings": attack.config()}
+              "bn_mode_used": bn_mode, "device_used": str(device), "attack_settings": attack.config(),
+              "defense_config": defense.config()}
     path = open_run_dir(out, record, resume=resume)
     write_json(path / SKIPPED, [asdict(s) for s in skipped])
     if not resume:
         (path / CHECKPOINT).unlink(missing_ok=True)
     (path / "images").mkdir(exist_ok=True)
 
-    B = config.batch_size
     n_victims = config.n_images // B
     pretrain_data = _pretrain_data(config, source, items, device)
     done = {r["victim"] for r in read_results(path)}
@@ -147,8 +158,9 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
         images, labels = torch.stack(images).to(device), torch.stack(labels).to(device)
         models = [victim_model(config, K, v, pretrain_data) for v in victims]
         params = {n: p.to(device) for n, p in stack_params([dict(m.named_parameters()) for m in models]).items()}
-        # The site's side: what each victim computes and shares. Ground truth stays on this side.
-        gradients = site_gradients(models[0], params, images, labels, K, bn_mode)
+        # The sites' side: what each victim computes, defends and shares. Ground truth stays on this side.
+        defense_stream = stream(config.seed, DEFENSE_NOISE, victims[0])
+        gradients = observed_gradients(defense, models[0], params, images, labels, K, bn_mode, defense_stream)
         # For the auditor: how large each update is and how sure the model was of the truth.
         update_norms = sum((g.flatten(1).double() ** 2).sum(1) for g in gradients.values()).sqrt().tolist()
         p_true = true_class_probability(models[0], params, images, labels, bn_mode).tolist()
@@ -249,7 +261,8 @@ def _score(path: Path, dataset: ImageDataset, victim: int, B: int, originals: to
 def summarise(path: Path, config: AttackRunConfig, dataset: ImageDataset) -> dict[str, Any]:
     """Aggregate the finished results of a run directory, adding re-identification and the PNG grid."""
     results = sorted(read_results(path), key=lambda r: r["victim"])
-    B = config.batch_size
+    B = config.images_per_update
+    defense = parse_defense(config.defense).calibrated()
     ssims = [s for r in results for s in r["ssim"]]
     psnrs = [s for r in results for s in r["psnr"]]
     mses = [s for r in results for s in r["mse"]]
@@ -268,7 +281,10 @@ def summarise(path: Path, config: AttackRunConfig, dataset: ImageDataset) -> dic
         "model": config.model_name,
         "data": config.data or "embedded",
         "image_size": config.image_size,
-        "batch_size": B,
+        "batch_size": config.batch_size,
+        "images_per_update": B,
+        "defense": defense.label(),
+        "epsilon": defense.epsilon(),
         "n_images": n,
         "n_victims": len(results),
         "asr": sum(s >= config.success_ssim for s in ssims) / n,
@@ -306,8 +322,8 @@ def _reidentification(config: AttackRunConfig, dataset: ImageDataset, results: l
     others = [it for it in source.items if it.item_id not in set(attacked)]
     room = max(config.reid_gallery - len(attacked), 0)
     extra = sample_items(others, min(room, len(others)), config.seed + 1) if room else []
-    gallery_items = [dataset.items[r["victim"] * config.batch_size + b] for r in results
-                     for b in range(config.batch_size)] + extra
+    B = config.images_per_update
+    gallery_items = [dataset.items[r["victim"] * B + b] for r in results for b in range(B)] + extra
     gallery = ImageDataset(source, gallery_items, size=config.image_size, channels=config.channels)
     images = torch.stack([gallery.image(i) for i in range(len(gallery_items))])
     return reidentified(recons, torch.arange(len(recons)), images), images
