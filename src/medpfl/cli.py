@@ -99,6 +99,26 @@ def _parser() -> argparse.ArgumentParser:
                         help="a directory written by medpfl attack, train, sweep or audit (or a folder of them)")
     report.add_argument("--out", help="the HTML file to write (default: RUN_DIR/report.html)")
     _add_train_parser(commands, common)
+
+    sweep = commands.add_parser("sweep", parents=[common],
+                                help="attack x defense x strength x seed: privacy and utility, trade-off table and plot")
+    sweep.add_argument("--data", help="class folders, .npz, DICOM or NIfTI (default: embedded real images)")
+    sweep.add_argument("--attacks", default="idlg,invgrad", help="comma-separated attacks (default: idlg,invgrad)")
+    sweep.add_argument("--defenses", nargs="+", default=["none"], metavar="SPEC",
+                       help="defense specs, each with a list of strengths: none laplace:b=0.01,0.005 "
+                            "gaussian:sigma=0.01 dpsgd:epsilon=1,4,16 topk:prune=0.9,0.99 quant:bits=4,8 secagg:k=2,4,8")
+    sweep.add_argument("--n-images", type=int, default=16, help="images attacked per cell (default: 16)")
+    sweep.add_argument("--seeds", type=int, default=1)
+    sweep.add_argument("--image-size", type=int, default=32)
+    sweep.add_argument("--rounds", type=int, default=20, help="federated rounds behind each utility measurement")
+    sweep.add_argument("--sites", type=int, default=5)
+    sweep.add_argument("--no-utility", action="store_true", help="measure privacy only (no federated training)")
+    sweep.add_argument("--set", action="append", default=[], metavar="ATTACK.KEY=VALUE",
+                       help="an attack setting for one attack, e.g. --set invgrad.steps=200 (repeatable)")
+    sweep.add_argument("--workers", type=int, help="local worker processes (default: one per core)")
+    sweep.add_argument("--ray", metavar="ADDRESS", help="run the cells on this Ray cluster ('local' starts one)")
+    sweep.add_argument("--device", default="cpu")
+    sweep.add_argument("--out", default="runs/sweep", help="sweep directory (default: runs/sweep)")
     return parser
 
 
@@ -343,8 +363,37 @@ def cmd_report(args: argparse.Namespace) -> None:
               f"{Path(args.run_dir) / 'results.csv'}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from medpfl.experiments.sweep import SweepConfig, run_sweep
+
+    settings: dict[str, dict[str, object]] = {}
+    for text in args.set:
+        key, value = _parse_setting(text)
+        attack, dot, name = key.partition(".")
+        if not dot or not name:
+            raise MedPFLError(f"--set '{text}' needs the form ATTACK.KEY=VALUE, e.g. --set invgrad.steps=200.")
+        settings.setdefault(attack, {})[name] = value
+    config = SweepConfig(attacks=[a.strip() for a in args.attacks.split(",") if a.strip()], defenses=args.defenses,
+                         data=args.data, n_images=args.n_images, seeds=args.seeds, image_size=args.image_size,
+                         attack_settings=settings, utility=not args.no_utility, rounds=args.rounds,
+                         sites=args.sites, device=args.device)
+    bar, update = _progress(args.quiet, "sweep cells")
+    with bar or nullcontext():
+        rows = run_sweep(config, args.out, workers=args.workers, ray_address=args.ray, progress=update)
+    table = Table(title=f"Privacy and utility per defense ({args.out}/tradeoff.csv)")
+    for column in ("attack", "defense", "ASR", "mean SSIM", "label acc.", "accuracy", "epsilon"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(r["attack"], r["defense"], f"{r['asr']:.2f}", f"{r['mean_ssim']:.3f}",
+                      f"{r['label_accuracy']:.2f}", "pending" if r["accuracy"] is None else f"{r['accuracy']:.3f}",
+                      "" if r["epsilon"] is None else f"{r['epsilon']:.2f}")
+    out.print(table)
+    out.print(f"Results in {args.out}/ (results.jsonl, tradeoff.csv, tradeoff.png)")
+
+
 COMMANDS = {("data", "inspect"): cmd_data_inspect, ("data", "sample"): cmd_data_sample, ("attack", None): cmd_attack,
-            ("train", None): cmd_train, ("report", None): cmd_report, ("audit", None): cmd_audit}
+            ("train", None): cmd_train, ("report", None): cmd_report, ("audit", None): cmd_audit,
+            ("sweep", None): cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

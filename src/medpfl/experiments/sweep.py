@@ -1,0 +1,195 @@
+"""A grid of attack x defense x strength x seed: privacy from attack runs, utility from federated training.
+
+Run directory: config.json; results.jsonl (one line per finished cell: kind "privacy" for an attack on
+the defended update, kind "utility" for a federation trained with the defense in every round);
+cells/<name>/ (each cell's own run directory, which itself resumes); tradeoff.csv and tradeoff.png.
+Cells run in parallel worker processes (or on a Ray cluster); the driver alone writes results.jsonl,
+so a killed sweep loses only unfinished cells, and the same command finishes the grid.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from medpfl.defenses import Chain, parse_defense, parse_defenses
+from medpfl.errors import MedPFLError
+from medpfl.experiments.run_dir import append_result, open_run_dir, read_results, write_json
+
+
+@dataclass
+class SweepConfig:
+    """Everything that determines a sweep's results."""
+
+    attacks: list[str] = field(default_factory=lambda: ["idlg", "invgrad"])
+    defenses: list[str] = field(default_factory=lambda: ["none"])  # specs, each with lists of strengths
+    data: str | None = None  # None: the embedded real-image set
+    n_images: int = 16  # victims per attack cell (batch size 1), the same images in every cell of a seed
+    seeds: int = 1
+    image_size: int = 32
+    # GroupNorm: DP-SGD needs per-example gradients, which BatchNorm entangles; the LeNets have no norm.
+    norm: str = "group"
+    attack_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"invgrad": {"steps": 200}}
+    utility: bool = True  # train a federation per defense and seed (needs medpfl.fl's engine)
+    rounds: int = 20
+    sites: int = 5
+    device: str = "cpu"
+
+    def chains(self) -> list[Chain]:
+        """Every defense chain the specs name, in order, without repeats."""
+        seen: dict[str, Chain] = {}
+        for spec in self.defenses:
+            for chain in parse_defenses(spec):
+                seen.setdefault(chain.label(), chain)
+        return list(seen.values())
+
+
+def cell_name(kind: str, defense: str, seed: int, attack: str | None = None) -> str:
+    """A cell's key in results.jsonl and its folder name under cells/."""
+    safe = re.sub(r"[^A-Za-z0-9.=,+-]", "_", defense.replace(":", "-"))
+    return f"{kind}-{attack + '-' if attack else ''}{safe}-seed{seed}"
+
+
+def plan(config: SweepConfig) -> list[dict[str, Any]]:
+    """Every job of the grid: utility jobs first (slowest), then privacy jobs."""
+    from medpfl.attacks import ATTACKS
+
+    bad = [a for a in config.attacks if a not in ATTACKS]
+    if bad or not config.attacks:
+        raise MedPFLError(f"--attacks '{','.join(bad or config.attacks)}' names no known attack; "
+                          f"choose from: {', '.join(ATTACKS)}.")
+    if config.n_images < 1 or config.seeds < 1:
+        raise MedPFLError(f"--n-images ({config.n_images}) and --seeds ({config.seeds}) must be 1 or more.")
+    chains = config.chains()
+    jobs = []
+    for seed in range(config.seeds):
+        if config.utility:
+            for label in dict.fromkeys(_trained_label(c) for c in chains):
+                jobs.append({"kind": "utility", "defense": label, "seed": seed})
+        for attack in config.attacks:
+            for chain in chains:
+                jobs.append({"kind": "privacy", "attack": attack, "defense": chain.label(), "seed": seed})
+    for job in jobs:
+        job["cell"] = cell_name(job["kind"], job["defense"], job["seed"], job.get("attack"))
+    return jobs
+
+
+def _trained_label(chain: Chain) -> str:
+    """The defense a federation trains with: secure aggregation leaves the aggregate, hence training, unchanged."""
+    return Chain(tuple(d for d in chain.defenses if d.stage != "channel")).label()
+
+
+def run_cell(job: dict[str, Any], config: dict[str, Any], out: str) -> dict[str, Any]:
+    """Run one job of the grid into out/cells/<cell>/ and return its result line (a worker's entry point)."""
+    sweep = SweepConfig(**config)
+    started = time.perf_counter()
+    path = Path(out) / "cells" / job["cell"]
+    if job["kind"] == "privacy":
+        result = _privacy(job, sweep, path)
+    else:
+        result = _utility(job, sweep, path)
+    return {**job, **result, "cell_seconds": time.perf_counter() - started}
+
+
+def _privacy(job: dict[str, Any], sweep: SweepConfig, path: Path) -> dict[str, Any]:
+    from medpfl.experiments.attack_run import AttackRunConfig, run_attack
+
+    settings = dict(sweep.attack_settings.get(job["attack"], {}))
+    config = AttackRunConfig(attack=job["attack"], data=sweep.data, image_size=sweep.image_size,
+                             n_images=sweep.n_images * parse_defense(job["defense"]).sites_per_update,
+                             seed=job["seed"], norm=sweep.norm, device=sweep.device, settings=settings,
+                             defense=job["defense"])
+    summary = run_attack(config, path)
+    keys = ("n_images", "images_per_update", "asr", "success_ssim", "mean_ssim", "median_ssim", "mean_psnr",
+            "mean_mse", "label_accuracy", "reid_rate", "seconds_per_image", "epsilon", "model")
+    chain = parse_defense(job["defense"]).calibrated()
+    return {**{k: summary[k] for k in keys}, "delta": chain.local.delta if chain.local else None}
+
+
+def _utility(job: dict[str, Any], sweep: SweepConfig, path: Path) -> dict[str, Any]:
+    try:
+        from medpfl.experiments.defended_training import train_with_defense
+    except ImportError:
+        return {"utility": "pending"}
+    return train_with_defense(parse_defense(job["defense"]), sweep, job["seed"], path)
+
+
+def _limit_threads(threads: int) -> None:
+    """Each worker gets its share of the cores: oversubscribed BLAS threads made one attack ~17x slower here."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_sweep(config: SweepConfig, out: str | Path, workers: int | None = None, ray_address: str | None = None,
+              progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+    """Run (or resume) the grid into `out`; returns the trade-off rows also written to tradeoff.csv/.png."""
+    jobs = plan(config)
+    path = open_run_dir(out, asdict(config))
+    done = {r["cell"] for r in read_results(path)}
+    todo = [j for j in jobs if j["cell"] not in done]
+    if progress:
+        progress(len(jobs) - len(todo), len(jobs))
+    record = asdict(config)
+
+    def finished(result: dict[str, Any]) -> None:
+        append_result(path, result)
+        done.add(result["cell"])
+        if progress:
+            progress(len(done & {j["cell"] for j in jobs}), len(jobs))
+
+    if ray_address:
+        _run_on_ray(todo, record, str(path), ray_address, finished)
+    else:
+        workers = workers or min(len(todo), os.cpu_count() or 1) or 1
+        if workers == 1:
+            for job in todo:
+                finished(run_cell(job, record, str(path)))
+        else:
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            with ProcessPoolExecutor(workers, initializer=_limit_threads, initargs=(threads,)) as pool:
+                pending = {pool.submit(run_cell, job, record, str(path)) for job in todo}
+                while pending:
+                    complete, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in complete:
+                        finished(future.result())
+    return write_tradeoff(path)
+
+
+def _run_on_ray(todo: list[dict[str, Any]], record: dict[str, Any], out: str, address: str,
+                finished: Callable[[dict[str, Any]], None]) -> None:
+    """Run the jobs as Ray tasks on the cluster at `address` (whose nodes see `out` at the same path)."""
+    try:
+        import ray
+    except ImportError:
+        raise MedPFLError("--ray needs Ray; install it with pip install 'flwr[simulation]' or pip install ray.") \
+            from None
+    ray.init(address=None if address == "local" else address, ignore_reinit_error=True, log_to_driver=False)
+    remote = ray.remote(num_cpus=1)(run_cell)
+    pending = [remote.remote(job, record, out) for job in todo]
+    while pending:
+        complete, pending = ray.wait(pending, num_returns=1)
+        for ref in complete:
+            finished(ray.get(ref))
+
+
+def write_tradeoff(path: Path) -> list[dict[str, Any]]:
+    """tradeoff.csv and tradeoff.png from the finished cells of a sweep directory."""
+    from medpfl.report.tradeoff import plot_tradeoff, tradeoff_rows, write_csv
+
+    results = list(read_results(path))
+    privacy = [r for r in results if r["kind"] == "privacy"]
+    utility = [r for r in results if r["kind"] == "utility" and r.get("utility") != "pending"]
+    for p in privacy:  # a federation under secure aggregation trains as without it
+        p["trained_as"] = _trained_label(parse_defense(p["defense"]))
+    rows = tradeoff_rows(privacy, utility)
+    write_csv(rows, path / "tradeoff.csv")
+    if rows:
+        plot_tradeoff(rows, path / "tradeoff.png")
+    write_json(path / "summary.json", {"cells": len(results), "rows": rows})
+    return rows

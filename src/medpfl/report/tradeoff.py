@@ -1,0 +1,99 @@
+"""The privacy-utility trade-off of a sweep: a CSV table and a plot with the Pareto front marked."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+PRIVACY_KEYS = ("asr", "mean_ssim", "mean_psnr", "label_accuracy", "reid_rate")
+UTILITY_KEYS = ("accuracy", "balanced_accuracy", "auc")
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of points no other point beats on both axes: higher utility (x) and lower leak (y)."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any(x2 >= x and y2 <= y and (x2 > x or y2 < y) for j, (x2, y2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def _mean(values: list[Any]) -> float | None:
+    numbers = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+    return sum(numbers) / len(numbers) if numbers else None
+
+
+def tradeoff_rows(privacy: list[dict[str, Any]], utility: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per attack and defense: privacy and utility averaged over seeds, epsilon where defined."""
+    by_defense: dict[str, list[dict[str, Any]]] = {}
+    for u in utility:
+        by_defense.setdefault(u["defense"], []).append(u)
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for p in privacy:
+        groups.setdefault((p["attack"], p["defense"]), []).append(p)
+    rows = []
+    for (attack, defense), cells in groups.items():
+        trained = by_defense.get(cells[0].get("trained_as", defense), [])
+        row: dict[str, Any] = {"attack": attack, "defense": defense, "seeds": len(cells),
+                               "n_images": sum(c["n_images"] for c in cells)}
+        row.update({k: _mean([c[k] for c in cells]) for k in PRIVACY_KEYS})
+        row.update({k: _mean([u.get(k) for u in trained]) for k in UTILITY_KEYS})
+        row["utility"] = "measured" if trained else "pending"
+        row["accuracy_chance"] = trained[0].get("accuracy_chance") if trained else None
+        row["epsilon"] = _mean([c.get("epsilon") for c in cells])
+        row["delta"] = cells[0].get("delta")
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """The trade-off table as CSV (empty fields where a value is undefined or pending)."""
+    columns = ["attack", "defense", "seeds", "n_images", *PRIVACY_KEYS, *UTILITY_KEYS,
+               "accuracy_chance", "utility", "epsilon", "delta"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
+
+
+def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
+    """Leak (ASR) against utility (test accuracy), one panel per attack, Pareto front joined by a line.
+
+    Where utility is still pending the panel shows ASR per defense instead, and says so."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = sorted({r["attack"] for r in rows})
+    fig, axes = plt.subplots(1, len(attacks), figsize=(5.5 * len(attacks), 4.5), squeeze=False)
+    for ax, attack in zip(axes[0], attacks):
+        mine = [r for r in rows if r["attack"] == attack]
+        measured = [r for r in mine if r["accuracy"] is not None]
+        if measured:
+            points = [(r["accuracy"], r["asr"]) for r in measured]
+            ax.scatter(*zip(*points), color="tab:blue")
+            for r, (x, y) in zip(measured, points):
+                ax.annotate(r["defense"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            front = sorted((points[i] for i in pareto_front(points)), key=lambda p: p[0])
+            ax.plot(*zip(*front), color="tab:red", marker="o", label="Pareto front")
+            chance = measured[0].get("accuracy_chance")
+            if chance is not None:
+                ax.axvline(chance, color="grey", linestyle=":", label="accuracy by chance")
+            ax.set_xlabel("test accuracy of the federated model (utility)")
+            ax.legend(fontsize=7)
+        else:
+            ax.barh([r["defense"] for r in mine], [r["asr"] for r in mine], color="tab:blue")
+            ax.set_xlabel("ASR (utility pending: no federated training in this sweep)")
+        ax.axhline(0.1, color="grey", linestyle="--", linewidth=0.8) if measured else None
+        ax.set_title(attack)
+        if measured:
+            ax.set_ylabel("attack success rate (SSIM >= 0.9)")
+            ax.set_ylim(-0.03, 1.03)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
