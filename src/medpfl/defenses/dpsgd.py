@@ -91,3 +91,28 @@ class DPSGD(Defense):
             S = images.shape[0]
             rows = [self.private_gradient({n: g[s] for n, g in grads.items()}, generator) for s in range(S)]
         return {n: torch.stack([r[n] for r in rows]) for n in grads}
+
+
+def dp_local_update(model: nn.Module, params: Update, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                    training, dp: DPSGD, generator: torch.Generator) -> Update:
+    """fl.local.local_update with every step's gradient replaced by DP-SGD's (clipped per example, noised).
+
+    fedsgd: one private gradient of all the site's images; fedavg: `training.epochs` passes of batches
+    of `training.batch_size` in the given order, heavy-ball momentum, the weight change returned."""
+    refuse_batchnorm(model)
+    targets = F.one_hot(labels, num_classes).to(images.dtype)
+    step = lambda p, x, t: dp.private_gradient(per_example_gradients(model, p, x, t), generator,  # noqa: E731
+                                               batch_size=training.batch_size if training.protocol == "fedavg"
+                                               else x.shape[0])
+    with torch.no_grad():
+        if training.protocol == "fedsgd":
+            return step(params, images, targets)
+        weights = dict(params)
+        velocity = {n: torch.zeros_like(p) for n, p in params.items()}
+        for _ in range(training.epochs):
+            for start in range(0, images.shape[0], training.batch_size):
+                batch = slice(start, start + training.batch_size)
+                for name, g in step(weights, images[batch], targets[batch]).items():
+                    velocity[name] = training.momentum * velocity[name] + g
+                    weights[name] = weights[name] - training.lr * velocity[name]
+        return {name: weights[name] - params[name] for name in params}

@@ -13,7 +13,7 @@ import os
 import re
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,12 +41,26 @@ class SweepConfig:
     device: str = "cpu"
 
     def chains(self) -> list[Chain]:
-        """Every defense chain the specs name, in order, without repeats."""
+        """Every defense chain the specs name, in order, without repeats; DP-SGD on the training's schedule."""
         seen: dict[str, Chain] = {}
         for spec in self.defenses:
             for chain in parse_defenses(spec):
+                chain = self._on_training_schedule(chain)
                 seen.setdefault(chain.label(), chain)
         return list(seen.values())
+
+    def _on_training_schedule(self, chain: Chain) -> Chain:
+        """DP-SGD calibrated over the federation's schedule, so the attacked step has the trained noise."""
+        if chain.local is None:
+            return chain
+        from medpfl.data import open_source
+        from medpfl.experiments.defended_training import TRAINING, dp_schedule
+        from medpfl.fl.partition import federate
+
+        n_images = federate(open_source(self.data), self.sites, "iid", 0).n_images
+        rate, steps = dp_schedule(n_images, TRAINING, self.rounds)
+        return Chain(tuple(replace(d, sample_rate=round(rate, 6), steps=steps) if d.stage == "local" else d
+                           for d in chain.defenses))
 
 
 def cell_name(kind: str, defense: str, seed: int, attack: str | None = None) -> str:
