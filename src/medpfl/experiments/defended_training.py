@@ -60,6 +60,7 @@ def train_with_defense(chain: Chain, sweep, seed: int, path: Path) -> dict[str, 
     record = {"defense": chain.label(), "seed": seed, "rounds": sweep.rounds, "sites": sweep.sites,
               "training": TRAINING.__dict__, "model": MODEL, "image_size": sweep.image_size}
     run = open_run_dir(path, record, resume=False)
+    torch.save({n: w.cpu() for n, w in weights.items()}, run / "initial.pt")
     started = time.perf_counter()
     for round_index in range(1, sweep.rounds + 1):
         sent = []
@@ -77,6 +78,7 @@ def train_with_defense(chain: Chain, sweep, seed: int, path: Path) -> dict[str, 
         stacked = {n: torch.cat([u[n] for u in sent]) for n in weights}
         weights = apply_update(weights, weighted_average(stacked, n_images), TRAINING.protocol, TRAINING.lr)
         append_result(run, {"round": round_index, **evaluate(model, weights, *test)})
+    torch.save({n: w.cpu() for n, w in weights.items()}, run / "final.pt")
     final = list(read_results(run))[-1]
     chance = chance_levels(test[1].cpu().numpy(), K)
     result = {**{k: final[k] for k in ("accuracy", "balanced_accuracy", "auc")},
