@@ -79,3 +79,23 @@ def test_sweep_measures_utility_and_epsilon_per_defense_in_worker_processes(tmp_
 def test_pareto_front_keeps_points_no_other_beats_on_both_axes():
     points = [(0.9, 0.8), (0.8, 0.1), (0.5, 0.0), (0.7, 0.5), (0.9, 0.9)]
     assert pareto_front(points) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("name", ["paper-defense.yaml", "defense-sweep.yaml"])
+def test_ready_configs_plan_their_grid(name):
+    from medpfl.experiments.sweep import load_sweep_config, plan
+
+    config = SweepConfig(**load_sweep_config(Path(__file__).parents[1] / "configs" / name))
+    jobs = plan(config)
+    privacy = [j for j in jobs if j["kind"] == "privacy"]
+    assert len(privacy) == len(config.attacks) * len(config.chains())
+    if name == "paper-defense.yaml":
+        assert {"laplace:b=0.01", "laplace:b=0.005", "laplace:b=0.0033", "laplace:b=0.0025"} <= \
+            {j["defense"] for j in privacy}
+
+
+def test_a_config_with_an_unknown_key_is_refused_naming_it(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("attacks: [idlg]\nnoise: 3\n")
+    assert main(["sweep", "--config", str(bad), "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "unknown key 'noise'" in capsys.readouterr().err

@@ -102,22 +102,24 @@ def _parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser("sweep", parents=[common],
                                 help="attack x defense x strength x seed: privacy and utility, trade-off table and plot")
+    sweep.add_argument("--config", metavar="FILE", help="a YAML or JSON file of sweep settings, e.g. "
+                       "configs/paper-defense.yaml; options given here override it")
     sweep.add_argument("--data", help="class folders, .npz, DICOM or NIfTI (default: embedded real images)")
-    sweep.add_argument("--attacks", default="idlg,invgrad", help="comma-separated attacks (default: idlg,invgrad)")
-    sweep.add_argument("--defenses", nargs="+", default=["none"], metavar="SPEC",
-                       help="defense specs, each with a list of strengths: none laplace:b=0.01,0.005 "
+    sweep.add_argument("--attacks", help="comma-separated attacks (default: idlg,invgrad)")
+    sweep.add_argument("--defenses", nargs="+", metavar="SPEC",
+                       help="defense specs, each with a list of strengths, e.g. none laplace:b=0.01,0.005 "
                             "gaussian:sigma=0.01 dpsgd:epsilon=1,4,16 topk:prune=0.9,0.99 quant:bits=4,8 secagg:k=2,4,8")
-    sweep.add_argument("--n-images", type=int, default=16, help="images attacked per cell (default: 16)")
-    sweep.add_argument("--seeds", type=int, default=1)
-    sweep.add_argument("--image-size", type=int, default=32)
-    sweep.add_argument("--rounds", type=int, default=20, help="federated rounds behind each utility measurement")
-    sweep.add_argument("--sites", type=int, default=5)
+    sweep.add_argument("--n-images", type=int, help="images attacked per cell (default: 16)")
+    sweep.add_argument("--seeds", type=int, help="seeds per cell (default: 1)")
+    sweep.add_argument("--image-size", type=int, help="default: 32")
+    sweep.add_argument("--rounds", type=int, help="federated rounds behind each utility measurement (default: 20)")
+    sweep.add_argument("--sites", type=int, help="sites of that federation (default: 5)")
     sweep.add_argument("--no-utility", action="store_true", help="measure privacy only (no federated training)")
     sweep.add_argument("--set", action="append", default=[], metavar="ATTACK.KEY=VALUE",
                        help="an attack setting for one attack, e.g. --set invgrad.steps=200 (repeatable)")
     sweep.add_argument("--workers", type=int, help="local worker processes (default: one per core)")
     sweep.add_argument("--ray", metavar="ADDRESS", help="run the cells on this Ray cluster ('local' starts one)")
-    sweep.add_argument("--device", default="cpu")
+    sweep.add_argument("--device", help="cpu, cuda, ... (default: cpu)")
     sweep.add_argument("--out", default="runs/sweep", help="sweep directory (default: runs/sweep)")
     return parser
 
@@ -364,19 +366,23 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from medpfl.experiments.sweep import SweepConfig, run_sweep
+    from medpfl.experiments.sweep import SweepConfig, load_sweep_config, run_sweep
 
-    settings: dict[str, dict[str, object]] = {}
+    fields = load_sweep_config(args.config) if args.config else {}
+    given = {"data": args.data, "n_images": args.n_images, "seeds": args.seeds, "image_size": args.image_size,
+             "rounds": args.rounds, "sites": args.sites, "device": args.device, "defenses": args.defenses,
+             "attacks": args.attacks and [a.strip() for a in args.attacks.split(",") if a.strip()]}
+    fields.update({k: v for k, v in given.items() if v is not None})
+    if args.no_utility:
+        fields["utility"] = False
+    settings = {k: dict(v) for k, v in fields.get("attack_settings", {}).items()}
     for text in args.set:
         key, value = _parse_setting(text)
         attack, dot, name = key.partition(".")
         if not dot or not name:
             raise MedPFLError(f"--set '{text}' needs the form ATTACK.KEY=VALUE, e.g. --set invgrad.steps=200.")
         settings.setdefault(attack, {})[name] = value
-    config = SweepConfig(attacks=[a.strip() for a in args.attacks.split(",") if a.strip()], defenses=args.defenses,
-                         data=args.data, n_images=args.n_images, seeds=args.seeds, image_size=args.image_size,
-                         attack_settings=settings, utility=not args.no_utility, rounds=args.rounds,
-                         sites=args.sites, device=args.device)
+    config = SweepConfig(**{**fields, "attack_settings": settings})
     bar, update = _progress(args.quiet, "sweep cells")
     with bar or nullcontext():
         rows = run_sweep(config, args.out, workers=args.workers, ray_address=args.ray, progress=update)

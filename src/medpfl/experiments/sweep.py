@@ -63,6 +63,31 @@ class SweepConfig:
                            for d in chain.defenses))
 
 
+def load_sweep_config(file: str | Path) -> dict[str, Any]:
+    """Sweep settings from a YAML or JSON file (keys: the fields of SweepConfig); one sentence if it is wrong."""
+    import json
+
+    path = Path(file)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise MedPFLError(f"Cannot read the sweep config '{path}' ({exc.strerror}).") from None
+    try:
+        if path.suffix == ".json":
+            fields = json.loads(text)
+        else:
+            import yaml
+
+            fields = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001  (any parse error is the user's file)
+        raise MedPFLError(f"The sweep config '{path}' is not valid YAML/JSON ({type(exc).__name__}).") from None
+    known = SweepConfig.__dataclass_fields__
+    unknown = [k for k in fields or {} if k not in known] if isinstance(fields, dict) else ["(not a mapping)"]
+    if unknown:
+        raise MedPFLError(f"The sweep config '{path}' has unknown key '{unknown[0]}'; valid keys: {', '.join(known)}.")
+    return dict(fields)
+
+
 def cell_name(kind: str, defense: str, seed: int, attack: str | None = None) -> str:
     """A cell's key in results.jsonl and its folder name under cells/."""
     safe = re.sub(r"[^A-Za-z0-9.=,+-]", "_", defense.replace(":", "-"))
