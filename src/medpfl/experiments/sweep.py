@@ -197,7 +197,7 @@ def run_sweep(config: SweepConfig, out: str | Path, workers: int | None = None, 
                     complete, pending = wait(pending, return_when=FIRST_COMPLETED)
                     for future in complete:
                         finished(future.result())
-    return write_tradeoff(path)
+    return write_tradeoff(path, [j["cell"] for j in jobs])
 
 
 def _run_on_ray(todo: list[dict[str, Any]], record: dict[str, Any], out: str, address: str,
@@ -217,11 +217,12 @@ def _run_on_ray(todo: list[dict[str, Any]], record: dict[str, Any], out: str, ad
             finished(ray.get(ref))
 
 
-def write_tradeoff(path: Path) -> list[dict[str, Any]]:
-    """tradeoff.csv and tradeoff.png from the finished cells of a sweep directory."""
+def write_tradeoff(path: Path, order: list[str] | None = None) -> list[dict[str, Any]]:
+    """tradeoff.csv and tradeoff.png from the finished cells of a sweep directory (rows in the grid's `order`)."""
     from medpfl.report.tradeoff import plot_tradeoff, tradeoff_rows, write_csv
 
-    results = list(read_results(path))
+    rank = {cell: i for i, cell in enumerate(order or [])}
+    results = sorted(read_results(path), key=lambda r: rank.get(r["cell"], len(rank)))
     privacy = [r for r in results if r["kind"] == "privacy"]
     utility = [r for r in results if r["kind"] == "utility" and r.get("utility") != "pending"]
     for p in privacy:  # a federation under secure aggregation trains as without it
