@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -60,6 +61,11 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
             writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
 
 
+def _short(defense: str) -> str:
+    """A plot label without DP-SGD's schedule (rate, steps), which the CSV keeps."""
+    return re.sub(r",(rate|steps)=[^,+]*", "", defense)
+
+
 def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
     """Leak (ASR) against utility (test accuracy), one panel per attack, Pareto front joined by a line.
 
@@ -78,22 +84,21 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
             points = [(r["accuracy"], r["asr"]) for r in measured]
             ax.scatter(*zip(*points), color="tab:blue")
             for r, (x, y) in zip(measured, points):
-                ax.annotate(r["defense"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                ax.annotate(_short(r["defense"]), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
             front = sorted((points[i] for i in pareto_front(points)), key=lambda p: p[0])
             ax.plot(*zip(*front), color="tab:red", marker="o", label="Pareto front")
             chance = measured[0].get("accuracy_chance")
             if chance is not None:
                 ax.axvline(chance, color="grey", linestyle=":", label="accuracy by chance")
+            ax.axhline(0.1, color="grey", linestyle="--", linewidth=0.8, label="ASR 0.1")
             ax.set_xlabel("test accuracy of the federated model (utility)")
-            ax.legend(fontsize=7)
-        else:
-            ax.barh([r["defense"] for r in mine], [r["asr"] for r in mine], color="tab:blue")
-            ax.set_xlabel("ASR (utility pending: no federated training in this sweep)")
-        ax.axhline(0.1, color="grey", linestyle="--", linewidth=0.8) if measured else None
-        ax.set_title(attack)
-        if measured:
             ax.set_ylabel("attack success rate (SSIM >= 0.9)")
             ax.set_ylim(-0.03, 1.03)
+            ax.legend(fontsize=7)
+        else:
+            ax.barh([_short(r["defense"]) for r in mine], [r["asr"] for r in mine], color="tab:blue")
+            ax.set_xlabel("ASR (utility pending: no federated training in this sweep)")
+        ax.set_title(attack)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
