@@ -97,6 +97,8 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
             ax.legend(fontsize=7)
         else:
             ax.barh([_short(r["defense"]) for r in mine], [r["asr"] for r in mine], color="tab:blue")
+            ax.set_xlim(0, 1.03)
+            ax.invert_yaxis()  # the grid's order, top to bottom
             ax.set_xlabel("ASR (utility pending: no federated training in this sweep)")
         ax.set_title(attack)
     fig.tight_layout()
