@@ -111,6 +111,8 @@ def test_target_epsilon_run_lands_within_five_percent_of_its_target(accountant, 
 
 
 def test_client_level_dp_clips_each_site_and_noises_the_aggregate():
+    chain = parse_defense("cdp:noise=1.5,clip=1")
+    assert chain.server.rounds == 20 and chain.epsilon() == pytest.approx(epsilon_spent(1.5, 1.0, 20))
     g = torch.Generator().manual_seed(0)
     updates = {"w": torch.randn(5, 20_000, generator=g) * 0.1}  # norms ~14, clipped to 1
     dp = ClientLevelDP(noise_multiplier=0.0, clip=1.0)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from medpfl.cli import main
-from medpfl.defenses import parse_defense
+from medpfl.defenses import epsilon_spent, parse_defense
 from medpfl.experiments.defended_training import train_with_defense
 from medpfl.experiments.sweep import SweepConfig
 from medpfl.report.tradeoff import pareto_front
@@ -64,16 +64,17 @@ def test_a_killed_sweep_finishes_its_grid_without_repeating_a_finished_cell(tmp_
 def test_sweep_measures_utility_and_epsilon_per_defense_in_worker_processes(tmp_path):
     out = tmp_path / "sweep"
     assert main(["sweep", *TINY, "--workers", "2", "--defenses", "none", "dpsgd:epsilon=8", "secagg:k=2",
-                 "--out", str(out)]) == 0
+                 "cdp:noise=2", "--out", str(out)]) == 0
     rows = {r["defense"].split(",")[0]: r for r in csv.DictReader(open(out / "tradeoff.csv"))}
-    assert set(rows) == {"none", "dpsgd:epsilon=8", "secagg:k=2"}
+    assert set(rows) == {"none", "dpsgd:epsilon=8", "secagg:k=2", "cdp:noise=2"}
+    assert float(rows["cdp:noise=2"]["epsilon"]) == pytest.approx(epsilon_spent(2.0, 1.0, 1))  # one round
     assert all(r["utility"] == "measured" and 0 <= float(r["accuracy"]) <= 1 for r in rows.values())
     assert float(rows["dpsgd:epsilon=8"]["epsilon"]) == pytest.approx(8, rel=0.05)
     assert rows["secagg:k=2"]["accuracy"] == rows["none"]["accuracy"]  # the same aggregate, the same training
     assert rows["none"]["epsilon"] == ""
     utility = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()
                if json.loads(line)["kind"] == "utility"]
-    assert len(utility) == 2  # secure aggregation reuses the undefended federation
+    assert len(utility) == 3  # secure aggregation reuses the undefended federation
 
 
 def test_pareto_front_keeps_points_no_other_beats_on_both_axes():

@@ -10,8 +10,9 @@ import torch
 Update = dict[str, torch.Tensor]
 
 # Where a defense acts in a round, in the order they are applied (DESIGN: clip -> noise -> sparsify -> quantize,
-# then the channel). Local training (DP-SGD) changes how the update is computed, before all of these.
-STAGES = ("local", "clip", "noise", "sparsify", "quantize", "channel")
+# then the channel). Local training (DP-SGD) changes how the update is computed, before all of these;
+# client-level DP clips at the site and adds its noise in the server's aggregation, after all of them.
+STAGES = ("local", "clip", "noise", "sparsify", "quantize", "channel", "server")
 SPEC_KEYS = {"noise_multiplier": "noise", "sample_rate": "rate"}  # constructor arguments whose spec key is shorter
 
 

@@ -19,7 +19,7 @@ class Chain:
 
     def __post_init__(self) -> None:
         self.defenses = tuple(sorted(self.defenses, key=lambda d: STAGES.index(d.stage)))
-        for stage in ("local", "channel"):
+        for stage in ("local", "channel", "server"):
             if sum(d.stage == stage for d in self.defenses) > 1:
                 raise MedPFLError(f"A defense chain takes at most one {stage} defense "
                                   f"({', '.join(d.name for d in self.defenses if d.stage == stage)} given).")
@@ -35,6 +35,11 @@ class Chain:
         return next((d for d in self.defenses if d.stage == "channel"), None)
 
     @property
+    def server(self) -> Defense | None:
+        """The server-side aggregation defense (client-level DP), if any."""
+        return next((d for d in self.defenses if d.stage == "server"), None)
+
+    @property
     def sites_per_update(self) -> int:
         """How many sites' updates the server sees only summed (1 without secure aggregation)."""
         return getattr(self.channel, "k", 1)
@@ -44,15 +49,18 @@ class Chain:
         return Chain(tuple(d.calibrated() if hasattr(d, "calibrated") else d for d in self.defenses))
 
     def epsilon(self) -> float | None:
-        """The (epsilon, delta) guarantee's epsilon, for a chain with DP-SGD; None for heuristic defenses."""
+        """The (epsilon, delta) guarantee's epsilon (DP-SGD per example, or client-level DP per site; both:
+        DP-SGD's); None for heuristic defenses."""
         local = self.local
-        return local.epsilon_spent() if local is not None and local.noise_multiplier is not None else None
+        if local is not None and local.noise_multiplier is not None:
+            return local.epsilon_spent()
+        return self.server.epsilon_spent() if self.server is not None else None
 
     def on_site(self, update: Update, generator: torch.Generator) -> Update:
         """What each site does to its computed update before sending it (sites stacked on dim 0)."""
         for d in self.defenses:
             if d.stage not in ("local", "channel"):
-                update = d(update, generator)
+                update = d(update, generator)  # client-level DP: the site's clipping
         return update
 
     def observe(self, update: Update, generator: torch.Generator) -> Update:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from medpfl.defenses.chain import Chain
+from medpfl.defenses.client_dp import ClientLevelDP
 from medpfl.defenses.clip import ClipNorm
 from medpfl.defenses.dpsgd import DPSGD
 from medpfl.defenses.noise import GaussianNoise, LaplaceNoise
@@ -81,6 +82,9 @@ DEFENSES: dict[str, tuple[type, dict[str, tuple[str, Callable[[str], Any]]], tup
                       "accountant": ("accountant", _accountant), "rate": ("sample_rate", _probability),
                       "steps": ("steps", _positive(int))}, ()),
     "secagg": (SecureAggregation, {"k": ("k", _sites)}, ("k",)),
+    "cdp": (ClientLevelDP, {"noise": ("noise_multiplier", _positive(float)), "clip": ("clip", _positive(float)),
+                            "delta": ("delta", _probability), "accountant": ("accountant", _accountant),
+                            "rounds": ("rounds", _positive(int))}, ("noise",)),
 }
 
 

@@ -2,8 +2,10 @@
 
 The site-side transforms (clip, noise, top-k, quantization) act on each site's update before it is
 sent (fl.rounds' site_transform seam); DP-SGD replaces each local step's gradient by a clipped,
-noised one, and its accountant counts every local step of every round. Secure aggregation leaves
-the aggregate unchanged, so it trains as without it.
+noised one, and its accountant counts every local step of every round. Client-level DP
+clips at the sites and noises the server's mean (the server's stream: SITE_NOISE keyed by the round
+and the site count, beside the sites' own). Secure aggregation leaves the aggregate unchanged, so it
+trains as without it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from medpfl.fl.gradients import functional_model
 from medpfl.fl.local import LocalTraining
 from medpfl.fl.partition import federate
 from medpfl.fl.rounds import SiteRound, ordered, site_update
-from medpfl.fl.seeds import model_seed
+from medpfl.fl.seeds import SITE_NOISE, model_seed, torch_seed
 from medpfl.fl.utility import chance_levels, evaluate
 from medpfl.models.registry import build_model
 
@@ -76,7 +78,12 @@ def train_with_defense(chain: Chain, sweep, seed: int, path: Path) -> dict[str, 
                     ledger.record(dp.noise_multiplier, rate, steps // sweep.rounds)
             sent.append(chain.on_site({n: u[None] for n, u in update.items()}, generator))
         stacked = {n: torch.cat([u[n] for u in sent]) for n in weights}
-        weights = apply_update(weights, weighted_average(stacked, n_images), TRAINING.protocol, TRAINING.lr)
+        if chain.server is not None:  # client-level DP: the server's noisy mean of the (clipped) updates
+            aggregated = chain.server.aggregate(stacked, torch.Generator(device).manual_seed(
+                torch_seed(seed, SITE_NOISE, round_index, len(sites))))
+        else:
+            aggregated = weighted_average(stacked, n_images)
+        weights = apply_update(weights, aggregated, TRAINING.protocol, TRAINING.lr)
         append_result(run, {"round": round_index, **evaluate(model, weights, *test)})
     torch.save({n: w.cpu() for n, w in weights.items()}, run / "final.pt")
     final = list(read_results(run))[-1]
@@ -84,7 +91,7 @@ def train_with_defense(chain: Chain, sweep, seed: int, path: Path) -> dict[str, 
     result = {**{k: final[k] for k in ("accuracy", "balanced_accuracy", "auc")},
               "accuracy_chance": chance["accuracy"], "balanced_accuracy_chance": chance.get("balanced_accuracy"),
               "train_seconds": time.perf_counter() - started,
-              "epsilon": ledger.epsilon(dp.delta, dp.accountant) if dp else None,
+              "epsilon": ledger.epsilon(dp.delta, dp.accountant) if dp else chain.epsilon(),
               "noise_multiplier": dp.noise_multiplier if dp else None,
               "dp_sample_rate": rate if dp else None, "dp_steps": ledger.steps if dp else None}
     write_json(run / "summary.json", result)

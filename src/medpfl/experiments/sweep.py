@@ -50,7 +50,10 @@ class SweepConfig:
         return list(seen.values())
 
     def _on_training_schedule(self, chain: Chain) -> Chain:
-        """DP-SGD calibrated over the federation's schedule, so the attacked step has the trained noise."""
+        """DP-SGD calibrated over the federation's schedule, so the attacked step has the trained noise;
+        client-level DP accounted over the federation's rounds."""
+        if chain.server is not None:
+            chain = Chain(tuple(replace(d, rounds=self.rounds) if d.stage == "server" else d for d in chain.defenses))
         if chain.local is None:
             return chain
         from medpfl.data import open_source
