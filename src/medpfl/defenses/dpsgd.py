@@ -19,6 +19,7 @@ from medpfl.defenses.base import Defense, Update, draw_like, site_norms
 from medpfl.defenses.clip import clip_factors
 from medpfl.errors import MedPFLError
 from medpfl.fl.gradients import soft_cross_entropy
+from medpfl.fl.local import LocalTraining
 
 
 def refuse_batchnorm(model: nn.Module) -> None:
@@ -94,11 +95,13 @@ class DPSGD(Defense):
 
 
 def dp_local_update(model: nn.Module, params: Update, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                    training, dp: DPSGD, generator: torch.Generator) -> Update:
+                    training: LocalTraining, dp: DPSGD, generator: torch.Generator) -> Update:
     """fl.local.local_update with every step's gradient replaced by DP-SGD's (clipped per example, noised).
 
     fedsgd: one private gradient of all the site's images; fedavg: `training.epochs` passes of batches
-    of `training.batch_size` in the given order, heavy-ball momentum, the weight change returned."""
+    of `training.batch_size` in the given order, heavy-ball momentum, the weight change returned.
+    The accountant assumes each batch Poisson-sampled at batch / images, as Opacus's does; shuffled
+    fixed-size batches, as here and in most DP-SGD practice, are accounted by that approximation."""
     refuse_batchnorm(model)
     targets = F.one_hot(labels, num_classes).to(images.dtype)
     step = lambda p, x, t: dp.private_gradient(per_example_gradients(model, p, x, t), generator,  # noqa: E731
