@@ -383,7 +383,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             raise MedPFLError(f"--set '{text}' needs the form ATTACK.KEY=VALUE, e.g. --set invgrad.steps=200.")
         settings.setdefault(attack, {})[name] = value
     config = SweepConfig(**{**fields, "attack_settings": settings})
-    bar, update = _progress(args.quiet, "sweep cells")
+    bar, (update,) = _progress(args.quiet, "sweep cells")
     with bar or nullcontext():
         rows = run_sweep(config, args.out, workers=args.workers, ray_address=args.ray, progress=update)
     table = Table(title=f"Privacy and utility per defense ({args.out}/tradeoff.csv)")
