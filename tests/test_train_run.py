@@ -57,6 +57,8 @@ def test_killed_run_resumes_from_the_last_finished_round_without_losing_or_repea
     assert _lines(killed / "attacks.jsonl", TIMINGS) == _lines(whole / "attacks.jsonl", TIMINGS)
     assert [(a["round"], a["site"]) for a in _lines(killed / "attacks.jsonl")] == [(1, 0), (1, 1), (3, 0), (3, 1)]
     assert (killed / "attacks" / "round0003-site001-0.png").exists()
+    expected_device = "cuda" if torch.cuda.is_available() else "cpu"  # --device auto, the default
+    assert json.loads((killed / "federation.json").read_text())["device_used"].startswith(expected_device)
     state = torch.load(killed / "model.pt", weights_only=True)
     reference_state = torch.load(whole / "model.pt", weights_only=True)
     assert all(torch.equal(state[k], reference_state[k]) for k in reference_state)

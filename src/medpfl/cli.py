@@ -263,7 +263,8 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
     train.add_argument("--vectorise", default=d.vectorise, choices=VECTORISE,
                        help="in-process: train equal-sized sites in one vmapped call (auto: on accelerators only)")
     train.add_argument("--seed", type=int, default=d.seed)
-    train.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 ...")
+    train.add_argument("--device", default=d.device, help="auto (the GPU if there is one, else the CPU), cpu, cuda, "
+                       "cuda:1, mps")
     train.add_argument("--out", help="run directory (default: runs/train-MODEL-PARTITION-seedS)")
     train.add_argument("--fresh", action="store_true", help="start over instead of resuming --out")
 

@@ -20,6 +20,7 @@ import torch
 
 from medpfl.attacks import THREAT_MODELS, ObservedUpdate, ServerPayload, build_attack
 from medpfl.data import ImageDataset, open_source
+from medpfl.device import resolve_device
 from medpfl.errors import MedPFLError
 from medpfl.experiments.run_dir import open_run_dir, write_json
 from medpfl.fl.gradients import functional_model
@@ -75,7 +76,7 @@ class TrainRunConfig:
     # is bit-for-bit the Flower client's arithmetic, where batched kernels round differently.
     vectorise: str = "auto"
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # the GPU when there is one (medpfl.device)
 
     @property
     def training(self) -> LocalTraining:
@@ -303,7 +304,7 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
     curious server's observer is added to its observers. What it does must be recorded in `config`.
     """
     _check(config)
-    device = torch.device(config.device)
+    device = resolve_device(config.device)
     source = open_source(config.data)
     federation = federate(source, config.sites, config.partition, config.seed)
     num_classes = len(federation.classes)
@@ -311,7 +312,7 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
     record = asdict(config)
     path, done, weights = _prepare_dir(Path(out), record, resume)
     write_json(path / "federation.json", {"classes": list(federation.classes), "n_images": federation.n_images,
-                                          "label_counts": federation.label_counts(), "n_test": len(federation.test)})
+                                          "label_counts": federation.label_counts(), "n_test": len(federation.test), "device_used": str(device)})
     net = build_model(config.model, num_classes, config.channels, config.image_size, norm=config.norm,
                       seed=model_seed(config.seed)).to(device)
     model = functional_model(net)
