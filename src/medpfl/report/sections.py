@@ -16,6 +16,7 @@ from PIL import Image
 from medpfl.report import plots
 from medpfl.report.html import Section, esc, img, img_file, table
 from medpfl.report.runs import AttackRun, ImageResult, Run, SweepRun, TrainRun
+from medpfl.report.tradeoff import pareto_front
 
 SUCCESS_SSIM = 0.9  # the paper's threshold; runs that recorded another one say so in their summary
 RANKED_ROWS = 40  # rows of the per-image ranking shown in the page; results.csv holds all
@@ -564,15 +565,6 @@ def _averaged_cells(sweep: SweepRun) -> list[dict]:
             row[key] = statistics.fmean(values) if values else None
         averaged.append(row)
     return averaged
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of points no other point beats on both counts (higher utility x, lower leak y)."""
-    front = []
-    for i, (x, y) in enumerate(points):
-        if not any((x2 >= x and y2 <= y) and (x2 > x or y2 < y) for j, (x2, y2) in enumerate(points) if j != i):
-            front.append(i)
-    return front
 
 
 def _recommendations(sweep: SweepRun) -> list[str]:
