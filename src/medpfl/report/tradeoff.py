@@ -8,8 +8,11 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-PRIVACY_KEYS = ("asr", "mean_ssim", "mean_psnr", "label_accuracy", "reid_rate")
+# Each rate beside its chance level: what an attacker answering at random, or a model guessing, would score.
+PRIVACY_KEYS = ("asr", "asr_chance", "mean_ssim", "mean_psnr", "mean_mse", "label_accuracy", "reid_rate",
+                "reid_chance", "seconds_per_image")
 UTILITY_KEYS = ("accuracy", "balanced_accuracy", "auc")
+UTILITY_CHANCE = ("accuracy_chance", "balanced_accuracy_chance")
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -40,10 +43,10 @@ def tradeoff_rows(privacy: list[dict[str, Any]], utility: list[dict[str, Any]]) 
         trained = by_defense.get(cells[0].get("trained_as", defense), [])
         row: dict[str, Any] = {"attack": attack, "defense": defense, "seeds": len(cells),
                                "n_images": sum(c["n_images"] for c in cells)}
-        row.update({k: _mean([c[k] for c in cells]) for k in PRIVACY_KEYS})
+        row.update({k: _mean([c.get(k) for c in cells]) for k in PRIVACY_KEYS})  # older sweeps lack some
         row.update({k: _mean([u.get(k) for u in trained]) for k in UTILITY_KEYS})
         row["utility"] = "measured" if trained else "pending"
-        row["accuracy_chance"] = trained[0].get("accuracy_chance") if trained else None
+        row.update({k: trained[0].get(k) if trained else None for k in UTILITY_CHANCE})
         row["epsilon"] = _mean([c.get("epsilon") for c in cells])
         row["delta"] = cells[0].get("delta")
         rows.append(row)
@@ -53,7 +56,7 @@ def tradeoff_rows(privacy: list[dict[str, Any]], utility: list[dict[str, Any]]) 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     """The trade-off table as CSV (empty fields where a value is undefined or pending)."""
     columns = ["attack", "defense", "seeds", "n_images", *PRIVACY_KEYS, *UTILITY_KEYS,
-               "accuracy_chance", "utility", "epsilon", "delta"]
+               *UTILITY_CHANCE, "utility", "epsilon", "delta"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
