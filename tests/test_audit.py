@@ -84,6 +84,8 @@ def test_audit_defense_grid_measures_privacy_and_utility_per_laplace_level(audit
     assert set(rows) == set(privacy) and all(r["utility"] == "measured" for r in rows.values())
     laplace = rows[("idlg", "laplace:b=0.01")]
     assert float(laplace["accuracy"]) == utility["laplace:b=0.01"]["accuracy"]
+    assert {(g["attack"], g["defense"]): g["accuracy"] for g in job["grid"]} == {
+        key: utility[key[1]]["accuracy"] for key in privacy}  # the terminal's summary of the grid
     # The report: the defense table with utility beside privacy, the paper's table by attack and data set.
     html = (out / "report.html").read_text()
     u = utility["laplace:b=0.01"]

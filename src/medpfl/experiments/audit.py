@@ -89,7 +89,8 @@ def _defenses_job(config: AuditConfig, job: dict[str, Any], out: Path,
                         utility=config.utility.enabled, rounds=config.utility.rounds, sites=config.utility.sites,
                         device=config.device)
     rows = run_sweep(sweep, out / job["dir"], workers=1, progress=progress)
-    return {"rows": len(rows)}
+    kept = ("attack", "defense", "asr", "mean_ssim", "mean_psnr", "label_accuracy", "reid_rate", "epsilon", "accuracy")
+    return {"rows": len(rows), "grid": [{k: row.get(k) for k in kept} for row in rows]}
 
 
 JOBS: dict[str, Callable[..., dict[str, Any]]] = {"attack": _attack_job, "defenses": _defenses_job,
