@@ -718,7 +718,8 @@ def _defense_table_html(cells: list[dict[str, Any]]) -> str:
     if any(str(c["defense"]).startswith("laplace") for c in cells):
         notes.insert(1, "laplace:b=B: i.i.d. Laplace(0, B) noise on every entry of each shared update (the paper's "
                         "defense), at every site in every round of the federation whose utility is shown")
-    return table(["attack", "defense", "seeds", *[c[0] for c in columns]], rows, numeric=list(range(2, 3 + len(columns))),
+    return table(["attack", "defense", "seeds", *[c[0] for c in columns]], rows,
+                 numeric=list(range(2, 3 + len(columns))),
                  caption="Each row: privacy (leak) and utility (the trained model's quality on held-out images) of "
                          "one defense setting, averaged over seeds; " + "; ".join(notes) + ".")
 
