@@ -695,7 +695,7 @@ _DEFENSE_COLUMNS = (
     ("images", "n_images", 0, None, False), ("ASR", "asr", 2, "asr_chance", False),
     ("mean SSIM", "mean_ssim", 3, None, False), ("mean PSNR dB", "mean_psnr", 1, None, False),
     ("mean MSE", "mean_mse", 4, None, False), ("re-identified", "reid_rate", 2, "reid_chance", True),
-    ("label accuracy", "label_accuracy", 2, None, False),
+    ("label accuracy", "label_accuracy", 2, "label_chance", True),
     ("test accuracy", "accuracy", 3, "accuracy_chance", False),
     ("balanced accuracy", "balanced_accuracy", 3, "balanced_accuracy_chance", True),
     ("AUC", "auc", 3, 0.5, False), ("epsilon", "epsilon", 2, None, False),
