@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-# Each rate beside its chance level: what an attacker answering at random, or a model guessing, would score.
+# Privacy per defense setting; each rate with its chance level (an attacker answering or guessing at random).
 PRIVACY_KEYS = ("asr", "asr_chance", "mean_ssim", "mean_psnr", "mean_mse", "label_accuracy", "label_chance",
                 "reid_rate", "reid_chance", "seconds_per_image")
 UTILITY_KEYS = ("accuracy", "balanced_accuracy", "auc")
