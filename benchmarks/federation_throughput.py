@@ -31,7 +31,7 @@ from medpfl.experiments.train_run import TrainRunConfig, run_training
 from medpfl.fl.gradients import functional_model
 from medpfl.fl.local import LocalTraining
 from medpfl.fl.partition import federate
-from medpfl.fl.seeds import model_seed
+from medpfl.seeds import model_seed
 from medpfl.fl.simulation import InProcessFederation
 from medpfl.fl.utility import evaluate
 from medpfl.models.registry import build_model

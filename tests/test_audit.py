@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import re
+
 import pytest
+import torch
 
 from medpfl.cli import main
 from medpfl.experiments.audit_config import SHIPPED, load_audit_config, shipped_config
@@ -16,36 +20,89 @@ n_images: 2
 attacks:
   - {name: idlg, settings: {steps: 3, restarts: 0}}
   - {name: dlg, settings: {steps: 3, restarts: 0}}
-defenses: [none]
+defenses: [none, "laplace:b=0.01"]
+utility: {sites: 2, rounds: 1}
 federation: {sites: 2, rounds: 2, model: lenet-idlg, norm: none, attack: idlg, attack_rounds: [1, 2],
              attack_sites: [1], attack_batch: 1, attack_settings: {steps: 3, restarts: 0}}
 """
+JOBS = ["embedded/idlg-none-seed0", "embedded/dlg-none-seed0", "embedded/defenses", "embedded/federation-seed0"]
 
 
-def test_audit_runs_every_job_resumes_and_writes_one_report(tmp_path):
-    config = tmp_path / "audit.yaml"
+def _lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def audit(tmp_path_factory):
+    """A finished tiny audit: two attacks, the Laplace defense grid with utility, a federation."""
+    root = tmp_path_factory.mktemp("audit")
+    config = root / "audit.yaml"
     config.write_text(SMALL)
-    out = tmp_path / "audit"
-    assert main(["audit", str(config), "--out", str(out), "--quiet"]) == 0
-    ledger = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
-    assert [j["dir"] for j in ledger] == ["embedded/idlg-none-seed0", "embedded/dlg-none-seed0",
-                                          "embedded/federation-seed0"]
-    rounds = [json.loads(line) for line in (out / "embedded/federation-seed0/rounds.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2] and ledger[2]["accuracy"] == rounds[-1]["accuracy"]
+    assert main(["audit", str(config), "--out", str(root / "out"), "--quiet"]) == 0
+    return config, root / "out"
+
+
+def test_audit_runs_every_job_resumes_and_writes_one_report(audit):
+    config, out = audit
+    ledger = _lines(out / "audit.jsonl")
+    assert [j["dir"] for j in ledger] == JOBS
+    rounds = _lines(out / "embedded/federation-seed0/rounds.jsonl")
+    assert [r["round"] for r in rounds] == [1, 2] and ledger[3]["accuracy"] == rounds[-1]["accuracy"]
     for job in ledger[:2]:
         summary = json.loads((out / job["dir"] / "summary.json").read_text())
-        assert summary["n_images"] == 2 and job["asr"] == summary["asr"]
+        assert summary["n_images"] == 2 and job["asr"] == summary["asr"] and job["mean_mse"] == summary["mean_mse"]
     html = (out / "report.html").read_text()
     assert "Test audit" in html and "iDLG" in html and "DLG" in html
     assert "Federated training: utility and leakage per round" in html and "Leakage per round and site" in html
-    # 2 + 2 attacked images, and one probe image of site 1 at rounds 1 and 2
-    assert len((out / "results.csv").read_text().splitlines()) == 1 + 4 + 2
+    # 2 + 2 attacked images, 2 x 2 x 2 under the defense grid, one probe image of site 1 at rounds 1 and 2
+    assert len((out / "results.csv").read_text().splitlines()) == 1 + 4 + 8 + 2
     # A killed audit: the last jobs' lines are lost; the same command redoes only those jobs.
     (out / "audit.jsonl").write_text(json.dumps(ledger[0]) + "\n")
     first_run = (out / ledger[0]["dir"] / "results.jsonl").stat().st_mtime_ns
     assert main(["audit", str(config), "--out", str(out), "--quiet"]) == 0
-    assert len((out / "audit.jsonl").read_text().splitlines()) == 3
+    assert [j["dir"] for j in _lines(out / "audit.jsonl")] == JOBS
     assert (out / ledger[0]["dir"] / "results.jsonl").stat().st_mtime_ns == first_run
+
+
+def test_audit_defense_grid_measures_privacy_and_utility_per_laplace_level(audit):
+    _, out = audit
+    grid = out / "embedded/defenses"
+    job = _lines(out / "audit.jsonl")[2]
+    assert job["kind"] == "defenses" and job["rows"] == 4  # 2 attacks x (none, one Laplace level)
+    cells = _lines(grid / "results.jsonl")
+    privacy = {(c["attack"], c["defense"]): c for c in cells if c["kind"] == "privacy"}
+    utility = {c["defense"]: c for c in cells if c["kind"] == "utility"}
+    assert set(privacy) == {(a, d) for a in ("idlg", "dlg") for d in ("none", "laplace:b=0.01")}
+    assert set(utility) == {"none", "laplace:b=0.01"} and all(0 <= u["accuracy"] <= 1 for u in utility.values())
+    assert all(c["n_images"] == 2 and c["mean_mse"] > 0 for c in privacy.values())
+    # The noise is in the attacked update and in every round of the federation, not only in the attacker's copy.
+    assert privacy[("idlg", "laplace:b=0.01")]["mean_ssim"] != privacy[("idlg", "none")]["mean_ssim"]
+    trained = {d: torch.load(grid / "cells" / f"utility-{d.replace(':', '-')}-seed0" / "final.pt", weights_only=True)
+               for d in utility}
+    assert any(not torch.equal(trained["none"][n], trained["laplace:b=0.01"][n]) for n in trained["none"])
+    rows = {(r["attack"], r["defense"]): r for r in csv.DictReader(open(grid / "tradeoff.csv"))}
+    assert set(rows) == set(privacy) and all(r["utility"] == "measured" for r in rows.values())
+    laplace = rows[("idlg", "laplace:b=0.01")]
+    assert float(laplace["accuracy"]) == utility["laplace:b=0.01"]["accuracy"]
+    assert {(g["attack"], g["defense"]): g["accuracy"] for g in job["grid"]} == {
+        key: utility[key[1]]["accuracy"] for key in privacy}  # the terminal's summary of the grid
+    # The report: the defense table with utility beside privacy, the paper's table by attack and data set.
+    html = (out / "report.html").read_text()
+    u = utility["laplace:b=0.01"]
+    assert re.search(r"<td>iDLG</td><td>laplace:b=0\.01</td>.*?<td class=num>"
+                     + re.escape(f"{u['accuracy']:.3f} (chance {u['accuracy_chance']:.3f})")
+                     + r"</td><td class=num>" + re.escape(f"{u['balanced_accuracy']:.3f}")
+                     + r" \(chance 1/\d+\)</td><td class=num>" + re.escape(f"{u['auc']:.3f}"), html)
+    idlg = json.loads((out / JOBS[0] / "summary.json").read_text())
+    assert re.search(r"<td>embedded</td><td>iDLG</td><td>lenet-idlg</td><td class=num>1</td><td class=num>2</td>"
+                     r"<td class=num>[^<]*</td><td class=num>" + re.escape(f"{idlg['mean_ssim']:.3f}")
+                     + r"</td><td class=num>" + re.escape(f"{idlg['mean_mse']:.4f}") + "</td>", html)
+    summary = json.loads((out / "summary.json").read_text())
+    by_attack = {r["attack"]: r for r in summary["by_attack"]}
+    assert set(by_attack) == {"idlg", "dlg"} and by_attack["idlg"]["mean_mse"] == pytest.approx(idlg["mean_mse"])
+    assert by_attack["idlg"]["reid_chance"] == pytest.approx(idlg["reid_chance"])
+    defended = {(r["attack"], r["defense"]): r for r in summary["defenses"]}
+    assert defended[("idlg", "laplace:b=0.01")]["auc"] == pytest.approx(u["auc"])
 
 
 @pytest.mark.parametrize("text, named", [

@@ -11,7 +11,7 @@ from medpfl.data.embedded import embedded_source
 from medpfl.errors import MedPFLError
 from medpfl.fl.aggregate import apply_update, weighted_average
 from medpfl.fl.partition import federate, held_out_split, partition_items
-from medpfl.fl.seeds import site_order
+from medpfl.seeds import site_order
 from medpfl.fl.utility import balanced_accuracy, binary_auc, chance_levels, macro_auc
 
 

@@ -347,11 +347,13 @@ def cmd_audit(args: argparse.Namespace) -> None:
     for column in ("run", "ASR", "mean SSIM", "mean PSNR", "label acc.", "re-id", "epsilon", "accuracy"):
         table.add_column(column, justify="left" if column == "run" else "right")
     number = lambda v, fmt: "" if v is None else format(v, fmt)  # noqa: E731
-    for r in summary["results"]:
-        table.add_row(r["dir"], number(r.get("asr"), ".2f"), number(r.get("mean_ssim"), ".3f"),
-                      number(r.get("mean_psnr"), ".1f"), number(r.get("label_accuracy"), ".2f"),
-                      number(r.get("reid_rate"), ".2f"), number(r.get("epsilon"), ".2f"),
-                      number(r.get("accuracy"), ".3f"))
+    for job in summary["results"]:  # a defense grid's job: one row per attack and defense setting
+        for r in ([{**cell, "dir": f"{job['dir']} {cell['attack']} {cell['defense']}"} for cell in job["grid"]]
+                  if "grid" in job else [job]):
+            table.add_row(r["dir"], number(r.get("asr"), ".2f"), number(r.get("mean_ssim"), ".3f"),
+                          number(r.get("mean_psnr"), ".1f"), number(r.get("label_accuracy"), ".2f"),
+                          number(r.get("reid_rate"), ".2f"), number(r.get("epsilon"), ".2f"),
+                          number(r.get("accuracy"), ".3f"))
     out.print(table)
     report = _report(run, args.quiet)
     out.print(f"Audit finished in {time.perf_counter() - started:.0f} s. Report: {report or '(not written)'}; "

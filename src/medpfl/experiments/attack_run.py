@@ -29,7 +29,7 @@ from medpfl.metrics.image import ssim
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score, reidentified
 from medpfl.models.registry import build_model
 from medpfl.report.images import comparison_grid, load_png, save_png
-from medpfl.seeds import ATTACK_STARTS, DEFENSE_NOISE, MODEL_WEIGHTS, stream, stream_seed
+from medpfl.seeds import ATTACK_STARTS, DEFENSE_NOISE, MODEL_WEIGHTS, PRETRAIN_MINIBATCHES, stream, stream_seed
 
 
 CHECKPOINT = "checkpoint.pt"  # the state of a long attack in progress, in the run directory
@@ -210,7 +210,6 @@ def attack_generator(config: AttackRunConfig, victims: list[int]) -> torch.Gener
     return stream(config.seed, ATTACK_STARTS, victims[0])
 
 
-PRETRAIN_MINIBATCHES = 2  # the seed stream of the victims' pretraining minibatches (beside medpfl.seeds')
 _PRETRAIN_POOL = 1024  # at most this many images of the source to pretrain on
 
 

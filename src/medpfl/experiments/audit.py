@@ -54,8 +54,8 @@ def _attack_job(config: AuditConfig, job: dict[str, Any], out: Path,
                           norm=config.norm, device=config.device, settings=dict(attack.settings),
                           labels=config.threat.labels, bn_mode=config.threat.bn_mode)
     summary = run_attack(run, out / job["dir"], resume=resume, progress=progress)
-    return {k: summary.get(k) for k in ("asr", "mean_ssim", "mean_psnr", "label_accuracy", "reid_rate",
-                                        "seconds_per_image", "epsilon")}
+    return {k: summary.get(k) for k in ("asr", "asr_chance", "mean_ssim", "mean_psnr", "mean_mse", "label_accuracy",
+                                        "reid_rate", "reid_chance", "seconds_per_image", "epsilon")}
 
 
 def _unavailable(key: str, what: str) -> MedPFLError:
@@ -89,7 +89,8 @@ def _defenses_job(config: AuditConfig, job: dict[str, Any], out: Path,
                         utility=config.utility.enabled, rounds=config.utility.rounds, sites=config.utility.sites,
                         device=config.device)
     rows = run_sweep(sweep, out / job["dir"], workers=1, progress=progress)
-    return {"rows": len(rows)}
+    kept = ("attack", "defense", "asr", "mean_ssim", "mean_psnr", "label_accuracy", "reid_rate", "epsilon", "accuracy")
+    return {"rows": len(rows), "grid": [{k: row.get(k) for k in kept} for row in rows]}
 
 
 JOBS: dict[str, Callable[..., dict[str, Any]]] = {"attack": _attack_job, "defenses": _defenses_job,

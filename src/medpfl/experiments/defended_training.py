@@ -24,7 +24,7 @@ from medpfl.fl.gradients import functional_model
 from medpfl.fl.local import LocalTraining
 from medpfl.fl.partition import federate
 from medpfl.fl.rounds import RoundHooks, SiteRound, Update, ordered
-from medpfl.fl.seeds import SITE_NOISE, model_seed, torch_seed
+from medpfl.seeds import SITE_NOISE, model_seed, torch_seed
 from medpfl.fl.simulation import InProcessFederation
 from medpfl.fl.utility import chance_levels, evaluate
 from medpfl.models.registry import build_model

@@ -147,8 +147,9 @@ def _privacy(job: dict[str, Any], sweep: SweepConfig, path: Path) -> dict[str, A
                              seed=job["seed"], norm=sweep.norm, device=sweep.device, settings=settings,
                              defense=job["defense"])
     summary = run_attack(config, path)
-    keys = ("n_images", "images_per_update", "asr", "success_ssim", "mean_ssim", "median_ssim", "mean_psnr",
-            "mean_mse", "label_accuracy", "reid_rate", "seconds_per_image", "epsilon", "model")
+    keys = ("n_images", "images_per_update", "asr", "asr_chance", "success_ssim", "mean_ssim", "median_ssim",
+            "mean_psnr", "mean_mse", "label_accuracy", "reid_rate", "reid_chance", "seconds_per_image", "epsilon",
+            "model", "num_classes")
     chain = parse_defense(job["defense"]).calibrated()
     return {**{k: summary[k] for k in keys}, "delta": chain.local.delta if chain.local else None}
 

@@ -17,7 +17,7 @@ import numpy as np
 from medpfl.data.base import ImageSource, Item
 from medpfl.data.split import train_test_split
 from medpfl.errors import MedPFLError
-from medpfl.fl.seeds import PARTITION, rng
+from medpfl.seeds import PARTITION, rng
 
 PARTITION_HELP = "iid, dirichlet:ALPHA (e.g. dirichlet:0.3) or by:COLUMN (e.g. by:class)"
 TEST_FRACTION = 0.25  # for sources without a recommended split: close to the embedded set's own (185 of 726)

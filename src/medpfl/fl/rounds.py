@@ -18,7 +18,7 @@ from torch import nn
 
 from medpfl.fl.aggregate import weighted_average
 from medpfl.fl.local import LocalTraining, local_update
-from medpfl.fl.seeds import SITE_NOISE, site_order, torch_seed
+from medpfl.seeds import SITE_NOISE, site_order, torch_seed
 
 Update = dict[str, torch.Tensor]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from medpfl.errors import MedPFLError
 from medpfl.report.html import page
 from medpfl.report.runs import AttackRun, AuditRun, TrainRun, find_runs
-from medpfl.report.sections import SECTIONS, Context, attack_name, run_stats
+from medpfl.report.sections import SECTIONS, Context, attack_name, attack_table, defense_table, run_stats
 
 CSV_FIELDS = ("run", "attack", "defense", "round", "site", "victim", "slot", "item_id", "label", "recovered_label",
               "label_correct", "ssim", "psnr", "mse", "reidentified", "seconds", "reconstruction")
@@ -87,7 +87,7 @@ def _write_collection_summary(ctx: Context, path: Path) -> None:
                      "defense": run.defense, "model": run.config.get("model"), "n_images": s.n, "asr": s.asr,
                      "asr_chance": s.asr_chance, "mean_ssim": s.mean_ssim, "mean_psnr": s.mean_psnr,
                      "mean_mse": s.mean_mse, "label_accuracy": s.label_accuracy, "reid_rate": s.reid_rate,
-                     "reid_chance": 1 / s.reid_gallery if s.reid_gallery else None,
+                     "reid_chance": s.reid_chance,
                      "seconds_per_image": s.seconds_per_image, "epsilon": s.epsilon,
                      **({"final": run.rounds[-1]} if isinstance(run, TrainRun) and run.rounds else {})})
     for run in ctx.runs:
@@ -95,4 +95,6 @@ def _write_collection_summary(ctx: Context, path: Path) -> None:
             runs.append({"run": run.name, "kind": _kind(run), **({"summary": run.summary} if run.summary else {})})
     from medpfl.experiments.run_dir import write_json
 
-    write_json(path, {"kind": "collection", "runs": runs})
+    # The report's two tables as numbers: attacks by data set (the paper's layout) and defenses with utility.
+    defenses = [{"sweep": sweep.name, **row} for sweep in ctx.sweeps for row in defense_table(sweep)]
+    write_json(path, {"kind": "collection", "runs": runs, "by_attack": attack_table(ctx), "defenses": defenses})

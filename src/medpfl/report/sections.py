@@ -16,6 +16,7 @@ from PIL import Image
 from medpfl.report import plots
 from medpfl.report.html import Section, esc, img, img_file, table
 from medpfl.report.runs import AttackRun, ImageResult, Run, SweepRun, TrainRun
+from medpfl.report.tradeoff import pareto_front
 
 SUCCESS_SSIM = 0.9  # the paper's threshold; runs that recorded another one say so in their summary
 RANKED_ROWS = 40  # rows of the per-image ranking shown in the page; results.csv holds all
@@ -116,6 +117,16 @@ class RunStats:
     @property
     def recognised(self) -> int:
         return round(self.asr * self.n)
+
+    @property
+    def reid_chance(self) -> float | None:
+        """Re-identification by naming an image of the gallery at random."""
+        return 1 / self.reid_gallery if self.reid_gallery else None
+
+    @property
+    def label_chance(self) -> float | None:
+        """Label accuracy by guessing a class at random."""
+        return 1 / self.num_classes if self.num_classes else None
 
 
 @dataclass
@@ -377,7 +388,11 @@ def section_results(ctx: Context) -> Section | None:
         ["epsilon"] if has_eps else []) + ["images", "ASR", "mean SSIM", "mean PSNR", "mean MSE", "label accuracy",
                                           "re-identified", "s / image"]
     first_num = header.index("epsilon" if has_eps else "images")
-    parts = [table(header, rows, numeric=list(range(first_num, len(header))))]
+    parts = []
+    by_attack = attack_table(ctx)
+    if len(attacked) > 1 and by_attack:
+        parts.append("<h3>By attack and data set</h3>" + _attack_table_html(by_attack) + "<h3>Every run</h3>")
+    parts.append(table(header, rows, numeric=list(range(first_num, len(header)))))
     parts.append("<p class=note>ASR (attack success rate): share of images reconstructed with SSIM \u2265 0.9, "
                  "the paper's threshold for a recognisable copy. SSIM (structural similarity, 0 to 1) and PSNR "
                  "(higher is closer) compare each reconstruction with its original, both clamped to [0,1]. "
@@ -394,6 +409,59 @@ def section_results(ctx: Context) -> Section | None:
                                   "plot") + "<figcaption>How close each reconstruction came to its original. Dots "
                  "above the dashed line are recognisable copies.</figcaption></figure>")
     return Section("results", "Results per attack", "".join(parts))
+
+
+# The paper's order of attacks; others follow by name.
+_ATTACK_ORDER = {a: i for i, a in enumerate(ATTACK_NAMES)}
+# Numbers pooled over runs, each run weighted by its number of images (so a mean is over all images).
+_POOLED = ("asr", "asr_chance", "mean_ssim", "mean_mse", "mean_psnr", "seconds_per_image", "label_accuracy",
+           "label_chance", "reid_rate", "reid_chance")
+
+
+def attack_table(ctx: Context) -> list[dict[str, Any]]:
+    """The paper's layout: one row per data set, attack and model, its undefended attack runs pooled over seeds.
+
+    A sweep's runs belong to the defense table; they count here only where the directory holds no others."""
+    runs = [r for r in ctx.attack_runs if r.defense == "none" and r.images()]
+    outside = [r for r in runs if not any(r.path.is_relative_to(s.path) for s in ctx.sweeps)]
+    groups: dict[tuple[str, str, str], list[AttackRun]] = defaultdict(list)
+    for run in outside or runs:
+        groups[(data_name(run), run.attack, str(run.config.get("model", "?")))].append(run)
+    data_order = list(dict.fromkeys(key[0] for key in groups))
+    rows = []
+    for (data, attack, model), group in sorted(groups.items(), key=lambda kv: (
+            data_order.index(kv[0][0]), _ATTACK_ORDER.get(kv[0][1], len(_ATTACK_ORDER)), kv[0][1], kv[0][2])):
+        stats = [run_stats(r) for r in group]
+        row: dict[str, Any] = {"data": data, "attack": attack, "attack_name": attack_name(attack), "model": model,
+                               "seeds": len({r.config.get("seed") for r in group}), "n_images": sum(s.n for s in stats)}
+        for key in _POOLED:
+            weighted = [(getattr(s, key), s.n) for s in stats if getattr(s, key) is not None]
+            row[key] = sum(v * n for v, n in weighted) / sum(n for _, n in weighted) if weighted else None
+        rows.append(row)
+    return rows
+
+
+def _with_chance(value: float | None, chance: float | None, digits: int, fraction: bool = False) -> str:
+    """A rate and, in brackets, its chance level (as 1/N where it is one in N choices)."""
+    if value is None:
+        return "n/a"
+    if chance is None:
+        return f"{value:.{digits}f}"
+    level = f"1/{round(1 / chance)}" if fraction and chance > 0 else f"{chance:.{digits}f}"
+    return f"{value:.{digits}f} (chance {level})"
+
+
+def _attack_table_html(rows: list[dict[str, Any]]) -> str:
+    header = ["data set", "attack", "model", "seeds", "images", "ASR", "mean SSIM", "mean MSE", "mean PSNR",
+              "s / image", "label accuracy", "re-identified"]
+    cells = [[r["data"], r["attack_name"], r["model"], r["seeds"], r["n_images"],
+              _with_chance(r["asr"], r["asr_chance"], 2), _fmt(r["mean_ssim"], 3), _fmt(r["mean_mse"], 4),
+              _fmt(r["mean_psnr"], 1, " dB"), _fmt(r["seconds_per_image"], 2),
+              _with_chance(r["label_accuracy"], r["label_chance"], 2, fraction=True),
+              _with_chance(r["reid_rate"], r["reid_chance"], 2, fraction=True)] for r in rows]
+    return table(header, cells, numeric=list(range(3, len(header))),
+                 caption="The paper's table: each attack on its model and each data set, without defense, pooled "
+                         "over seeds. Time: wall time of the attack alone, per image.")
 
 
 def _pair(ctx: Context, run: Run, row: ImageResult, tag: str) -> str:
@@ -551,33 +619,30 @@ def _cell_label(cell: dict) -> str:
     return "none"
 
 
-def _averaged_cells(sweep: SweepRun) -> list[dict]:
-    """Cells averaged over seeds: one per attack x defense setting."""
+_COUNTS = ("seeds", "n_images")  # summed over a setting's cells, every other number averaged
+
+
+def defense_table(sweep: SweepRun) -> list[dict[str, Any]]:
+    """One row per attack x defense setting, in the grid's order, its cells averaged over seeds."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for cell in sweep.cells:
         groups[(str(cell.get("attack", "")), _cell_label(cell))].append(cell)
     averaged = []
     for (attack, defense), cells in groups.items():
-        row: dict[str, Any] = {"attack": attack, "defense": defense, "seeds": len(cells)}
-        for key in {k for c in cells for k, v in c.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}:
+        row: dict[str, Any] = {"attack": attack, "defense": defense,
+                               "seeds": sum(int(c.get("seeds") or 1) for c in cells)}
+        numbers = dict.fromkeys(k for c in cells for k, v in c.items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seeds")
+        for key in numbers:  # in the file's column order
             values = [c[key] for c in cells if isinstance(c.get(key), (int, float))]
-            row[key] = statistics.fmean(values) if values else None
+            row[key] = (sum(values) if key in _COUNTS else statistics.fmean(values)) if values else None
         averaged.append(row)
     return averaged
 
 
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of points no other point beats on both counts (higher utility x, lower leak y)."""
-    front = []
-    for i, (x, y) in enumerate(points):
-        if not any((x2 >= x and y2 <= y) and (x2 > x or y2 < y) for j, (x2, y2) in enumerate(points) if j != i):
-            front.append(i)
-    return front
-
-
 def _recommendations(sweep: SweepRun) -> list[str]:
     """Per attack: the setting with the best utility among those that keep ASR below 0.1."""
-    cells = _averaged_cells(sweep)
+    cells = defense_table(sweep)
     privacy, utility = _first(cells, _PRIVACY), _first(cells, _UTILITY)
     if not privacy or not utility:
         return []
@@ -604,7 +669,7 @@ def section_tradeoff(ctx: Context) -> Section | None:
         return None
     parts = []
     for sweep in sweeps:
-        cells = _averaged_cells(sweep)
+        cells = defense_table(sweep)
         privacy, utility = _first(cells, _PRIVACY), _first(cells, _UTILITY)
         parts.append(f"<h3>{esc(sweep.name)}</h3>")
         if privacy and utility:
@@ -621,16 +686,42 @@ def section_tradeoff(ctx: Context) -> Section | None:
             rec = _recommendations(sweep)
             if rec:
                 parts.append("<ul class=findings>" + "".join(f"<li>{esc(r)}</li>" for r in rec) + "</ul>")
-        columns = [k for k in ("asr", "mean_ssim", "mean_psnr", "label_accuracy", "reid_rate", "accuracy",
-                               "balanced_accuracy", "auc", "epsilon", "seconds") if any(c.get(k) is not None
-                                                                                       for c in cells)]
-        rows = [[attack_name(c["attack"]), c["defense"], c["seeds"]] + [_fmt(c.get(k), 3) for k in columns]
-                for c in sorted(cells, key=lambda c: (c["attack"], c["defense"]))]
-        parts.append(table(["attack", "defense", "seeds", *[k.replace("_", " ") for k in columns]], rows,
-                           numeric=list(range(2, 3 + len(columns))),
-                           caption="Each row: privacy (leak) and utility (model quality) of one defense setting, "
-                                   "averaged over seeds; epsilon only where the defense is differential privacy."))
+        parts.append(_defense_table_html(cells))
     return Section("tradeoff", "Defenses: privacy against utility", "".join(parts))
+
+
+# The defense table's columns: header, key, digits, chance level (a key or a number), chance shown as 1/N.
+_DEFENSE_COLUMNS = (
+    ("images", "n_images", 0, None, False), ("ASR", "asr", 2, "asr_chance", False),
+    ("mean SSIM", "mean_ssim", 3, None, False), ("mean PSNR dB", "mean_psnr", 1, None, False),
+    ("mean MSE", "mean_mse", 4, None, False), ("re-identified", "reid_rate", 2, "reid_chance", True),
+    ("label accuracy", "label_accuracy", 2, "label_chance", True),
+    ("test accuracy", "accuracy", 3, "accuracy_chance", False),
+    ("balanced accuracy", "balanced_accuracy", 3, "balanced_accuracy_chance", True),
+    ("AUC", "auc", 3, 0.5, False), ("epsilon", "epsilon", 2, None, False),
+)
+
+
+def _defense_table_html(cells: list[dict[str, Any]]) -> str:
+    """Privacy and utility per attack and defense setting: the paper's defense table, with the utility it
+    never measured (a federation trained with the defense at every site in every round)."""
+    columns = [c for c in _DEFENSE_COLUMNS if any(cell.get(c[1]) is not None for cell in cells)]
+    order = {a: i for i, a in enumerate(dict.fromkeys(c["attack"] for c in cells))}
+    rows = []
+    for cell in sorted(cells, key=lambda c: order[c["attack"]]):  # stable: each attack's defenses in grid order
+        row = [attack_name(cell["attack"]), cell["defense"], cell["seeds"]]
+        for _, key, digits, chance, fraction in columns:
+            level = cell.get(chance) if isinstance(chance, str) else chance
+            row.append(_with_chance(cell.get(key), level, digits, fraction))
+        rows.append(row)
+    notes = ["none: no defense", "epsilon only where the defense is differential privacy"]
+    if any(str(c["defense"]).startswith("laplace") for c in cells):
+        notes.insert(1, "laplace:b=B: i.i.d. Laplace(0, B) noise on every entry of each shared update (the paper's "
+                        "defense), at every site in every round of the federation whose utility is shown")
+    return table(["attack", "defense", "seeds", *[c[0] for c in columns]], rows,
+                 numeric=list(range(2, 3 + len(columns))),
+                 caption="Each row: privacy (leak) and utility (the trained model's quality on held-out images) of "
+                         "one defense setting, averaged over seeds; " + "; ".join(notes) + ".")
 
 
 def section_provenance(ctx: Context) -> Section | None:

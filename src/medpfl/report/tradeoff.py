@@ -8,8 +8,11 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-PRIVACY_KEYS = ("asr", "mean_ssim", "mean_psnr", "label_accuracy", "reid_rate")
+# Privacy per defense setting; each rate with its chance level (an attacker answering or guessing at random).
+PRIVACY_KEYS = ("asr", "asr_chance", "mean_ssim", "mean_psnr", "mean_mse", "label_accuracy", "label_chance",
+                "reid_rate", "reid_chance", "seconds_per_image")
 UTILITY_KEYS = ("accuracy", "balanced_accuracy", "auc")
+UTILITY_CHANCE = ("accuracy_chance", "balanced_accuracy_chance")
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -27,6 +30,13 @@ def _mean(values: list[Any]) -> float | None:
     return sum(numbers) / len(numbers) if numbers else None
 
 
+def _privacy_value(cell: dict[str, Any], key: str) -> Any:
+    """A privacy cell's `key`; None where an older sweep did not record it."""
+    if key == "label_chance":  # a guessed label is right once in K classes
+        return 1 / cell["num_classes"] if cell.get("num_classes") else None
+    return cell.get(key)
+
+
 def tradeoff_rows(privacy: list[dict[str, Any]], utility: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per attack and defense: privacy and utility averaged over seeds, epsilon where defined."""
     by_defense: dict[str, list[dict[str, Any]]] = {}
@@ -40,10 +50,10 @@ def tradeoff_rows(privacy: list[dict[str, Any]], utility: list[dict[str, Any]]) 
         trained = by_defense.get(cells[0].get("trained_as", defense), [])
         row: dict[str, Any] = {"attack": attack, "defense": defense, "seeds": len(cells),
                                "n_images": sum(c["n_images"] for c in cells)}
-        row.update({k: _mean([c[k] for c in cells]) for k in PRIVACY_KEYS})
+        row.update({k: _mean([_privacy_value(c, k) for c in cells]) for k in PRIVACY_KEYS})
         row.update({k: _mean([u.get(k) for u in trained]) for k in UTILITY_KEYS})
         row["utility"] = "measured" if trained else "pending"
-        row["accuracy_chance"] = trained[0].get("accuracy_chance") if trained else None
+        row.update({k: trained[0].get(k) if trained else None for k in UTILITY_CHANCE})
         row["epsilon"] = _mean([c.get("epsilon") for c in cells])
         row["delta"] = cells[0].get("delta")
         rows.append(row)
@@ -53,7 +63,7 @@ def tradeoff_rows(privacy: list[dict[str, Any]], utility: list[dict[str, Any]]) 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     """The trade-off table as CSV (empty fields where a value is undefined or pending)."""
     columns = ["attack", "defense", "seeds", "n_images", *PRIVACY_KEYS, *UTILITY_KEYS,
-               "accuracy_chance", "utility", "epsilon", "delta"]
+               *UTILITY_CHANCE, "utility", "epsilon", "delta"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
