@@ -27,7 +27,7 @@ from medpfl.fl.gradients import functional_model
 from medpfl.fl.local import LocalTraining, local_update
 from medpfl.fl.partition import Federation, federate
 from medpfl.fl.rounds import RoundHooks, SiteObservation, ordered
-from medpfl.fl.seeds import ATTACK, model_seed, site_order, torch_seed
+from medpfl.seeds import ATTACK, model_seed, site_order, torch_seed
 from medpfl.fl.simulation import InProcessFederation
 from medpfl.fl.utility import chance_levels, evaluate
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score

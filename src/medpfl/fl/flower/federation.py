@@ -1,7 +1,7 @@
 """What a Flower federation runs, as plain values that travel in Flower's records (no flwr import here).
 
 Both ends rebuild everything else from these values with the functions the in-process engine uses
-(fl.partition.federate, fl.seeds.model_seed, fl.rounds.site_update), so the engines compute the same numbers.
+(fl.partition.federate, seeds.model_seed, fl.rounds.site_update), so the engines compute the same numbers.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import nn
 from medpfl.data import ImageDataset, open_source
 from medpfl.fl.local import LocalTraining
 from medpfl.fl.partition import federate
-from medpfl.fl.seeds import model_seed
+from medpfl.seeds import model_seed
 from medpfl.models.registry import build_model
 
 
