@@ -93,8 +93,7 @@ def _write_collection_summary(ctx: Context, path: Path) -> None:
     for run in ctx.runs:
         if not isinstance(run, (AttackRun, TrainRun)) or not run.images():
             runs.append({"run": run.name, "kind": _kind(run), **({"summary": run.summary} if run.summary else {})})
-    from medpfl.experiments.run_dir import write_json
-
     # The report's two tables as numbers: attacks by data set (the paper's layout) and defenses with utility.
     defenses = [{"sweep": sweep.name, **row} for sweep in ctx.sweeps for row in defense_table(sweep)]
-    write_json(path, {"kind": "collection", "runs": runs, "by_attack": attack_table(ctx), "defenses": defenses})
+    summary = {"kind": "collection", "runs": runs, "by_attack": attack_table(ctx), "defenses": defenses}
+    _write(path, json.dumps(summary, indent=2, default=str) + "\n")
