@@ -259,6 +259,9 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
                             "update (training is unchanged)")
     train.add_argument("--steps", type=int, help="attack optimiser steps")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other attack setting")
+    train.add_argument("--defense", default=d.defense, metavar="SPEC",
+                       help="a defense at every site in every round (in-process engine), e.g. dpsgd:epsilon=8 "
+                            "or clip:norm=1+gaussian:sigma=0.01")
     train.add_argument("--engine", default=d.engine, choices=ENGINES)
     train.add_argument("--vectorise", default=d.vectorise, choices=VECTORISE,
                        help="in-process: train equal-sized sites in one vmapped call (auto: on accelerators only)")
@@ -281,8 +284,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         local_batch=args.local_batch, lr=args.lr, momentum=args.momentum, partition=args.partition,
         attack=args.attack, attack_rounds=parse_int_list(args.attack_rounds, "--attack-rounds"),
         attack_sites=parse_int_list(args.attack_sites, "--attack-sites"), attack_batch=args.attack_batch,
-        attack_settings=settings, engine=args.engine, vectorise=args.vectorise, seed=args.seed,
-        device=args.device)
+        attack_settings=settings, engine=args.engine, defense=args.defense, vectorise=args.vectorise,
+        seed=args.seed, device=args.device)
     run = Path(args.out or f"runs/train-{config.model}-{config.partition.replace(':', '')}-seed{config.seed}")
     bar, (update,) = _progress(args.quiet, "rounds")
     with bar or nullcontext():
@@ -294,6 +297,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     for name, row in (("global model", summary["final"]), ("chance", summary["chance"])):
         table.add_row(name, *(f"{row[k]:.3f}" for k in ("accuracy", "balanced_accuracy", "auc")))
     out.print(table)
+    if summary.get("epsilon") is not None:
+        out.print(f"defense {config.defense}: epsilon {summary['epsilon']:.2f} over the whole run")
     for a in summary["attacks"]:
         out.print(f"round {a['round']} site {a['site']} ({a['observed']} update, {a['images']} images): "
                   f"ASR {a['asr']:.2f}, SSIM {a['mean_ssim']:.3f}, PSNR {a['mean_psnr']:.1f} dB")

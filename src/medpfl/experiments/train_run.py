@@ -20,6 +20,8 @@ import torch
 
 from medpfl.attacks import THREAT_MODELS, ObservedUpdate, ServerPayload, build_attack
 from medpfl.data import ImageDataset, open_source
+from medpfl.defenses import Chain, parse_defense
+from medpfl.defenses.training import DefendedFederation
 from medpfl.device import resolve_device
 from medpfl.errors import MedPFLError
 from medpfl.experiments.run_dir import open_run_dir, write_json
@@ -71,6 +73,7 @@ class TrainRunConfig:
     attack_batch: int | None = None  # None: attack the site's full update; K: a probe update of its first K images
     attack_settings: dict[str, Any] = field(default_factory=dict)
     engine: str = "inprocess"
+    defense: str = "none"  # a defense spec (medpfl.defenses.spec) run at every site in every round (in-process)
     # Train equal-sized sites in one vmapped call: "auto" does so on accelerators only. On CPUs it is no
     # faster than one site after another (benchmarks/federation_throughput.py), and one site after another
     # is bit-for-bit the Flower client's arithmetic, where batched kernels round differently.
@@ -112,6 +115,7 @@ def _check(config: TrainRunConfig) -> None:
     config.training  # noqa: B018  (validates protocol, epochs, batch, lr, momentum)
     if config.engine not in ENGINES:
         raise MedPFLError(f"--engine must be one of {', '.join(ENGINES)}, got '{config.engine}'.")
+    _check_defense(config)
     if config.engine == "flower":
         _require_flower()
     if config.vectorise not in VECTORISE:
@@ -130,6 +134,25 @@ def _check(config: TrainRunConfig) -> None:
         raise MedPFLError(f"--attack-sites must list sites between 0 and {config.sites - 1}, e.g. --attack-sites 0.")
     if config.attack_batch is not None and config.attack_batch < 1:
         raise MedPFLError(f"--attack-batch {config.attack_batch} is invalid; attack 1 or more images.")
+
+
+def _check_defense(config: TrainRunConfig) -> Chain:
+    """The chain `--defense` names, refused where training cannot run it honestly."""
+    chain = parse_defense(config.defense)
+    if not chain.defenses:
+        return chain
+    if config.engine == "flower":
+        raise MedPFLError("--defense runs inside training on the in-process engine only; drop --engine flower "
+                          "(on Flower, secure aggregation runs through fl.flower.simulation.run_simulation(..., "
+                          "secure_aggregation=True)).")
+    if chain.channel is not None:
+        raise MedPFLError("--defense secagg: secure aggregation does not change what the federation trains, and the "
+                          "in-process curious server sees each site's update; attack its outcome with medpfl attack "
+                          "--defense secagg:k=K, or run Flower's SecAgg+ (fl.flower.simulation).")
+    if config.attack_batch is not None:
+        raise MedPFLError("--attack-batch attacks a probe update the site never sent, which no defense touched; "
+                          "drop it to attack what the defended sites really sent.")
+    return chain
 
 
 def _check_attackable(config: TrainRunConfig, n_images: list[int]) -> None:
@@ -304,6 +327,8 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
     curious server's observer is added to its observers. What it does must be recorded in `config`.
     """
     _check(config)
+    if defenses is not None and config.defense != "none":
+        raise ValueError("Give the defense either as config.defense or as `defenses` hooks, not both.")
     device = resolve_device(config.device)
     source = open_source(config.data)
     federation = federate(source, config.sites, config.partition, config.seed)
@@ -342,12 +367,23 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
         weights = _train_on_flower(config, hooks, weights, done, finished)
     elif done < config.rounds:
         vectorise = config.vectorise == "on" or (config.vectorise == "auto" and device.type != "cpu")
-        engine = InProcessFederation(model, sites, num_classes, config.training, config.seed, hooks, vectorise)
+        chain = parse_defense(config.defense)
+        defended = (DefendedFederation(chain, model, sites, num_classes, config.training, config.rounds, config.seed,
+                                       tuple(hooks.observers), vectorise) if chain.defenses else None)
+        engine = defended or InProcessFederation(model, sites, num_classes, config.training, config.seed, hooks,
+                                                 vectorise)
+        if defended:
+            defended.resume(done)
         for round_index in range(done + 1, config.rounds + 1):
             outcome = engine.run_round(weights, round_index)
             weights = outcome.weights
+            privacy = {}
+            if defended and defended.epsilon() is not None:  # over every round so far, at the chain's delta
+                privacy = {"epsilon": defended.epsilon(),
+                           **({"noise_multiplier": defended.dp.noise_multiplier} if defended.dp else {})}
             finished(round_index, weights, {**evaluate(model, weights, *test), "seconds": outcome.seconds,
-                                            "update_norms": outcome.update_norms, "n_images": outcome.n_images})
+                                            "update_norms": outcome.update_norms, "n_images": outcome.n_images,
+                                            **privacy})
     net.load_state_dict({n: w.cpu() for n, w in weights.items()}, strict=False)
     _save_atomic({k: v.cpu() for k, v in net.state_dict().items()}, path / MODEL)
     return summarise(path, federation, test[1], num_classes)
@@ -376,6 +412,7 @@ def summarise(path: Path, federation: Federation, test_labels: torch.Tensor, num
         "rounds": len(rounds), "sites": len(federation.sites), "partition": federation.partition,
         "n_images": federation.n_images, "n_test": len(federation.test),
         "final": {k: last[k] for k in ("accuracy", "balanced_accuracy", "auc")},
+        "epsilon": last.get("epsilon"),  # over the whole run, where the defense gives a guarantee
         "chance": chance_levels(test_labels.cpu().numpy(), num_classes),
         "seconds_per_round": sum(r["seconds"] for r in rounds) / len(rounds),
         "attacks": [{k: a[k] for k in ("round", "site", "observed", "asr")} | {
