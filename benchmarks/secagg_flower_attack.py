@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from medpfl.attacks import ObservedUpdate, ServerPayload, build_attack
-from medpfl.data.embedded import embedded_source
 from medpfl.data import ImageDataset
+from medpfl.data.embedded import embedded_source
 from medpfl.defenses import parse_defense
 from medpfl.defenses.observe import observed_gradients
 from medpfl.experiments.run_dir import library_versions
@@ -168,7 +168,8 @@ def main() -> None:
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     for name in ("flower_secagg", "inprocess_secagg", "chance"):
         r = results[name]
-        print(f"{name:17s} ASR {r['asr']:.2f}  mean SSIM {r['mean_ssim']:.3f}  label accuracy {r['label_accuracy']:.2f}")
+        print(f"{name:17s} ASR {r['asr']:.2f}  mean SSIM {r['mean_ssim']:.3f}  "
+              f"label accuracy {r['label_accuracy']:.2f}")
     print(f"update gap {gap:.2e} (largest entry {largest:.2f}); {results['total_seconds']:.0f} s; wrote {args.out}")
 
 

@@ -61,6 +61,7 @@ class DefendedFederation:
         self.dp = chain.local.calibrated(self.sample_rate, steps) if chain.local is not None else None
         self.ledger = PrivacyLedger()
         self.rounds_done = 0
+        self._round = 0  # the round in progress (its server noise stream)
         hooks = RoundHooks(self._site_transform, self._aggregate if chain.server else weighted_average,
                            tuple(observers))
         self.engine = (DPSGDFederation(model, sites, num_classes, training, seed, hooks, vectorise=False, dp=self.dp)
@@ -94,7 +95,7 @@ class DefendedFederation:
             self.ledger.record(self.dp.noise_multiplier, self.sample_rate, self.steps_per_round)
 
     def epsilon(self) -> float | None:
-        """Epsilon over the rounds run so far: DP-SGD's per example, or client-level DP's per site; None if heuristic."""
+        """Epsilon over the rounds run so far: DP-SGD's per example, client-level DP's per site; None if heuristic."""
         if self.dp is not None:
             return self.ledger.epsilon(self.dp.delta, self.dp.accountant)
         if self.chain.server is not None:

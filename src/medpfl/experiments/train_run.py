@@ -430,9 +430,10 @@ def _train_on_flower(config: TrainRunConfig, hooks: RoundHooks, weights: dict[st
     if secure and done:
         raise MedPFLError(f"A secure-aggregation run on Flower starts at round 1 and cannot resume after round {done}; "
                           "rerun with --fresh.")
-    result = run_simulation(FederationSpec.of(config), hooks, None if secure else {n: w.cpu() for n, w in weights.items()},
-                            done + 1, lambda record, new: finished(record["round"], new,
-                                                                   {k: record[k] for k in keys if k in record}),
+    start = None if secure else {n: w.cpu() for n, w in weights.items()}  # SecAgg+: the run's initial model
+    result = run_simulation(FederationSpec.of(config), hooks, start, done + 1,
+                            lambda record, new: finished(record["round"], new,
+                                                         {k: record[k] for k in keys if k in record}),
                             secure_aggregation=secure)
     return result.weights
 
