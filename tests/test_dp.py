@@ -123,8 +123,9 @@ def test_client_level_dp_clips_each_site_and_noises_the_aggregate():
     assert (noisy - clean).std().item() == pytest.approx(1.5 / 5, rel=0.03)
 
 
+# Sampled sites (Poisson), and every site in every round (rate 1, as medpfl train --defense cdp runs it).
 @pytest.mark.parametrize("noise, sampled, population, rounds", [(1.0, 10, 100, 50), (0.8, 5, 20, 20),
-                                                                 (2.0, 2, 8, 100)])
+                                                                 (2.0, 2, 8, 100), (1.5, 5, 5, 20)])
 def test_client_level_epsilon_agrees_with_flowers_privacy_accountant(noise, sampled, population, rounds):
     serverapp = pytest.importorskip("flwr.serverapp")
     logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's notes about excluded orders

@@ -10,7 +10,7 @@ from medpfl.data.base import Item
 from medpfl.data.embedded import embedded_source
 from medpfl.errors import MedPFLError
 from medpfl.fl.aggregate import apply_update, weighted_average
-from medpfl.fl.partition import federate, held_out_split, partition_items
+from medpfl.fl.partition import federate, held_out_split, keep_per_site, partition_items
 from medpfl.seeds import site_order
 from medpfl.fl.utility import balanced_accuracy, binary_auc, chance_levels, macro_auc
 
@@ -113,3 +113,16 @@ def test_balanced_accuracy_and_chance_levels():
     always_zero = np.tile([1.0, 0.0], (4, 1))
     assert balanced_accuracy(always_zero, labels) == 0.5
     assert chance_levels(labels, 3) == {"accuracy": 0.75, "balanced_accuracy": 0.5, "auc": 0.5}
+
+
+def test_site_images_keeps_a_seeded_draw_of_each_sites_own_images(source):
+    federation = federate(source, 3, "iid", 0)
+    kept = keep_per_site(federation, 2, 0)
+    assert kept.n_images == [2, 2, 2] and kept == keep_per_site(federation, 2, 0)
+    assert all(set(k) <= set(s) for k, s in zip(kept.sites, federation.sites)) and kept.test == federation.test
+    # Runs of several seeds (one image per site each) attack different images, not the set's lowest ids again.
+    drawn = [it.item_id for seed in range(4) for site in keep_per_site(federate(source, 2, "iid", seed), 1, seed).sites
+             for it in site]
+    assert len(set(drawn)) == len(drawn) == 8
+    with pytest.raises(MedPFLError, match="--site-images -1 is invalid"):
+        keep_per_site(federation, -1, 0)

@@ -149,3 +149,23 @@ def test_deployment_refuses_a_site_whose_key_was_never_registered(tmp_path):
         intruder = deployment.start_supernode(0, register=False, max_retries=1)
         assert intruder.wait(timeout=120) != 0
     assert "Failed to activate SuperNode" in (tmp_path / "supernode0.log").read_text()
+
+
+def test_train_on_flower_with_secagg_attacks_the_aggregate_of_both_sites_images(tmp_path):
+    """medpfl train --engine flower --defense secagg:k=2: the attack takes the one update SecAgg+ leaves the
+    server, as an update of both sites' images, and is scored against both."""
+    import json
+
+    from medpfl.experiments.train_run import TrainRunConfig, run_training
+    from medpfl.fl.flower.federation import AGGREGATE
+
+    config = TrainRunConfig(engine="flower", defense="secagg:k=2", sites=2, site_images=1, rounds=1,
+                            model="lenet-idlg", protocol="fedsgd", lr=0.1, image_size=16, attack="idlg",
+                            attack_rounds=[1], attack_settings={"steps": 2, "restarts": 0})
+    run_training(config, tmp_path)
+    (attacked,) = [json.loads(line) for line in (tmp_path / "attacks.jsonl").read_text().splitlines()]
+    behind = federation_data(FederationSpec.of(config)).site_items
+    assert attacked["site"] == AGGREGATE and attacked["observed"] == "aggregate"
+    assert sorted(attacked["items"]) == sorted(behind[0] + behind[1]) and len(attacked["ssim"]) == 2
+    (round_line,) = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert "update_norms" not in round_line  # under SecAgg+ the server never holds one site's update

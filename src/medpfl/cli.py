@@ -244,6 +244,8 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
     train.add_argument("--image-size", type=int, default=d.image_size)
     train.add_argument("--channels", type=int, default=d.channels, choices=(1, 3))
     train.add_argument("--sites", type=int, default=d.sites)
+    train.add_argument("--site-images", type=int, default=d.site_images, metavar="N",
+                       help="each site keeps at most N of its images, a seeded draw (0: all)")
     train.add_argument("--rounds", type=int, default=d.rounds)
     train.add_argument("--protocol", default=d.protocol, choices=PROTOCOLS)
     train.add_argument("--local-epochs", type=int, default=d.local_epochs, help="FedAvg: passes over a site's images")
@@ -259,6 +261,9 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
                             "update (training is unchanged)")
     train.add_argument("--steps", type=int, help="attack optimiser steps")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other attack setting")
+    train.add_argument("--defense", default=d.defense, metavar="SPEC",
+                       help="a defense at every site in every round (in-process engine), e.g. dpsgd:epsilon=8 "
+                            "or clip:norm=1+gaussian:sigma=0.01; on --engine flower: secagg:k=SITES (SecAgg+)")
     train.add_argument("--engine", default=d.engine, choices=ENGINES)
     train.add_argument("--vectorise", default=d.vectorise, choices=VECTORISE,
                        help="in-process: train equal-sized sites in one vmapped call (auto: on accelerators only)")
@@ -277,12 +282,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         settings["steps"] = args.steps
     config = TrainRunConfig(
         data=args.data, model=args.model, norm=args.norm, image_size=args.image_size, channels=args.channels,
-        sites=args.sites, rounds=args.rounds, protocol=args.protocol, local_epochs=args.local_epochs,
-        local_batch=args.local_batch, lr=args.lr, momentum=args.momentum, partition=args.partition,
+        sites=args.sites, site_images=args.site_images, rounds=args.rounds, protocol=args.protocol,
+        local_epochs=args.local_epochs, local_batch=args.local_batch, lr=args.lr, momentum=args.momentum,
+        partition=args.partition,
         attack=args.attack, attack_rounds=parse_int_list(args.attack_rounds, "--attack-rounds"),
         attack_sites=parse_int_list(args.attack_sites, "--attack-sites"), attack_batch=args.attack_batch,
-        attack_settings=settings, engine=args.engine, vectorise=args.vectorise, seed=args.seed,
-        device=args.device)
+        attack_settings=settings, engine=args.engine, defense=args.defense, vectorise=args.vectorise,
+        seed=args.seed, device=args.device)
     run = Path(args.out or f"runs/train-{config.model}-{config.partition.replace(':', '')}-seed{config.seed}")
     bar, (update,) = _progress(args.quiet, "rounds")
     with bar or nullcontext():
@@ -294,8 +300,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     for name, row in (("global model", summary["final"]), ("chance", summary["chance"])):
         table.add_row(name, *(f"{row[k]:.3f}" for k in ("accuracy", "balanced_accuracy", "auc")))
     out.print(table)
+    if summary.get("epsilon") is not None:
+        out.print(f"defense {config.defense}: epsilon {summary['epsilon']:.2f} over the whole run")
     for a in summary["attacks"]:
-        out.print(f"round {a['round']} site {a['site']} ({a['observed']} update, {a['images']} images): "
+        who = "all sites" if a["observed"] == "aggregate" else f"site {a['site']}"
+        out.print(f"round {a['round']} {who} ({a['observed']} update, {a['images']} images): "
                   f"ASR {a['asr']:.2f}, SSIM {a['mean_ssim']:.3f}, PSNR {a['mean_psnr']:.1f} dB")
     report = _report(run, args.quiet)
     out.print(f"Results in {run}/ (rounds.jsonl, attacks.jsonl, model.pt, summary.json"

@@ -57,7 +57,8 @@ class SweepConfig:
         if chain.local is None:
             return chain
         from medpfl.data import open_source
-        from medpfl.experiments.defended_training import TRAINING, dp_schedule
+        from medpfl.defenses.training import dp_schedule
+        from medpfl.experiments.defended_training import TRAINING
         from medpfl.fl.partition import federate
 
         n_images = federate(open_source(self.data), self.sites, "iid", 0).n_images

@@ -20,19 +20,21 @@ import torch
 
 from medpfl.attacks import THREAT_MODELS, ObservedUpdate, ServerPayload, build_attack
 from medpfl.data import ImageDataset, open_source
+from medpfl.defenses import Chain, parse_defense
+from medpfl.defenses.training import DefendedFederation
 from medpfl.device import resolve_device
 from medpfl.errors import MedPFLError
 from medpfl.experiments.run_dir import open_run_dir, write_json
 from medpfl.fl.gradients import functional_model
 from medpfl.fl.local import LocalTraining, local_update
-from medpfl.fl.partition import Federation, federate
-from medpfl.fl.rounds import RoundHooks, SiteObservation, ordered
-from medpfl.seeds import ATTACK, model_seed, site_order, torch_seed
+from medpfl.fl.partition import Federation, federate, keep_per_site
+from medpfl.fl.rounds import AGGREGATE, RoundHooks, SiteObservation, SiteRound, ordered
 from medpfl.fl.simulation import InProcessFederation
 from medpfl.fl.utility import chance_levels, evaluate
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score
 from medpfl.models.registry import build_model
 from medpfl.report.images import save_png
+from medpfl.seeds import ATTACK, model_seed, site_order, torch_seed
 
 ENGINES = ("inprocess", "flower")
 VECTORISE = ("auto", "on", "off")
@@ -58,6 +60,7 @@ class TrainRunConfig:
     image_size: int = 32
     channels: int = 3
     sites: int = 5
+    site_images: int = 0  # at most this many images per site, a seeded draw from its share (0: all)
     rounds: int = 20
     protocol: str = "fedavg"
     local_epochs: int = 2
@@ -71,6 +74,7 @@ class TrainRunConfig:
     attack_batch: int | None = None  # None: attack the site's full update; K: a probe update of its first K images
     attack_settings: dict[str, Any] = field(default_factory=dict)
     engine: str = "inprocess"
+    defense: str = "none"  # a defense spec (medpfl.defenses.spec) run at every site in every round (in-process)
     # Train equal-sized sites in one vmapped call: "auto" does so on accelerators only. On CPUs it is no
     # faster than one site after another (benchmarks/federation_throughput.py), and one site after another
     # is bit-for-bit the Flower client's arithmetic, where batched kernels round differently.
@@ -112,6 +116,7 @@ def _check(config: TrainRunConfig) -> None:
     config.training  # noqa: B018  (validates protocol, epochs, batch, lr, momentum)
     if config.engine not in ENGINES:
         raise MedPFLError(f"--engine must be one of {', '.join(ENGINES)}, got '{config.engine}'.")
+    _check_defense(config)
     if config.engine == "flower":
         _require_flower()
     if config.vectorise not in VECTORISE:
@@ -126,17 +131,47 @@ def _check(config: TrainRunConfig) -> None:
     if not config.attack_rounds or bad_rounds:
         raise MedPFLError(f"--attack-rounds must list rounds between 1 and {config.rounds} (--rounds), "
                           f"e.g. --attack-rounds 1,{config.rounds}.")
-    if not config.attack_sites or bad_sites:
+    if _securely_aggregated(config):
+        if config.attack_sites:
+            raise MedPFLError("Under secure aggregation the server sees only the sites' aggregate, which the attack "
+                              "takes; drop --attack-sites.")
+    elif not config.attack_sites or bad_sites:
         raise MedPFLError(f"--attack-sites must list sites between 0 and {config.sites - 1}, e.g. --attack-sites 0.")
     if config.attack_batch is not None and config.attack_batch < 1:
         raise MedPFLError(f"--attack-batch {config.attack_batch} is invalid; attack 1 or more images.")
+
+
+def _check_defense(config: TrainRunConfig) -> Chain:
+    """The chain `--defense` names, refused where training cannot run it honestly."""
+    chain = parse_defense(config.defense)
+    if not chain.defenses:
+        return chain
+    if config.engine == "flower" and (chain.channel is None or len(chain.defenses) > 1):
+        raise MedPFLError("--defense runs inside training on the in-process engine only, except secagg:k=SITES "
+                          "(Flower's SecAgg+); drop --engine flower.")
+    if config.engine == "flower" and chain.sites_per_update != config.sites:
+        raise MedPFLError(f"On --engine flower, secure aggregation is Flower's SecAgg+ over all sites of a round: "
+                          f"write secagg:k={config.sites} (--sites).")
+    if config.engine != "flower" and chain.channel is not None:
+        raise MedPFLError("--defense secagg: in training, secure aggregation runs on --engine flower (Flower's "
+                          "SecAgg+, k = --sites); the in-process curious server sees each site's update.")
+    if config.attack_batch is not None:
+        raise MedPFLError("--attack-batch attacks a probe update the site never sent, which no defense touched; "
+                          "drop it to attack what the defended sites really sent.")
+    return chain
+
+
+def _securely_aggregated(config: TrainRunConfig) -> bool:
+    """Whether the server sees only the sites' aggregate (Flower's SecAgg+), never one site's update."""
+    return parse_defense(config.defense).channel is not None
 
 
 def _check_attackable(config: TrainRunConfig, n_images: list[int]) -> None:
     """A gradient attack on FedAvg needs updates of one local step (FedSGD-equivalent), else update-inversion."""
     if config.attack in (None, UPDATE_INVERSION) or config.protocol != "fedavg":
         return
-    used = {s: min(config.attack_batch or n_images[s], n_images[s]) for s in config.attack_sites}
+    attacked = range(len(n_images)) if _securely_aggregated(config) else config.attack_sites
+    used = {s: min(config.attack_batch or n_images[s], n_images[s]) for s in attacked}
     if config.local_epochs != 1 or max(used.values()) > config.local_batch:
         site = max(used, key=used.get)
         raise MedPFLError(f"--attack {config.attack} inverts gradients, but site {site}'s FedAvg update of "
@@ -159,7 +194,8 @@ class CuriousServer:
         self.pending: list[SiteObservation] = []
 
     def wants(self, round_index: int, site: int) -> bool:
-        return round_index in self.config.attack_rounds and site in self.config.attack_sites
+        # AGGREGATE: all a server under secure aggregation is ever handed
+        return round_index in self.config.attack_rounds and (site in self.config.attack_sites or site == AGGREGATE)
 
     def observe(self, seen: SiteObservation) -> None:
         self.pending.append(seen)  # attacked after the round, so a slow attack never holds up aggregation
@@ -182,8 +218,8 @@ class CuriousServer:
                                                     torch.Tensor, str]:
         """(update the attacker inverts, extra payload fields, the images and labels behind it, which update)."""
         facts, training = seen.facts, seen.facts.training
-        x, y = ordered(*self.sites[facts.site], facts.seed, facts.round, facts.site)
-        update, observed = seen.update, "sent"
+        x, y, _ = self._behind(facts)
+        update, observed = seen.update, "aggregate" if facts.site == AGGREGATE else "sent"
         if self.config.attack_batch is not None and self.config.attack_batch < len(y):
             # A probe: the update this site would have sent from only its first K images this round.
             x, y = x[:self.config.attack_batch], y[:self.config.attack_batch]
@@ -195,6 +231,18 @@ class CuriousServer:
             update = {n: -u / training.lr for n, u in update.items()}
         return update, {}, x, y, observed
 
+    def _behind(self, facts: SiteRound) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """The images, labels and item ids behind an observed update, in the order the site(s) visited them;
+        behind an aggregate, those of every site."""
+        sites = range(len(self.sites)) if facts.site == AGGREGATE else [facts.site]
+        parts = []
+        for s in sites:
+            order = site_order(facts.seed, facts.round, s, len(self.item_ids[s]))
+            x, y = ordered(*self.sites[s], facts.seed, facts.round, s)
+            parts.append((x, y, [self.item_ids[s][i] for i in order.tolist()]))
+        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                [i for p in parts for i in p[2]])
+
     def _attack(self, round_index: int, group: list[tuple]) -> list[dict[str, Any]]:
         """One vectorised attack on the sites of `group` (same round, same number of images), scored per site."""
         seen_all = [g[0] for g in group]
@@ -204,7 +252,8 @@ class CuriousServer:
         payload = ServerPayload(self.model, weights, self.num_classes, tuple(x.shape[2:]), "train", **group[0][2])
         update = ObservedUpdate({n: torch.stack([g[1][n] for g in group]) for n in group[0][1]}, y.shape[1],
                                 labels=granted)
-        sites = [s.facts.site for s in seen_all]
+        # The aggregate's stream key is the number of sites (seed keys must be non-negative).
+        sites = [len(self.sites) if s.facts.site == AGGREGATE else s.facts.site for s in seen_all]
         generator = torch.Generator().manual_seed(torch_seed(self.config.seed, ATTACK, round_index, *sites))
         result = self.attack.reconstruct(payload, update, generator)
         folder = self.out / "attacks"
@@ -214,12 +263,12 @@ class CuriousServer:
             facts = seen.facts
             recon = result.images[j].cpu()
             score = match_and_score(images.cpu(), labels.cpu(), recon, result.labels[j].cpu())
+            who = "aggregate" if facts.site == AGGREGATE else f"site{facts.site:03d}"
             for b in range(len(labels)):
-                save_png(recon[score.order[b]], folder / f"round{facts.round:04d}-site{facts.site:03d}-{b}.png")
-            order = site_order(facts.seed, facts.round, facts.site, len(self.item_ids[facts.site]))[:len(labels)]
+                save_png(recon[score.order[b]], folder / f"round{facts.round:04d}-{who}-{b}.png")
             results.append({
                 "round": facts.round, "site": facts.site, "victim": facts.site, "observed": observed,
-                "items": [self.item_ids[facts.site][i] for i in order.tolist()],
+                "items": self._behind(facts)[2][:len(labels)],
                 "labels": labels.tolist(), "recovered_labels": result.labels[j].tolist(),
                 "ssim": score.ssim, "psnr": score.psnr, "mse": score.mse, "label_correct": score.label_correct,
                 "asr": sum(v >= SUCCESS_SSIM for v in score.ssim) / len(score.ssim),
@@ -304,9 +353,12 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
     curious server's observer is added to its observers. What it does must be recorded in `config`.
     """
     _check(config)
+    if defenses is not None and config.defense != "none":
+        raise ValueError("Give the defense either as config.defense or as `defenses` hooks, not both.")
     device = resolve_device(config.device)
     source = open_source(config.data)
-    federation = federate(source, config.sites, config.partition, config.seed)
+    federation = keep_per_site(federate(source, config.sites, config.partition, config.seed), config.site_images,
+                               config.seed)
     num_classes = len(federation.classes)
     _check_attackable(config, federation.n_images)
     record = asdict(config)
@@ -342,12 +394,23 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
         weights = _train_on_flower(config, hooks, weights, done, finished)
     elif done < config.rounds:
         vectorise = config.vectorise == "on" or (config.vectorise == "auto" and device.type != "cpu")
-        engine = InProcessFederation(model, sites, num_classes, config.training, config.seed, hooks, vectorise)
+        chain = parse_defense(config.defense)
+        defended = (DefendedFederation(chain, model, sites, num_classes, config.training, config.rounds, config.seed,
+                                       tuple(hooks.observers), vectorise) if chain.defenses else None)
+        engine = defended or InProcessFederation(model, sites, num_classes, config.training, config.seed, hooks,
+                                                 vectorise)
+        if defended:
+            defended.resume(done)
         for round_index in range(done + 1, config.rounds + 1):
             outcome = engine.run_round(weights, round_index)
             weights = outcome.weights
+            privacy = {}
+            if defended and defended.epsilon() is not None:  # over every round so far, at the chain's delta
+                privacy = {"epsilon": defended.epsilon(),
+                           **({"noise_multiplier": defended.dp.noise_multiplier} if defended.dp else {})}
             finished(round_index, weights, {**evaluate(model, weights, *test), "seconds": outcome.seconds,
-                                            "update_norms": outcome.update_norms, "n_images": outcome.n_images})
+                                            "update_norms": outcome.update_norms, "n_images": outcome.n_images,
+                                            **privacy})
     net.load_state_dict({n: w.cpu() for n, w in weights.items()}, strict=False)
     _save_atomic({k: v.cpu() for k, v in net.state_dict().items()}, path / MODEL)
     return summarise(path, federation, test[1], num_classes)
@@ -361,9 +424,17 @@ def _train_on_flower(config: TrainRunConfig, hooks: RoundHooks, weights: dict[st
     from medpfl.fl.flower.federation import FederationSpec
     from medpfl.fl.flower.simulation import run_simulation
 
+    # Under SecAgg+ the server never learns a site's update norm: those keys are missing there.
     keys = ("accuracy", "balanced_accuracy", "auc", "seconds", "update_norms", "n_images")
-    result = run_simulation(FederationSpec.of(config), hooks, {n: w.cpu() for n, w in weights.items()}, done + 1,
-                            lambda record, new: finished(record["round"], new, {k: record[k] for k in keys}))
+    secure = _securely_aggregated(config)
+    if secure and done:
+        raise MedPFLError(f"A secure-aggregation run on Flower starts at round 1 and cannot resume after round {done}; "
+                          "rerun with --fresh.")
+    start = None if secure else {n: w.cpu() for n, w in weights.items()}  # SecAgg+: the run's initial model
+    result = run_simulation(FederationSpec.of(config), hooks, start, done + 1,
+                            lambda record, new: finished(record["round"], new,
+                                                         {k: record[k] for k in keys if k in record}),
+                            secure_aggregation=secure)
     return result.weights
 
 
@@ -376,6 +447,7 @@ def summarise(path: Path, federation: Federation, test_labels: torch.Tensor, num
         "rounds": len(rounds), "sites": len(federation.sites), "partition": federation.partition,
         "n_images": federation.n_images, "n_test": len(federation.test),
         "final": {k: last[k] for k in ("accuracy", "balanced_accuracy", "auc")},
+        "epsilon": last.get("epsilon"),  # over the whole run, where the defense gives a guarantee
         "chance": chance_levels(test_labels.cpu().numpy(), num_classes),
         "seconds_per_round": sum(r["seconds"] for r in rounds) / len(rounds),
         "attacks": [{k: a[k] for k in ("round", "site", "observed", "asr")} | {

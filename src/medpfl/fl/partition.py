@@ -145,3 +145,20 @@ def federate(source: ImageSource, n_sites: int, partition: str = "iid", seed: in
                           "add images of it or remove it from the data.")
     sites = partition_items(train, n_sites, partition, seed)
     return Federation(tuple(tuple(s) for s in sites), tuple(test), tuple(source.classes), partition)
+
+
+def keep_per_site(federation: Federation, n_images: int, seed: int) -> Federation:
+    """The federation with at most `n_images` of each site's images, a seeded draw from its share (0: all).
+
+    A draw, not the first by item id: those would repeat from seed to seed (the lowest id of the whole
+    set is always some site's first), and runs of several seeds would share images."""
+    if n_images < 0:
+        raise MedPFLError(f"--site-images {n_images} is invalid; keep 1 or more images per site, or 0 for all.")
+    sites = []
+    for s, site in enumerate(federation.sites):
+        if not n_images or n_images >= len(site):
+            sites.append(site)
+            continue
+        chosen = rng(seed, PARTITION, 2, s).choice(len(site), n_images, replace=False)
+        sites.append(tuple(site[i] for i in sorted(chosen)))
+    return Federation(tuple(sites), federation.test, federation.classes, federation.partition)

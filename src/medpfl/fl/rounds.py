@@ -21,6 +21,7 @@ from medpfl.fl.local import LocalTraining, local_update
 from medpfl.seeds import SITE_NOISE, site_order, torch_seed
 
 Update = dict[str, torch.Tensor]
+AGGREGATE = -1  # the "site" of an observation that is the aggregate of every site (secure aggregation)
 
 
 @dataclass(frozen=True)

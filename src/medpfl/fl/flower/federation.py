@@ -6,7 +6,7 @@ Both ends rebuild everything else from these values with the functions the in-pr
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from typing import Any
 
@@ -15,12 +15,10 @@ from torch import nn
 
 from medpfl.data import ImageDataset, open_source
 from medpfl.fl.local import LocalTraining
-from medpfl.fl.partition import federate
-from medpfl.seeds import model_seed
+from medpfl.fl.partition import federate, keep_per_site
+from medpfl.fl.rounds import AGGREGATE  # noqa: F401  (where Flower's modules look for it)
 from medpfl.models.registry import build_model
-
-
-AGGREGATE = -1  # the "site" of an observation that is the aggregate of every site (secure aggregation)
+from medpfl.seeds import model_seed
 
 
 @dataclass(frozen=True)
@@ -30,7 +28,7 @@ class FederationSpec:
     data: str = ""  # a source path; "" is the embedded real-image set
     sites: int = 2
     partition: str = "iid"
-    site_images: int = 0  # at most this many of each site's images (its first by item id); 0 keeps them all
+    site_images: int = 0  # at most this many of each site's images (fl.partition.keep_per_site); 0 keeps them all
     model: str = "convnet"
     norm: str = "group"
     image_size: int = 32
@@ -78,6 +76,7 @@ class FederationData:
     sites: list[tuple[torch.Tensor, torch.Tensor]]  # per site: images N x C x H x W in [0,1], labels N
     test: tuple[torch.Tensor, torch.Tensor]
     num_classes: int
+    site_items: list[list[str]] = field(default_factory=list)  # per site: the item ids of its images, in order
 
 
 @lru_cache(maxsize=4)
@@ -91,9 +90,9 @@ def federation_data(spec: FederationSpec) -> FederationData:
         dataset = ImageDataset(source, list(items), size=spec.image_size, channels=spec.channels)
         return dataset.load_batch(range(len(items)))
 
-    cap = spec.site_images or None
-    return FederationData([load(site[:cap]) for site in federation.sites], load(federation.test),
-                          len(federation.classes))
+    sites = keep_per_site(federation, spec.site_images, spec.seed).sites
+    return FederationData([load(site) for site in sites], load(federation.test), len(federation.classes),
+                          [[it.item_id for it in site] for site in sites])
 
 
 def global_model(spec: FederationSpec, num_classes: int) -> nn.Module:

@@ -1,0 +1,103 @@
+"""A defense chain inside every round of an in-process federation, as `medpfl train --defense` and the sweep run it.
+
+The site-side transforms (clip, noise, top-k, quantization, client-level DP's clipping) are the round's
+site_transform; client-level DP's noisy mean is its aggregator; DP-SGD replaces each local step's
+gradient by a clipped, noised one, and a ledger counts every local step of every round.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from medpfl.defenses.accounting import PrivacyLedger
+from medpfl.defenses.chain import Chain
+from medpfl.defenses.dpsgd import dp_local_update
+from medpfl.fl.aggregate import weighted_average
+from medpfl.fl.local import LocalTraining
+from medpfl.fl.rounds import RoundHooks, RoundObserver, SiteRound, Update, ordered
+from medpfl.seeds import SITE_NOISE, torch_seed
+from medpfl.fl.simulation import InProcessFederation, RoundOutcome
+
+
+def dp_schedule(n_images: list[int], training: LocalTraining, rounds: int) -> tuple[float, int]:
+    """DP-SGD's (sample rate, steps) for the site with the most steps: batch / images, steps over all rounds."""
+    site = max(range(len(n_images)), key=lambda s: training.steps(n_images[s]))
+    batch = training.batch_size if training.protocol == "fedavg" else n_images[site]
+    return min(1.0, batch / n_images[site]), rounds * training.steps(n_images[site])
+
+
+def noise_stream(seed: int, round_index: int, site: int, purpose: int, device: torch.device) -> torch.Generator:
+    """A defense's random stream for one site (or the server: site = number of sites) in one round."""
+    return torch.Generator(device).manual_seed(torch_seed(seed, SITE_NOISE, round_index, site, purpose))
+
+
+class DPSGDFederation(InProcessFederation):
+    """The in-process engine with each site's local steps run by DP-SGD (sites one at a time)."""
+
+    def __init__(self, *args, dp, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dp = dp
+
+    def _raw_updates(self, weights: Update, round_index: int) -> list[Update]:
+        updates = []
+        for s, (x, y) in enumerate(self.sites):
+            xo, yo = ordered(x, y, self.seed, round_index, s)
+            noise = noise_stream(self.seed, round_index, s, 1, xo.device)
+            updates.append(dp_local_update(self.model, weights, xo, yo, self.num_classes, self.training, self.dp,
+                                           noise))
+        return updates
+
+
+class DefendedFederation:
+    """An in-process federation with `chain` at every site (and server) in every round, and its privacy ledger."""
+
+    def __init__(self, chain: Chain, model: nn.Module, sites: list[tuple[torch.Tensor, torch.Tensor]],
+                 num_classes: int, training: LocalTraining, rounds: int, seed: int,
+                 observers: tuple[RoundObserver, ...] = (), vectorise: bool = False) -> None:
+        self.chain, self.seed, self.n_sites = chain, seed, len(sites)
+        self.sample_rate, steps = dp_schedule([len(y) for _, y in sites], training, rounds)
+        self.steps_per_round = steps // rounds
+        self.dp = chain.local.calibrated(self.sample_rate, steps) if chain.local is not None else None
+        self.ledger = PrivacyLedger()
+        self.rounds_done = 0
+        self._round = 0  # the round in progress (its server noise stream)
+        hooks = RoundHooks(self._site_transform, self._aggregate if chain.server else weighted_average,
+                           tuple(observers))
+        self.engine = (DPSGDFederation(model, sites, num_classes, training, seed, hooks, vectorise=False, dp=self.dp)
+                       if self.dp is not None else
+                       InProcessFederation(model, sites, num_classes, training, seed, hooks, vectorise))
+
+    def _site_transform(self, update: Update, facts: SiteRound) -> Update:
+        generator = noise_stream(self.seed, facts.round, facts.site, 0, next(iter(update.values())).device)
+        return {n: t[0] for n, t in self.chain.on_site({n: u[None] for n, u in update.items()}, generator).items()}
+
+    def _aggregate(self, stacked: Update, n_images) -> Update:
+        # Client-level DP: the server's noisy mean of the clipped updates, its noise the round's own stream.
+        device = next(iter(stacked.values())).device
+        return self.chain.server.aggregate(stacked, noise_stream(self.seed, self._round, self.n_sites, 0, device))
+
+    def resume(self, rounds_done: int) -> None:
+        """Count the noisy steps of `rounds_done` rounds finished earlier (a resumed run)."""
+        for _ in range(rounds_done - self.rounds_done):
+            self._account()
+
+    def run_round(self, weights: Update, round_index: int) -> RoundOutcome:
+        """Round `round_index` with the defense inside, its noisy steps counted."""
+        self._round = round_index
+        outcome = self.engine.run_round(weights, round_index)
+        self._account()
+        return outcome
+
+    def _account(self) -> None:
+        self.rounds_done += 1
+        if self.dp is not None:  # every site runs the same schedule; the ledger is the busiest site's
+            self.ledger.record(self.dp.noise_multiplier, self.sample_rate, self.steps_per_round)
+
+    def epsilon(self) -> float | None:
+        """Epsilon over the rounds run so far: DP-SGD's per example, client-level DP's per site; None if heuristic."""
+        if self.dp is not None:
+            return self.ledger.epsilon(self.dp.delta, self.dp.accountant)
+        if self.chain.server is not None:
+            return self.chain.server.epsilon(self.rounds_done, 1, 1)
+        return None
