@@ -36,6 +36,18 @@ def test_laplace_noise_has_the_spread_of_laplace_b():
     assert not torch.equal(LaplaceNoise(b)(zeros, gen(1))["w"], noise)
 
 
+def test_laplace_noise_stays_finite_where_the_uniform_draw_is_exactly_its_edge():
+    # torch.rand returns exactly 0 once in 2^24 float32 draws: a ConvNet's updates meet it within a few rounds,
+    # and -b sign(u) log(1 - 2|u|) at u = -1/2 is infinite, which turned a whole federation into NaN.
+    n = 1_000_000
+    seed = next(s for s in range(1000) if (torch.rand(n, generator=gen(s)) == 0).any())
+    edge = (torch.rand(n, generator=gen(seed)) == 0).nonzero()[0, 0]
+    noise = LaplaceNoise(0.01)({"w": torch.zeros(n)}, gen(seed))["w"]
+    assert torch.isfinite(noise).all()
+    assert noise[edge].item() == pytest.approx(-0.01 * math.log(2 / torch.finfo(torch.float32).eps))  # u = -1/2: negative
+    assert noise.abs().max() <= noise[edge].abs()  # the edge is the largest draw there can be, nothing beyond
+
+
 def test_gaussian_noise_has_standard_deviation_sigma_around_the_update():
     u = update()
     noisy = GaussianNoise(0.1)(u, gen())

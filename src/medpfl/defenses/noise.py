@@ -5,6 +5,7 @@ Neither claims an epsilon: without clipping the update's sensitivity is unbounde
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,11 +22,14 @@ class LaplaceNoise(Defense):
     stage = "noise"
 
     def __call__(self, update: Update, generator: torch.Generator) -> Update:
-        # Laplace(0, b) by inversion: -b sign(u) log(1 - 2|u|) for u uniform on (-1/2, 1/2).
+        # Laplace(0, b) by inversion: -b sign(u) log(1 - 2|u|) for u uniform on [-1/2, 1/2). The draw u = -1/2
+        # (probability 2^-24 an entry in float32, so about once in a few rounds of a ConvNet's updates) would give
+        # log(0) = -inf and a NaN model: it stands for the lowest bin of width eps, taken at its midpoint.
         out = {}
         for name, t in update.items():
             u = draw_like(t, generator, "uniform") - 0.5
-            out[name] = t - self.b * torch.sign(u) * torch.log1p(-2 * u.abs())
+            tail = torch.log1p(-2 * u.abs()).clamp_min(math.log(torch.finfo(t.dtype).eps / 2))
+            out[name] = t - self.b * torch.sign(u) * tail
         return out
 
 
