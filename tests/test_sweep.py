@@ -82,6 +82,14 @@ def test_pareto_front_keeps_points_no_other_beats_on_both_axes():
     assert pareto_front(points) == [0, 1, 2]
 
 
+def test_labels_of_nearby_points_take_separate_rows_and_distant_ones_stay_on_the_first():
+    from medpfl.report.tradeoff import label_rows
+
+    # Three defenses at ASR 0 and close accuracies would print their labels over each other; one far away would not.
+    points = [(0.30, 0.0), (0.32, 0.0), (0.34, 0.0), (0.60, 0.0), (0.31, 1.0)]
+    assert label_rows(points, x_span=0.3, y_span=1.0) == [0, 1, 2, 0, 0]
+
+
 @pytest.mark.parametrize("name", ["paper-defense.yaml", "defense-sweep.yaml"])
 def test_ready_configs_plan_their_grid(name):
     from medpfl.experiments.sweep import load_sweep_config, plan

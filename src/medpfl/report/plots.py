@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from medpfl.report.tradeoff import label_rows  # noqa: E402
+
 # Colours that stay distinct in greyscale print and for colour-blind readers (Okabe-Ito).
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
 
@@ -85,8 +87,12 @@ def tradeoff(points: Sequence[dict], x_label: str, y_label: str, front: Sequence
         members = [p for p in points if p["group"] == group]
         ax.scatter([p["x"] for p in members], [p["y"] for p in members], s=28, color=PALETTE[i % len(PALETTE)],
                    label=group, zorder=3)
-    for p in points:
-        ax.annotate(p["label"], (p["x"], p["y"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    xy = [(p["x"], p["y"]) for p in points]
+    x_span = (max(x for x, _ in xy) - min(x for x, _ in xy) or 1.0) if xy else 1.0
+    y_span = (max(y for _, y in xy) - min(y for _, y in xy) or 1.0) if xy else 1.0
+    order = sorted(range(len(points)), key=lambda i: xy[i][0])
+    for i, row in zip(order, label_rows([xy[i] for i in order], x_span, y_span)):
+        ax.annotate(points[i]["label"], xy[i], fontsize=7, xytext=(3, 3 + 9 * row), textcoords="offset points")
     if front:
         line = sorted((points[i] for i in front), key=lambda p: p["x"])
         ax.plot([p["x"] for p in line], [p["y"] for p in line], color="black", linewidth=1, linestyle="--",

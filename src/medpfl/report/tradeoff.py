@@ -76,6 +76,17 @@ def _short(defense: str) -> str:
     return re.sub(r",(rate|steps)=[^,+]*", "", defense)
 
 
+def label_rows(points: Sequence[tuple[float, float]], x_span: float, y_span: float) -> list[int]:
+    """For labels written right of each point: the row (0, 1, ...) above its point that keeps it off the
+    labels of points just left of it, which otherwise overprint (many defenses share ASR 0 at nearby accuracy)."""
+    rows: list[int] = []
+    for i, (x, y) in enumerate(points):
+        taken = {rows[j] for j, (xj, yj) in enumerate(points[:i])
+                 if 0 <= x - xj < 0.2 * x_span and abs(y - yj) < 0.06 * y_span}
+        rows.append(next(r for r in range(len(points) + 1) if r not in taken))
+    return rows
+
+
 def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
     """Leak (ASR) against utility (test accuracy), one panel per attack, Pareto front joined by a line.
 
@@ -91,10 +102,13 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
         mine = [r for r in rows if r["attack"] == attack]
         measured = [r for r in mine if r["accuracy"] is not None]
         if measured:
+            measured.sort(key=lambda r: r["accuracy"])
             points = [(r["accuracy"], r["asr"]) for r in measured]
             ax.scatter(*zip(*points), color="tab:blue")
-            for r, (x, y) in zip(measured, points):
-                ax.annotate(_short(r["defense"]), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            x_span = max(x for x, _ in points) - min(x for x, _ in points) or 1.0
+            for r, (x, y), row in zip(measured, points, label_rows(points, x_span, 1.0)):
+                ax.annotate(_short(r["defense"]), (x, y), fontsize=7, xytext=(3, 3 + 9 * row),
+                            textcoords="offset points")
             front = sorted((points[i] for i in pareto_front(points)), key=lambda p: p[0])
             ax.plot(*zip(*front), color="tab:red", marker="o", label="Pareto front")
             chance = measured[0].get("accuracy_chance")
@@ -103,7 +117,9 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
             ax.axhline(0.1, color="grey", linestyle="--", linewidth=0.8, label="ASR 0.1")
             ax.set_xlabel("test accuracy of the federated model (utility)")
             ax.set_ylabel("attack success rate (SSIM >= 0.9)")
-            ax.set_ylim(-0.03, 1.03)
+            ax.set_ylim(-0.03, 1.1)
+            left = min(points[0][0], chance if chance is not None else points[0][0])
+            ax.set_xlim(left - 0.05 * x_span, points[-1][0] + 0.25 * x_span)  # room for the labels
             ax.legend(fontsize=7)
         else:
             ax.barh([_short(r["defense"]) for r in mine], [r["asr"] for r in mine], color="tab:blue")
