@@ -39,7 +39,11 @@ class GradientMatchingSettings:
     # norm 1e3, typical of an untrained LeNet on 32 px images (measured 1 to 1,500 on the embedded set).
     tolerance_grad: float = 1e-10
     tolerance_change: float = 1e-12
-    curvature_tolerance: float = 1e-13
+    # A curvature pair joins L-BFGS's history when s.y > curvature_tolerance |s| |y| (with `normalize`; the
+    # paper's procedure: s.y > curvature_tolerance, torch's test). Relative, because the relative distance
+    # is small in pixel units where the update is large: an absolute 1e-13 dropped every pair of CPL's
+    # LeNet (update norm ~180), whose runs then crawled for minutes to nothing.
+    curvature_tolerance: float = 1e-10
     init: str = "gaussian"  # "gaussian" N(0,1) or "pattern" (CPL: a random patch tiled 2 x 2)
     labels: str = "recover"  # "recover" from the last layer, or "optimize" a soft label (DLG)
     # Divide the distance by the observed update's squared norm, so that the tolerances above are relative
@@ -139,7 +143,7 @@ class GradientMatchingAttack:
         result = lbfgs(objective, x0, steps=s.steps, lr=s.lr, max_iter=s.max_iter,
                        history_size=s.history_size, tolerance_grad=s.tolerance_grad,
                        tolerance_change=s.tolerance_change, restart=restart, max_active=max_active,
-                       curvature_tolerance=s.curvature_tolerance)
+                       curvature_tolerance=s.curvature_tolerance, relative_curvature=s.normalize)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - start

@@ -120,10 +120,14 @@ def lbfgs(
     restart: Restart | None = None,
     max_active: int | None = None,
     curvature_tolerance: float = 1e-10,
+    relative_curvature: bool = False,
 ) -> OptimResult:
     """L-BFGS for V victims at once, each run following exactly what `torch.optim.LBFGS` (no line
     search) would do over `steps` calls of `.step(closure)` on that victim alone. A step's curvature pair
-    joins the history when s.y > `curvature_tolerance` (torch's fixed 1e-10 by default).
+    joins the history when s.y > `curvature_tolerance` (torch's fixed 1e-10 by default), or with
+    `relative_curvature` when s.y > `curvature_tolerance` |s| |y|: a test that no scaling of the objective
+    or of the variables changes (torch's absolute one drops every pair of an objective whose curvature is
+    small in its units, and the run crawls along the steepest descent).
 
     A run stops early when torch's optimiser would no longer move it: its gradient falls under
     `tolerance_grad`, or its search direction is no longer a descent direction. With `restart`, a
@@ -249,7 +253,8 @@ def lbfgs(
         order = (r.head[:, None] + slots[None, :]) % m  # order[v, i] = slot of the i-th oldest pair
         dots = torch.bmm(grad[:, None, :], r.W.transpose(1, 2))[:, 0]
         Sg, Yg = torch.gather(dots[:, :m], 1, order), torch.gather(dots[:, m:], 1, order)
-        add = ~first & (ys > curvature_tolerance)
+        bound = curvature_tolerance * (s_new.norm(dim=1) * y_new.norm(dim=1) if relative_curvature else 1.0)
+        add = ~first & (ys > bound)
         if bool(add.any()):
             s_ynew, y_ynew = Sg - r.prev_Sg, Yg - r.prev_Yg
             coef_s, coef_y = r.coef[:, None, :m], r.coef[:, None, m:]
