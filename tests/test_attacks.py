@@ -208,6 +208,18 @@ def test_dlg_recovers_image_and_label_together(real_images):
     assert ssim(result.images[:, 0], images[:, 0]).item() > 0.9
 
 
+def test_cpl_converges_on_a_large_update_with_the_relative_distance():
+    """CPL's LeNet at 32 px shares updates of norm ~100 or more, so the relative distance is flat in pixel
+    units; a curvature test absolute in those units dropped every L-BFGS pair and the run crawled."""
+    source = embedded_source()
+    x, y = ImageDataset(source, sample_items(source.items, 1, seed=0), size=32).load_batch([0])
+    _, payload, update = victims("lenet-cpl", x[:, None], y[:, None], len(source.classes))
+    assert sum((g ** 2).sum() for g in update.gradients.values()).sqrt() > 50
+    result = build_attack("cpl", steps=60, restarts=0).reconstruct(payload, update, torch.Generator().manual_seed(0))
+    assert ssim(result.images[:, 0], x).item() > 0.9
+    assert result.evaluations.item() < 600  # the crawl used all 60 x 20 evaluations
+
+
 def test_cpl_pattern_start_is_a_tiled_patch():
     attack = build_attack("cpl")
     start = attack.initial_images(2, (3, 16, 16), torch.Generator().manual_seed(0))
