@@ -109,7 +109,7 @@ class Browser:
         try:
             self.send("Browser.close")
         except (RuntimeError, TimeoutError, OSError):
-            pass
+            pass  # the browser may be gone already; the wait and kill below end it either way
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -119,7 +119,7 @@ class Browser:
             try:
                 os.close(fd)
             except OSError:
-                pass
+                pass  # already closed
         shutil.rmtree(self.profile, ignore_errors=True)
 
 

@@ -16,8 +16,8 @@ from medpfl.defenses.dpsgd import dp_local_update
 from medpfl.fl.aggregate import weighted_average
 from medpfl.fl.local import LocalTraining
 from medpfl.fl.rounds import RoundHooks, RoundObserver, SiteRound, Update, ordered
-from medpfl.seeds import SITE_NOISE, torch_seed
 from medpfl.fl.simulation import InProcessFederation, RoundOutcome
+from medpfl.seeds import SITE_NOISE, torch_seed
 
 
 def dp_schedule(n_images: list[int], training: LocalTraining, rounds: int) -> tuple[float, int]:

@@ -218,7 +218,7 @@ class CuriousServer:
                                                     torch.Tensor, str]:
         """(update the attacker inverts, extra payload fields, the images and labels behind it, which update)."""
         facts, training = seen.facts, seen.facts.training
-        x, y, _ = self._behind(facts)
+        x, y = self._behind(facts)
         update, observed = seen.update, "aggregate" if facts.site == AGGREGATE else "sent"
         if self.config.attack_batch is not None and self.config.attack_batch < len(y):
             # A probe: the update this site would have sent from only its first K images this round.
@@ -231,17 +231,19 @@ class CuriousServer:
             update = {n: -u / training.lr for n, u in update.items()}
         return update, {}, x, y, observed
 
-    def _behind(self, facts: SiteRound) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """The images, labels and item ids behind an observed update, in the order the site(s) visited them;
-        behind an aggregate, those of every site."""
-        sites = range(len(self.sites)) if facts.site == AGGREGATE else [facts.site]
-        parts = []
-        for s in sites:
-            order = site_order(facts.seed, facts.round, s, len(self.item_ids[s]))
-            x, y = ordered(*self.sites[s], facts.seed, facts.round, s)
-            parts.append((x, y, [self.item_ids[s][i] for i in order.tolist()]))
-        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
-                [i for p in parts for i in p[2]])
+    def _sites_behind(self, facts: SiteRound) -> list[int]:
+        """The sites whose images are behind an observed update: one, or every site behind an aggregate."""
+        return list(range(len(self.sites))) if facts.site == AGGREGATE else [facts.site]
+
+    def _behind(self, facts: SiteRound) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images and labels behind an observed update, in the order the site(s) visited them."""
+        parts = [ordered(*self.sites[s], facts.seed, facts.round, s) for s in self._sites_behind(facts)]
+        return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+
+    def _items_behind(self, facts: SiteRound) -> list[str]:
+        """The item ids of `_behind`'s images, in the same order."""
+        return [self.item_ids[s][i] for s in self._sites_behind(facts)
+                for i in site_order(facts.seed, facts.round, s, len(self.item_ids[s])).tolist()]
 
     def _attack(self, round_index: int, group: list[tuple]) -> list[dict[str, Any]]:
         """One vectorised attack on the sites of `group` (same round, same number of images), scored per site."""
@@ -268,7 +270,7 @@ class CuriousServer:
                 save_png(recon[score.order[b]], folder / f"round{facts.round:04d}-{who}-{b}.png")
             results.append({
                 "round": facts.round, "site": facts.site, "victim": facts.site, "observed": observed,
-                "items": self._behind(facts)[2][:len(labels)],
+                "items": self._items_behind(facts)[:len(labels)],
                 "labels": labels.tolist(), "recovered_labels": result.labels[j].tolist(),
                 "ssim": score.ssim, "psnr": score.psnr, "mse": score.mse, "label_correct": score.label_correct,
                 "asr": sum(v >= SUCCESS_SSIM for v in score.ssim) / len(score.ssim),
@@ -364,7 +366,8 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
     record = asdict(config)
     path, done, weights = _prepare_dir(Path(out), record, resume)
     write_json(path / "federation.json", {"classes": list(federation.classes), "n_images": federation.n_images,
-                                          "label_counts": federation.label_counts(), "n_test": len(federation.test), "device_used": str(device)})
+                                          "label_counts": federation.label_counts(), "n_test": len(federation.test),
+                                          "device_used": str(device)})
     net = build_model(config.model, num_classes, config.channels, config.image_size, norm=config.norm,
                       seed=model_seed(config.seed)).to(device)
     model = functional_model(net)
@@ -404,10 +407,9 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
         for round_index in range(done + 1, config.rounds + 1):
             outcome = engine.run_round(weights, round_index)
             weights = outcome.weights
-            privacy = {}
-            if defended and defended.epsilon() is not None:  # over every round so far, at the chain's delta
-                privacy = {"epsilon": defended.epsilon(),
-                           **({"noise_multiplier": defended.dp.noise_multiplier} if defended.dp else {})}
+            epsilon = defended.epsilon() if defended else None  # over every round so far, at the chain's delta
+            privacy = {} if epsilon is None else {
+                "epsilon": epsilon, **({"noise_multiplier": defended.dp.noise_multiplier} if defended.dp else {})}
             finished(round_index, weights, {**evaluate(model, weights, *test), "seconds": outcome.seconds,
                                             "update_norms": outcome.update_norms, "n_images": outcome.n_images,
                                             **privacy})
