@@ -300,7 +300,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     for name, row in (("global model", summary["final"]), ("chance", summary["chance"])):
         table.add_row(name, *(f"{row[k]:.3f}" for k in ("accuracy", "balanced_accuracy", "auc")))
     out.print(table)
-    if summary.get("epsilon") is not None:
+    if summary.get("epsilon_per_site"):
+        per_site = ", ".join(f"{e:.2f}" for e in summary["epsilon_per_site"])
+        out.print(f"defense {config.defense}: epsilon {summary['epsilon']:.2f} over the whole run at the worst-off "
+                  f"site (per site: {per_site}), per example at delta {summary['dp_delta']:g}")
+    elif summary.get("epsilon") is not None:
         out.print(f"defense {config.defense}: epsilon {summary['epsilon']:.2f} over the whole run")
     for a in summary["attacks"]:
         who = "all sites" if a["observed"] == "aggregate" else f"site {a['site']}"

@@ -61,7 +61,6 @@ def train_with_defense(chain: Chain, sweep, seed: int, path: Path) -> dict[str, 
               "train_seconds": time.perf_counter() - started,
               "epsilon": defended.epsilon() if dp else chain.epsilon(),
               "noise_multiplier": dp.noise_multiplier if dp else None,
-              "dp_sample_rate": defended.sample_rate if dp else None,
-              "dp_steps": defended.ledger.steps if dp else None}
+              **{k: v for k, v in defended.privacy_record().items() if k not in ("epsilon", "noise_multiplier")}}
     write_json(run / "summary.json", result)
     return result

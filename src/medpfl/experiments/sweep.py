@@ -57,14 +57,14 @@ class SweepConfig:
         if chain.local is None:
             return chain
         from medpfl.data import open_source
-        from medpfl.defenses.training import dp_schedule
+        from medpfl.defenses.dpsgd import dp_schedules
         from medpfl.experiments.defended_training import TRAINING
         from medpfl.fl.partition import federate
 
         n_images = federate(open_source(self.data), self.sites, "iid", 0).n_images
-        rate, steps = dp_schedule(n_images, TRAINING, self.rounds)
-        return Chain(tuple(replace(d, sample_rate=round(rate, 6), steps=steps) if d.stage == "local" else d
-                           for d in chain.defenses))
+        worst = chain.local.for_sites(dp_schedules(n_images, TRAINING, self.rounds))
+        return Chain(tuple(replace(d, sample_rate=round(worst.sample_rate, 6), steps=worst.steps)
+                           if d.stage == "local" else d for d in chain.defenses))
 
 
 def load_sweep_config(file: str | Path) -> dict[str, Any]:

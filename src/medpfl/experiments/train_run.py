@@ -407,9 +407,7 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
         for round_index in range(done + 1, config.rounds + 1):
             outcome = engine.run_round(weights, round_index)
             weights = outcome.weights
-            epsilon = defended.epsilon() if defended else None  # over every round so far, at the chain's delta
-            privacy = {} if epsilon is None else {
-                "epsilon": epsilon, **({"noise_multiplier": defended.dp.noise_multiplier} if defended.dp else {})}
+            privacy = defended.privacy_record() if defended else {}  # over every round so far
             finished(round_index, weights, {**evaluate(model, weights, *test), "seconds": outcome.seconds,
                                             "update_norms": outcome.update_norms, "n_images": outcome.n_images,
                                             **privacy})
@@ -449,7 +447,8 @@ def summarise(path: Path, federation: Federation, test_labels: torch.Tensor, num
         "rounds": len(rounds), "sites": len(federation.sites), "partition": federation.partition,
         "n_images": federation.n_images, "n_test": len(federation.test),
         "final": {k: last[k] for k in ("accuracy", "balanced_accuracy", "auc")},
-        "epsilon": last.get("epsilon"),  # over the whole run, where the defense gives a guarantee
+        "epsilon": last.get("epsilon"),  # over the whole run, the worst-off site's, where the defense gives one
+        **{k: last[k] for k in ("epsilon_per_site", "dp_delta", "noise_multiplier") if k in last},
         "chance": chance_levels(test_labels.cpu().numpy(), num_classes),
         "seconds_per_round": sum(r["seconds"] for r in rounds) / len(rounds),
         "attacks": [{k: a[k] for k in ("round", "site", "observed", "asr")} | {
