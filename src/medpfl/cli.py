@@ -22,7 +22,7 @@ out = Console()
 def _parser() -> argparse.ArgumentParser:
     from medpfl.attacks import ATTACKS, LABEL_ACCESS
     from medpfl.fl.gradients import BN_MODES
-    from medpfl.models.registry import MODELS
+    from medpfl.models.registry import MODELS, check_model_name
 
     parser = argparse.ArgumentParser(prog="medpfl", description=__doc__)
     parser.add_argument("--quiet", action="store_true", help="no progress output")
@@ -43,7 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     attack = commands.add_parser("attack", parents=[common], help="reconstruct images from shared updates and score the leak")
     attack.add_argument("--data", help="class folders, .npz, DICOM or NIfTI (default: embedded real images)")
     attack.add_argument("--attack", default="idlg", choices=sorted(ATTACKS))
-    attack.add_argument("--model", choices=sorted(MODELS), help="default: the model the paper used for the attack")
+    attack.add_argument("--model", type=check_model_name, metavar="MODEL",
+                        help=f"{', '.join(sorted(MODELS))}, or your own torch model as module:callable "
+                             "(default: the model the paper used for the attack)")
+    attack.add_argument("--model-kwargs", metavar="K=V,...", help="arguments for your module:callable model, e.g. "
+                        "spatial_dims=2,in_channels=3,out_channels=6")
     attack.add_argument("--image-size", type=int, default=32)
     attack.add_argument("--channels", type=int, default=3, choices=(1, 3))
     attack.add_argument("--batch-size", type=int, default=1, help="images behind each shared update")
@@ -183,20 +187,22 @@ def cmd_data_sample(args: argparse.Namespace) -> None:
 
 def cmd_attack(args: argparse.Namespace) -> None:
     from medpfl.experiments.attack_run import AttackRunConfig, run_attack
+    from medpfl.models.registry import parse_model_kwargs
 
     settings = dict(_parse_setting(s) for s in args.set)
     if args.steps is not None:
         settings["steps"] = args.steps
     if args.restarts is not None:
         settings["restarts"] = args.restarts
-    config = AttackRunConfig(attack=args.attack, data=args.data, model=args.model, image_size=args.image_size,
+    config = AttackRunConfig(attack=args.attack, data=args.data, model=args.model,
+                             model_kwargs=parse_model_kwargs(args.model_kwargs), image_size=args.image_size,
                              channels=args.channels, batch_size=args.batch_size, n_images=args.n_images,
                              seed=args.seed, norm=args.norm, victims_per_batch=args.victims_per_batch,
                              device=args.device, settings=settings, labels=args.labels,
                              bn_mode=args.bn_mode, paper=args.paper, model_state=args.model_state,
                              pretrain_steps=args.pretrain_steps,
                              defense=args.defense)
-    run = Path(args.out or f"runs/{config.attack}-{config.model_name}-seed{config.seed}")
+    run = Path(args.out or f"runs/{config.attack}-{config.model_name.replace(':', '-')}-seed{config.seed}")
 
     def warn_skipped(skipped) -> None:
         listing = "\n".join(f"  {s.path}: {s.reason}" for s in skipped)
@@ -233,13 +239,17 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
     from medpfl.experiments.train_run import ENGINES, VECTORISE, TrainRunConfig
     from medpfl.fl.local import PROTOCOLS
     from medpfl.fl.partition import PARTITION_HELP
-    from medpfl.models.registry import MODELS
+    from medpfl.models.registry import MODELS, check_model_name
 
     d = TrainRunConfig()
     train = commands.add_parser("train", parents=[common],
                                 help="federated training; a curious server attacks chosen rounds and sites")
     train.add_argument("--data", help="class folders, .npz, DICOM or NIfTI (default: embedded real images)")
-    train.add_argument("--model", default=d.model, choices=sorted(MODELS))
+    train.add_argument("--model", default=d.model, type=check_model_name, metavar="MODEL",
+                       help=f"{', '.join(sorted(MODELS))}, or your own torch model as module:callable")
+    train.add_argument("--model-kwargs", metavar="K=V,...", help="arguments for your module:callable model")
+    train.add_argument("--model-state", metavar="PATH", help="start the global model from a state dict saved with "
+                       "torch.save(model.state_dict(), PATH) instead of fresh weights")
     train.add_argument("--norm", default=d.norm, choices=("batch", "group", "none"))
     train.add_argument("--image-size", type=int, default=d.image_size)
     train.add_argument("--channels", type=int, default=d.channels, choices=(1, 3))
@@ -276,20 +286,22 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from medpfl.experiments.train_run import TrainRunConfig, parse_int_list, run_training
+    from medpfl.models.registry import parse_model_kwargs
 
     settings = dict(_parse_setting(s) for s in args.set)
     if args.steps is not None:
         settings["steps"] = args.steps
     config = TrainRunConfig(
-        data=args.data, model=args.model, norm=args.norm, image_size=args.image_size, channels=args.channels,
-        sites=args.sites, site_images=args.site_images, rounds=args.rounds, protocol=args.protocol,
+        data=args.data, model=args.model, model_kwargs=parse_model_kwargs(args.model_kwargs),
+        model_state=args.model_state, norm=args.norm,
+        image_size=args.image_size, channels=args.channels, sites=args.sites, site_images=args.site_images, rounds=args.rounds, protocol=args.protocol,
         local_epochs=args.local_epochs, local_batch=args.local_batch, lr=args.lr, momentum=args.momentum,
         partition=args.partition,
         attack=args.attack, attack_rounds=parse_int_list(args.attack_rounds, "--attack-rounds"),
         attack_sites=parse_int_list(args.attack_sites, "--attack-sites"), attack_batch=args.attack_batch,
         attack_settings=settings, engine=args.engine, defense=args.defense, vectorise=args.vectorise,
         seed=args.seed, device=args.device)
-    run = Path(args.out or f"runs/train-{config.model}-{config.partition.replace(':', '')}-seed{config.seed}")
+    run = Path(args.out or f"runs/train-{config.model.replace(':', '-')}-{config.partition.replace(':', '')}-seed{config.seed}")
     bar, (update,) = _progress(args.quiet, "rounds")
     with bar or nullcontext():
         summary = run_training(config, run, resume=not args.fresh, progress=update)

@@ -42,7 +42,8 @@ class AttackRunConfig:
 
     attack: str = "idlg"
     data: str | None = None  # None: the embedded default set
-    model: str | None = None  # None: the model the paper ran this attack on
+    model: str | None = None  # None: the model the paper ran this attack on; or a user's module:callable
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # a module:callable model's arguments
     image_size: int = 32
     channels: int = 3
     batch_size: int = 1  # images behind each victim's update
@@ -192,7 +193,8 @@ def victim_model(config: AttackRunConfig, num_classes: int, victim: int,
     trained --pretrain-steps, each victim's minibatches from its own stream."""
     key = (MODEL_WEIGHTS,) if config.shared_model else (MODEL_WEIGHTS, victim)
     model = build_model(config.model_name, num_classes, config.channels, config.image_size,
-                        init=config.init, norm=config.norm, seed=stream_seed(config.seed, *key))
+                        init=config.init, norm=config.norm, seed=stream_seed(config.seed, *key),
+                        model_kwargs=config.model_kwargs)
     if config.model_state:
         load_model_state(model, config.model_state, f"--model {config.model_name} with {num_classes} classes, "
                          f"{config.channels} channels at {config.image_size} px")

@@ -25,6 +25,7 @@ from medpfl.defenses.training import DefendedFederation
 from medpfl.device import resolve_device
 from medpfl.errors import MedPFLError
 from medpfl.experiments.run_dir import open_run_dir, write_json
+from medpfl.experiments.victim_models import load_model_state
 from medpfl.fl.gradients import functional_model
 from medpfl.fl.local import LocalTraining, local_update
 from medpfl.fl.partition import Federation, federate, keep_per_site
@@ -56,6 +57,8 @@ class TrainRunConfig:
 
     data: str | None = None  # None: the embedded real-image set
     model: str = "convnet"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # a user's module:callable model's arguments
+    model_state: str | None = None  # a state dict the global model starts from instead of a fresh draw
     norm: str = "group"
     image_size: int = 32
     channels: int = 3
@@ -369,7 +372,11 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
                                           "label_counts": federation.label_counts(), "n_test": len(federation.test),
                                           "device_used": str(device)})
     net = build_model(config.model, num_classes, config.channels, config.image_size, norm=config.norm,
-                      seed=model_seed(config.seed)).to(device)
+                      seed=model_seed(config.seed), model_kwargs=config.model_kwargs)
+    if config.model_state:
+        load_model_state(net, config.model_state, f"--model {config.model} with {num_classes} classes, "
+                         f"{config.channels} channels at {config.image_size} px")
+    net = net.to(device)
     model = functional_model(net)
     if weights is None:
         weights = {n: p.detach().clone() for n, p in model.named_parameters()}
