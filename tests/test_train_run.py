@@ -181,5 +181,11 @@ def test_train_with_dpsgd_records_every_sites_own_epsilon_and_the_worst_stays_wi
         assert line["epsilon"] == max(line["epsilon_per_site"])
     assert dp[0]["epsilon"] < dp[1]["epsilon"] <= 8.0 and dp[1]["epsilon"] == pytest.approx(8.0, rel=0.05)
     assert summary["epsilon"] == dp[1]["epsilon"] and summary["epsilon_per_site"] == dp[1]["epsilon_per_site"]
+    from medpfl.report.build import build_report
+
+    html = build_report(tmp_path / "dp").read_text()  # the report names the worst-off site and every site's epsilon
+    worst = max(range(3), key=lambda s: expected[s])
+    assert f"epsilon up to {expected[worst]:.2f}" in html and f"site {worst} with {n_images[worst]} images" in html
+    assert all(f"site {s}: {e:.2f}" in html for s, e in enumerate(expected))
     with pytest.raises(MedPFLError, match="--defense runs inside training on the in-process engine only"):
         run_training(TrainRunConfig(**{**defended.__dict__, "engine": "flower"}), tmp_path / "flower")

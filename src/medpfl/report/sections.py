@@ -568,6 +568,7 @@ def section_training(ctx: Context) -> Section | None:
                                                           "on held-out test images", "Utility of the global model",
                                                           chance=chance.get("accuracy")), "utility per round", "plot")
                          + "<figcaption>What the federation's model is worth, round by round.</figcaption></figure>")
+        parts.append(_dp_epsilon_per_site(run.summary or {}))
         if run.attacks:
             per_site: dict[str, dict[int, float]] = defaultdict(dict)
             rows = []
@@ -585,6 +586,21 @@ def section_training(ctx: Context) -> Section | None:
                 "mean SSIM of reconstructions", "Leakage per round and site"), "leakage per round", "plot")
                 + "</figure>")
     return Section("training", "Federated training: utility and leakage per round", "".join(parts))
+
+
+def _dp_epsilon_per_site(summary: dict) -> str:
+    """DP-SGD's guarantee as each site holds it: sites of different sizes spend different epsilons."""
+    per_site = summary.get("epsilon_per_site")
+    if not per_site:
+        return ""
+    worst = max(range(len(per_site)), key=per_site.__getitem__)
+    images = summary.get("n_images") or []
+    sites = ", ".join(f"site {s}: {e:.2f}" for s, e in enumerate(per_site))
+    return (f"<p>DP-SGD: each image of a site is protected at epsilon up to {per_site[worst]:.2f} (delta "
+            f"{summary.get('dp_delta', 1e-5):g}) over the whole run, at the worst-off site, site {worst}"
+            + (f" with {images[worst]} images" if worst < len(images) else "")
+            + f"; each site spends its own ({esc(sites)}). The guarantee holds against the server too, for one "
+            "image at one site; a patient with several images, or at several sites, spends more.</p>")
 
 
 def _utility_curves(runs: list[TrainRun]) -> str:
