@@ -149,10 +149,15 @@ def _check_defense(config: TrainRunConfig) -> Chain:
     chain = parse_defense(config.defense)
     if not chain.defenses:
         return chain
-    if config.engine == "flower" and (chain.channel is None or len(chain.defenses) > 1):
-        raise MedPFLError("--defense runs inside training on the in-process engine only, except secagg:k=SITES "
-                          "(Flower's SecAgg+); drop --engine flower.")
-    if config.engine == "flower" and chain.sites_per_update != config.sites:
+    if config.engine == "flower":
+        _require_flower()
+        from medpfl.fl.flower.defenses import flower_defense
+
+        flower_defense(config.defense, config.protocol)  # what Flower's own parts cannot run is named
+    if config.engine == "flower" and chain.channel is not None and len(chain.defenses) > 1:
+        raise MedPFLError("On --engine flower, secure aggregation (SecAgg+) runs alone; drop the other defenses "
+                          "or use --engine inprocess.")
+    if config.engine == "flower" and chain.channel is not None and chain.sites_per_update != config.sites:
         raise MedPFLError(f"On --engine flower, secure aggregation is Flower's SecAgg+ over all sites of a round: "
                           f"write secagg:k={config.sites} (--sites).")
     if config.engine != "flower" and chain.channel is not None:
@@ -440,9 +445,16 @@ def _train_on_flower(config: TrainRunConfig, hooks: RoundHooks, weights: dict[st
     start = None if secure else {n: w.cpu() for n, w in weights.items()}  # SecAgg+: the run's initial model
     result = run_simulation(FederationSpec.of(config), hooks, start, done + 1,
                             lambda record, new: finished(record["round"], new,
-                                                         {k: record[k] for k in keys if k in record}),
+                                                         {**{k: record[k] for k in keys if k in record},
+                                                          **_flower_privacy(config, record["round"])}),
                             secure_aggregation=secure)
     return result.weights
+
+
+def _flower_privacy(config: TrainRunConfig, rounds_done: int) -> dict[str, Any]:
+    """Client-level DP's epsilon over the rounds so far (every site in every round); nothing for the rest."""
+    server = parse_defense(config.defense).server
+    return {} if server is None else {"epsilon": server.epsilon(rounds_done, 1, 1)}
 
 
 def summarise(path: Path, federation: Federation, test_labels: torch.Tensor, num_classes: int) -> dict[str, Any]:

@@ -42,6 +42,7 @@ class FederationSpec:
     lr: float = 0.05
     momentum: float = 0.0
     seed: int = 0
+    defense: str = "none"  # a defense spec the sites and server run with Flower's parts (fl.flower.defenses)
 
     @property
     def training(self) -> LocalTraining:
