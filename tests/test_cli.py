@@ -108,6 +108,14 @@ def test_attack_on_a_users_class_folders_with_batches(tmp_path, class_folders):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_images"] == 4 and summary["n_victims"] == 2 and summary["batch_size"] == 2
     assert summary["label_accuracy"] == 1.0
+    # Its chance level: two random labels of K classes, scored as a multiset per victim like the attack, hit
+    # 1 - (1 - 1/K)^2 of a victim's images of two classes (a class is missed only if both guesses miss it),
+    # 1/K of two images of one class (the guesses name it 2/K times on average), not 1/K in general.
+    K = summary["num_classes"]
+    labels = [json.loads(line)["labels"] for line in (out / "results.jsonl").read_text().splitlines()]
+    expected = sum(1 - (1 - 1 / K) ** 2 if len(set(pair)) == 2 else 1 / K for pair in labels) / len(labels)
+    assert any(len(set(pair)) == 2 for pair in labels) and summary["label_chance"] == pytest.approx(expected)
+    assert f"1.00 (chance {expected:.2f})" in (out / "report.html").read_text()
 
 
 def test_inverting_gradients_runs_from_the_command_line(tmp_path):

@@ -218,11 +218,12 @@ def cmd_attack(args: argparse.Namespace) -> None:
     defended = "" if summary["defense"] == "none" else f", defense {summary['defense']}"
     table = Table(title=f"{summary['attack']} on {summary['model']}, {summary['n_images']} images of "
                         f"{summary['data']}{defended}")
-    for column in ("ASR", "mean SSIM", "mean PSNR", "mean MSE", "label acc.", "re-id", "re-id chance", "s / image"):
+    for column in ("ASR", "mean SSIM", "mean PSNR", "mean MSE", "label acc.", "label chance", "re-id", "re-id chance",
+                   "s / image"):
         table.add_column(column, justify="right")
     table.add_row(f"{summary['asr']:.2f}", f"{summary['mean_ssim']:.3f}", f"{summary['mean_psnr']:.1f} dB",
-                  f"{summary['mean_mse']:.4f}", f"{summary['label_accuracy']:.2f}", f"{summary['reid_rate']:.2f}",
-                  f"{summary['reid_chance']:.2g}", f"{summary['seconds_per_image']:.2f}")
+                  f"{summary['mean_mse']:.4f}", f"{summary['label_accuracy']:.2f}", f"{summary['label_chance']:.2f}",
+                  f"{summary['reid_rate']:.2f}", f"{summary['reid_chance']:.2g}", f"{summary['seconds_per_image']:.2f}")
     out.print(table)
     out.print(f"Re-identification: nearest of {summary['reid_gallery_size']} images by SSIM; a random guess is "
               f"right {summary['reid_chance']:.2g} of the time.")

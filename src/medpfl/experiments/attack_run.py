@@ -25,6 +25,7 @@ from medpfl.errors import MedPFLError
 from medpfl.experiments.run_dir import append_result, open_run_dir, read_results, write_json
 from medpfl.experiments.victim_models import load_model_state, pretrain, true_class_probability
 from medpfl.fl.gradients import BN_MODES, stack_params
+from medpfl.metrics.chance import pooled_label_chance
 from medpfl.metrics.image import ssim
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score, reidentified
 from medpfl.models.registry import build_model
@@ -295,6 +296,8 @@ def summarise(path: Path, config: AttackRunConfig, dataset: ImageDataset) -> dic
         "mean_psnr": statistics.fmean(psnrs),
         "mean_mse": statistics.fmean(mses),
         "label_accuracy": sum(hits) / n,
+        # A random guess of each victim's B labels, scored as multisets like the attack: 1/K only for B = 1.
+        "label_chance": pooled_label_chance([r["labels"] for r in results], len(dataset.classes)),
         "reid_rate": float(reid.float().mean()),
         "reidentified": reid.tolist(),  # per image, in the order of results.jsonl's victims and their images
         "reid_gallery_size": len(gallery),

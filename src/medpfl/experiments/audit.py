@@ -55,7 +55,7 @@ def _attack_job(config: AuditConfig, job: dict[str, Any], out: Path,
                           labels=config.threat.labels, bn_mode=config.threat.bn_mode)
     summary = run_attack(run, out / job["dir"], resume=resume, progress=progress)
     return {k: summary.get(k) for k in ("asr", "asr_chance", "mean_ssim", "mean_psnr", "mean_mse", "label_accuracy",
-                                        "reid_rate", "reid_chance", "seconds_per_image", "epsilon")}
+                                        "label_chance", "reid_rate", "reid_chance", "seconds_per_image", "epsilon")}
 
 
 def _unavailable(key: str, what: str) -> MedPFLError:

@@ -149,8 +149,8 @@ def _privacy(job: dict[str, Any], sweep: SweepConfig, path: Path) -> dict[str, A
                              defense=job["defense"])
     summary = run_attack(config, path)
     keys = ("n_images", "images_per_update", "asr", "asr_chance", "success_ssim", "mean_ssim", "median_ssim",
-            "mean_psnr", "mean_mse", "label_accuracy", "reid_rate", "reid_chance", "seconds_per_image", "epsilon",
-            "model", "num_classes")
+            "mean_psnr", "mean_mse", "label_accuracy", "label_chance", "reid_rate", "reid_chance", "seconds_per_image",
+            "epsilon", "model", "num_classes")
     chain = parse_defense(job["defense"]).calibrated()
     return {**{k: summary[k] for k in keys}, "delta": chain.local.delta if chain.local else None}
 
