@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 import pytest
@@ -169,3 +170,9 @@ def test_train_on_flower_with_secagg_attacks_the_aggregate_of_both_sites_images(
     assert sorted(attacked["items"]) == sorted(behind[0] + behind[1]) and len(attacked["ssim"]) == 2
     (round_line,) = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     assert "update_norms" not in round_line  # under SecAgg+ the server never holds one site's update
+    # The report shows the aggregate's reconstructions and says what the server faced: 2 images, all sites.
+    from medpfl.report import build_report
+
+    html = build_report(tmp_path).read_text()
+    assert html.count("reconstruction of ") >= 2 and 'class="missing"' not in html
+    assert re.search(r"<td>lenet-idlg</td><td class=num>2</td>.*the secure aggregate of all sites attacked", html)

@@ -35,6 +35,7 @@ from medpfl.fl.utility import chance_levels, evaluate
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score
 from medpfl.models.registry import build_model
 from medpfl.report.images import save_png
+from medpfl.report.runs import attacked_png
 from medpfl.seeds import ATTACK, model_seed, site_order, torch_seed
 
 ENGINES = ("inprocess", "flower")
@@ -268,9 +269,8 @@ class CuriousServer:
             facts = seen.facts
             recon = result.images[j].cpu()
             score = match_and_score(images.cpu(), labels.cpu(), recon, result.labels[j].cpu())
-            who = "aggregate" if facts.site == AGGREGATE else f"site{facts.site:03d}"
             for b in range(len(labels)):
-                save_png(recon[score.order[b]], folder / f"round{facts.round:04d}-{who}-{b}.png")
+                save_png(recon[score.order[b]], attacked_png(folder, facts.round, facts.site, b))
             results.append({
                 "round": facts.round, "site": facts.site, "victim": facts.site, "observed": observed,
                 "items": self._items_behind(facts)[:len(labels)],

@@ -9,7 +9,7 @@ import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from PIL import Image
 
@@ -293,12 +293,16 @@ def section_threat_model(ctx: Context) -> Section | None:
             context = f"one update per victim, {model_note}"
         else:
             granted = cfg.get("attack") == "invgrad"
-            batch = cfg.get("attack_batch") or cfg.get("local_batch")
+            # The images behind each attacked update as recorded: a probe's K, a whole update's every image
+            # the site trained on that round, an aggregate's images of all sites (not the local batch).
+            sizes = sorted({len(a["ssim"]) for a in run.attacks})
+            batch = "-".join(map(str, dict.fromkeys((sizes[0], sizes[-1])))) if sizes else "?"
             bn, norm = "train", cfg.get("norm", "group")
             rounds = ", ".join(map(str, cfg.get("attack_rounds", []))) or "?"
-            sites = ", ".join(map(str, cfg.get("attack_sites", []))) or "?"
+            sites = ("the secure aggregate of all sites" if any(a["site"] < 0 for a in run.attacks) else
+                     "sites " + (", ".join(map(str, cfg.get("attack_sites", []))) or "?"))
             context = (f"{cfg.get('protocol', '?')} training of {cfg.get('sites', '?')} sites for "
-                       f"{cfg.get('rounds', '?')} rounds; updates of sites {sites} attacked at rounds {rounds}")
+                       f"{cfg.get('rounds', '?')} rounds; updates of {sites} attacked at rounds {rounds}")
         labels = ("handed the true labels (a stronger adversary than usual)" if granted else
                   "recovered by the attacker from the update itself")
         if norm != "batch":
@@ -316,7 +320,9 @@ def section_threat_model(ctx: Context) -> Section | None:
     parts.append("<p>How the attacks work:</p><ul>" + "".join(
         f"<li><strong>{esc(attack_name(a))}</strong> {esc(ATTACK_PLAIN.get(a, ''))}.</li>" for a in attacks) + "</ul>")
     parts.append("<p class=note>Images per update: how many of a hospital's images stand behind one shared "
-                 "update. More images per update blend into one another and are harder to separate.</p>")
+                 "update (in training: every image a site trained on in the round, all sites' under secure "
+                 "aggregation, or a probe's few). More images per update blend into one another and are harder "
+                 "to separate.</p>")
     return Section("threat-model", "Threat model: who sees what", "".join(parts))
 
 
@@ -401,6 +407,8 @@ def section_results(ctx: Context) -> Section | None:
                  "data, or a random label per image. Labels are scored as a set per update (the attack learns "
                  "which labels, not whose), so with several images per update a random guess scores above "
                  "1/classes. Time: wall time of the attack alone.</p>")
+    if _has_client_dp(run.defense for run in attacked):
+        parts.append(f"<p class=note><strong>{esc(CLIENT_DP_NOTE)}.</strong></p>")
     for run in attacked:
         parts.append(f"<h3>{esc(_label(run))} ({esc(run.name)})</h3><ul class=findings>"
                      + "".join(f"<li>{esc(line)}</li>" for line in plain_findings(run, run_stats(run))) + "</ul>")
@@ -441,6 +449,16 @@ def attack_table(ctx: Context) -> list[dict[str, Any]]:
             row[key] = sum(v * n for v, n in weighted) / sum(n for _, n in weighted) if weighted else None
         rows.append(row)
     return rows
+
+
+CLIENT_DP_NOTE = ("cdp (client-level DP) does not protect against the server: the server adds the noise to the "
+                  "aggregate after it has seen each site's clipped update, which is what the attack here inverted; "
+                  "its epsilon covers a site's participation only towards those who see the noisy aggregate or the "
+                  "trained model")
+
+
+def _has_client_dp(defenses: Iterable[str]) -> bool:
+    return any(part.startswith("cdp") for d in defenses for part in str(d).split("+"))
 
 
 def _with_chance(value: float | None, chance: float | None, digits: int, fraction: bool = False) -> str:
@@ -739,7 +757,9 @@ def _defense_table_html(cells: list[dict[str, Any]]) -> str:
     return table(["attack", "defense", "seeds", *[c[0] for c in columns]], rows,
                  numeric=list(range(2, 3 + len(columns))),
                  caption="Each row: privacy (leak) and utility (the trained model's quality on held-out images) of "
-                         "one defense setting, averaged over seeds; " + "; ".join(notes) + ".")
+                         "one defense setting, averaged over seeds; " + "; ".join(notes) + ".") + (
+        f"<p class=note><strong>{esc(CLIENT_DP_NOTE)}.</strong></p>"
+        if _has_client_dp(c["defense"] for c in cells) else "")
 
 
 def section_provenance(ctx: Context) -> Section | None:
