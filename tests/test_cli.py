@@ -231,6 +231,33 @@ def test_strict_refuses_broken_files_before_any_work(tmp_path, folder_with_broke
     assert not out.exists()
 
 
+def test_train_skips_names_and_lists_a_truncated_png_like_attack_and_strict_refuses_it(tmp_path, capsys):
+    root = tmp_path / "data"  # two classes of six real images each, as PNG files
+    source = embedded_source()
+    for name in ("CT", "MR"):
+        items = sample_items([it for it in source.items if it.class_name == name], 6, seed=1)
+        data = ImageDataset(source, items, size=32)
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            array = (data.image(i).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            Image.fromarray(array).save(root / name / f"img{i}.png")
+    broken = root / "MR" / "img3.png"
+    broken.write_bytes(broken.read_bytes()[:200])  # a PNG cut short in its pixel data
+    args = ["train", "--data", str(root), "--sites", "2", "--rounds", "1", "--image-size", "16", "--quiet"]
+    assert run([*args, "--strict", "--out", str(tmp_path / "strict")]) == 2
+    err = capsys.readouterr().err
+    assert str(broken) in err.replace("\n", "") and "--strict" in err and not (tmp_path / "strict").exists()
+    out = tmp_path / "run"
+    assert run([*args, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "1 file(s)" in err and broken.name in err
+    (skipped,) = json.loads((out / "skipped.json").read_text())
+    assert Path(skipped["path"]) == broken and "truncated" in skipped["reason"]
+    # The eleven readable images are all there is: the sites' and the test set's, the broken one in neither.
+    federation = json.loads((out / "federation.json").read_text())
+    assert sum(federation["n_images"]) + federation["n_test"] == 11
+
+
 def test_data_inspect_names_long_paths_whole_in_a_log_file(tmp_path, class_folders):
     """Not a terminal (a log file, CI): the skipped file's full path is printed, never cut to 80 columns."""
     deep = tmp_path / ("a-rather-long-folder-name-for-one-hospital-site" * 2) / "scans"

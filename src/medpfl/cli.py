@@ -204,17 +204,11 @@ def cmd_attack(args: argparse.Namespace) -> None:
                              defense=args.defense)
     run = Path(args.out or f"runs/{config.attack}-{config.model_name.replace(':', '-')}-seed{config.seed}")
 
-    def warn_skipped(skipped) -> None:
-        listing = "\n".join(f"  {s.path}: {s.reason}" for s in skipped)
-        console.print(f"[yellow]warning:[/yellow] {len(skipped)} file(s) of the data cannot be used and are left "
-                      f"out (listed in {run / 'skipped.json'}; --strict refuses them):\n{listing}",
-                      soft_wrap=True, highlight=False)
-
     bar, (checking, update) = _progress(args.quiet, "checking files", f"{config.attack} on {config.model_name}")
     with bar or nullcontext():
         summary = run_attack(config, run, resume=not args.fresh, progress=update,
                              checkpoint_every=args.checkpoint_every, strict=args.strict, checking=checking,
-                             on_skipped=warn_skipped)
+                             on_skipped=_warn_skipped(run))
     defended = "" if summary["defense"] == "none" else f", defense {summary['defense']}"
     table = Table(title=f"{summary['attack']} on {summary['model']}, {summary['n_images']} images of "
                         f"{summary['data']}{defended}")
@@ -283,6 +277,18 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
                        "cuda:1, mps")
     train.add_argument("--out", help="run directory (default: runs/train-MODEL-PARTITION-seedS)")
     train.add_argument("--fresh", action="store_true", help="start over instead of resuming --out")
+    train.add_argument("--strict", action="store_true", help="refuse to start if any file of --data is broken "
+                                                             "(default: skip and name them)")
+
+
+def _warn_skipped(run: Path):
+    """What every command does with the broken files of --data: name them before any work starts."""
+    def warn(skipped) -> None:
+        listing = "\n".join(f"  {s.path}: {s.reason}" for s in skipped)
+        console.print(f"[yellow]warning:[/yellow] {len(skipped)} file(s) of the data cannot be used and are left "
+                      f"out (listed in {run / 'skipped.json'}; --strict refuses them):\n{listing}",
+                      soft_wrap=True, highlight=False)
+    return warn
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -303,9 +309,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         attack_settings=settings, engine=args.engine, defense=args.defense, vectorise=args.vectorise,
         seed=args.seed, device=args.device)
     run = Path(args.out or f"runs/train-{config.model.replace(':', '-')}-{config.partition.replace(':', '')}-seed{config.seed}")
-    bar, (update,) = _progress(args.quiet, "rounds")
+    bar, (checking, update) = _progress(args.quiet, "checking files", "rounds")
     with bar or nullcontext():
-        summary = run_training(config, run, resume=not args.fresh, progress=update)
+        summary = run_training(config, run, resume=not args.fresh, progress=update, strict=args.strict,
+                               checking=checking, on_skipped=_warn_skipped(run))
     table = Table(title=f"{config.model}, {summary['sites']} sites ({summary['partition']}), "
                         f"{summary['rounds']} rounds")
     for column in ("", "accuracy", "balanced acc.", "macro AUC"):
