@@ -231,8 +231,10 @@ def test_strict_refuses_broken_files_before_any_work(tmp_path, folder_with_broke
     assert not out.exists()
 
 
-def test_train_skips_names_and_lists_a_truncated_png_like_attack_and_strict_refuses_it(tmp_path, capsys):
-    root = tmp_path / "data"  # two classes of six real images each, as PNG files
+@pytest.fixture(scope="module")
+def folder_with_a_truncated_png(tmp_path_factory) -> tuple[Path, Path]:
+    """Two classes of six real images each as PNG files, one of them cut short in its pixel data."""
+    root = tmp_path_factory.mktemp("truncated")
     source = embedded_source()
     for name in ("CT", "MR"):
         items = sample_items([it for it in source.items if it.class_name == name], 6, seed=1)
@@ -242,7 +244,13 @@ def test_train_skips_names_and_lists_a_truncated_png_like_attack_and_strict_refu
             array = (data.image(i).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
             Image.fromarray(array).save(root / name / f"img{i}.png")
     broken = root / "MR" / "img3.png"
-    broken.write_bytes(broken.read_bytes()[:200])  # a PNG cut short in its pixel data
+    broken.write_bytes(broken.read_bytes()[:200])
+    return root, broken
+
+
+def test_train_skips_names_and_lists_a_truncated_png_like_attack_and_strict_refuses_it(tmp_path, capsys,
+                                                                                      folder_with_a_truncated_png):
+    root, broken = folder_with_a_truncated_png
     args = ["train", "--data", str(root), "--sites", "2", "--rounds", "1", "--image-size", "16", "--quiet"]
     assert run([*args, "--strict", "--out", str(tmp_path / "strict")]) == 2
     err = capsys.readouterr().err
@@ -256,6 +264,22 @@ def test_train_skips_names_and_lists_a_truncated_png_like_attack_and_strict_refu
     # The eleven readable images are all there is: the sites' and the test set's, the broken one in neither.
     federation = json.loads((out / "federation.json").read_text())
     assert sum(federation["n_images"]) + federation["n_test"] == 11
+
+
+def test_audit_names_and_lists_a_data_sets_broken_file_before_any_job_and_strict_refuses_it(
+        tmp_path, capsys, folder_with_a_truncated_png):
+    root, broken = folder_with_a_truncated_png
+    config = tmp_path / "audit.yaml"
+    config.write_text(f"data: {{mine: {root}}}\nimage_size: 16\nn_images: 2\n"
+                      "attacks: [{name: idlg, settings: {steps: 2, restarts: 0}}]\n")
+    assert run(["audit", str(config), "--strict", "--out", str(tmp_path / "strict"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert broken.name in err and "--strict" in err and not (tmp_path / "strict").exists()
+    out = tmp_path / "audit"
+    assert run(["audit", str(config), "--out", str(out), "--quiet"]) == 0
+    assert "1 file(s)" in capsys.readouterr().err
+    for listing in (out / "mine" / "skipped.json", out / "mine" / "idlg-none-seed0" / "skipped.json"):
+        assert [Path(s["path"]) for s in json.loads(listing.read_text())] == [broken]
 
 
 def test_data_inspect_names_long_paths_whole_in_a_log_file(tmp_path, class_folders):

@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="audit your data sets instead of the config's, e.g. --data skin=/data/melanoma "
                             "(repeatable)")
     audit.add_argument("--fresh", action="store_true", help="start over instead of resuming --out")
+    audit.add_argument("--strict", action="store_true", help="refuse to start if any file of a data set is broken "
+                                                             "(default: skip and name them)")
 
     report = commands.add_parser("report", parents=[common],
                                  help="write report.html and results.csv for a run directory")
@@ -375,7 +377,8 @@ def cmd_audit(args: argparse.Namespace) -> None:
             bar.update(task, completed=done, total=total, description=f"audit: {label}")
 
     with bar or nullcontext():
-        summary = run_audit(config, run, resume=not args.fresh, progress=update)
+        summary = run_audit(config, run, resume=not args.fresh, progress=update, strict=args.strict,
+                            on_skipped=lambda name, skipped: _warn_skipped(run / name)(skipped))
     table = Table(title=f"{config.title}: {summary['jobs']} runs")
     for column in ("run", "ASR", "mean SSIM", "mean PSNR", "label acc.", "re-id", "epsilon", "accuracy"):
         table.add_column(column, justify="left" if column == "run" else "right")

@@ -16,9 +16,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
+from medpfl.data import Skipped, open_verified
 from medpfl.errors import MedPFLError
 from medpfl.experiments.audit_config import AuditConfig
-from medpfl.experiments.run_dir import append_result, library_versions, read_results, write_json
+from medpfl.experiments.run_dir import append_result, library_versions, read_results, write_json, write_skipped
 
 LEDGER = "audit.jsonl"
 
@@ -101,15 +102,26 @@ JOBS: dict[str, Callable[..., dict[str, Any]]] = {"attack": _attack_job, "defens
 
 
 def run_audit(config: AuditConfig, out: str | Path, resume: bool = True,
-              progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) every job of the audit into `out`, then write its report; returns the summary."""
+              progress: Callable[[int, int, str], None] | None = None, strict: bool = False,
+              on_skipped: Callable[[str, list[Skipped]], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) every job of the audit into `out`, then write its report; returns the summary.
+
+    Each data set's broken files are found first, as every command does (`data.open_verified`): handed to
+    `on_skipped` with the data set's name and listed in DATA/skipped.json (each run leaves them out), or,
+    with `strict`, refused before anything runs."""
     jobs = plan(config)
     if any(j["kind"] == "defenses" for j in jobs):
         try:
             import medpfl.experiments.sweep  # noqa: F401
         except ImportError:
             raise _unavailable("defenses", "medpfl sweep (defenses with utility)") from None
+    skipped = {name: open_verified(data, strict)[1] for name, data in config.data.items()}
     path = _open(Path(out), config, resume)
+    for name, files in skipped.items():
+        (path / name).mkdir(exist_ok=True)
+        write_skipped(path / name, files)
+        if files and on_skipped:
+            on_skipped(name, files)
     done = {r["dir"]: r for r in read_results(path, LEDGER)}
     started = time.perf_counter()
     for index, job in enumerate(jobs):
