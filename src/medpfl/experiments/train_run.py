@@ -152,7 +152,7 @@ def _check_defense(config: TrainRunConfig) -> Chain:
         return chain
     if config.engine == "flower":
         _require_flower()
-        from medpfl.fl.flower.defenses import flower_defense
+        from medpfl.defenses.flower import flower_defense
 
         flower_defense(config.defense, config.protocol)  # what Flower's own parts cannot run is named
     if config.engine == "flower" and chain.channel is not None and len(chain.defenses) > 1:
@@ -438,6 +438,7 @@ def _train_on_flower(config: TrainRunConfig, hooks: RoundHooks, weights: dict[st
                      ) -> dict[str, torch.Tensor]:
     """Rounds done+1.. on Flower's simulation runtime (the optional extra), with the same sites, seed and hooks."""
     _require_flower()
+    from medpfl.defenses.flower import flower_parts
     from medpfl.fl.flower.federation import FederationSpec
     from medpfl.fl.flower.simulation import run_simulation
 
@@ -448,11 +449,15 @@ def _train_on_flower(config: TrainRunConfig, hooks: RoundHooks, weights: dict[st
         raise MedPFLError(f"A secure-aggregation run on Flower starts at round 1 and cannot resume after round {done}; "
                           "rerun with --fresh.")
     start = None if secure else {n: w.cpu() for n, w in weights.items()}  # SecAgg+: the run's initial model
+    parts = flower_parts(parse_defense(config.defense), config.seed, config.sites)
+    if parts.aggregate is not None:
+        hooks = RoundHooks(hooks.site_transform, parts.aggregate, hooks.observers)
     result = run_simulation(FederationSpec.of(config), hooks, start, done + 1,
                             lambda record, new: finished(record["round"], new,
                                                          {**{k: record[k] for k in keys if k in record},
                                                           **_flower_privacy(config, record["round"])}),
-                            secure_aggregation=secure)
+                            secure_aggregation=secure, client_mods=parts.client_mods,
+                            wrap_strategy=parts.wrap_strategy)
     return result.weights
 
 
