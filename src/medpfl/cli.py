@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     attack.add_argument("--restarts", type=int,
                         help="Inverting Gradients: restarts (paper: 8); L-BFGS attacks: fresh starts for failed "
                              "victims (default 7; the paper: 0)")
+    attack.add_argument("--bins", type=int, help="imprint: the malicious server's bins (default: 4 x the images "
+                        "behind each update)")
     attack.add_argument("--paper", action="store_true",
                         help="the paper's optimisation procedure: one start per image for DLG/iDLG/CPL "
                              "(300 L-BFGS steps, no restarts); 24000 steps and 8 restarts for invgrad")
@@ -189,6 +191,8 @@ def cmd_attack(args: argparse.Namespace) -> None:
         settings["steps"] = args.steps
     if args.restarts is not None:
         settings["restarts"] = args.restarts
+    if args.bins is not None:
+        settings["bins"] = args.bins
     config = AttackRunConfig(attack=args.attack, data=args.data, model=args.model, image_size=args.image_size,
                              channels=args.channels, batch_size=args.batch_size, n_images=args.n_images,
                              seed=args.seed, norm=args.norm, victims_per_batch=args.victims_per_batch,

@@ -14,17 +14,20 @@ ATTACKS = {
     "invgrad": "Inverting Gradients: cosine distance, TV, signed Adam, restarts (Geiping et al. 2020)",
     "update-inversion": "FedAvg weight changes: the site's local steps unrolled on candidate images, then "
                         "Inverting Gradients (Geiping et al. 2020 sec. 6; Dimitrov et al. 2022)",
+    "imprint": "Robbing the Fed: a malicious server sends the model behind an imprint module and reads images "
+               "alone in their brightness bin off the update (Fowl et al. 2022)",
 }
 # The model each attack was run on in the paper, used when no --model is given; update-inversion gets
 # the ConvNet that `medpfl train` trains by default.
 DEFAULT_MODELS = {"dlg": "lenet-dlg", "idlg": "lenet-idlg", "cpl": "lenet-cpl", "invgrad": "resnet18",
-                  "update-inversion": "convnet"}
+                  "update-inversion": "convnet", "imprint": "lenet-idlg"}
 # The Inverting Gradients paper computed updates with the network in eval mode (BatchNorm on its
 # running statistics); a site's ordinary training step normalises with batch statistics.
 DEFAULT_BN_MODES = {name: "eval" if name == "invgrad" else "train" for name in ATTACKS}
 # The paper hands Inverting Gradients the true labels; the others find them themselves.
 LABEL_ACCESS = ("granted", "recovered")
-THREAT_MODELS = {name: ThreatModel(knows_labels=name == "invgrad") for name in ATTACKS}
+THREAT_MODELS = {name: ThreatModel(knows_labels=name == "invgrad", modifies_model=name == "imprint")
+                 for name in ATTACKS}
 # The papers' optimisation procedure (SEED.md), which `--paper` sets: one start per image for the L-BFGS
 # attacks, whose default here restarts failed victims; Inverting Gradients' defaults are already the paper's.
 # For the L-BFGS attacks also the plain distance and the absolute tolerances (gradient_matching.PAPER_PROCEDURE).
@@ -46,6 +49,8 @@ def build_attack(name: str, **settings: Any):
         from medpfl.attacks.inverting_gradients import invgrad as factory
     elif name == "update-inversion":
         from medpfl.attacks.update_inversion import update_inversion as factory
+    elif name == "imprint":
+        from medpfl.attacks.imprint import imprint as factory
     else:
         from medpfl.attacks import gradient_matching
 

@@ -148,6 +148,8 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
 
     n_victims = config.n_images // B
     pretrain_data = _pretrain_data(config, source, items, device)
+    # A malicious server builds the model it sends from images like the sites' (never the attacked ones).
+    public = _unattacked_images(config, source, items, device)[0] if THREAT_MODELS[config.attack].modifies_model else None
     done = {r["victim"] for r in read_results(path)}
     todo = [v for v in range(n_victims) if v not in done]
     if progress:
@@ -157,6 +159,8 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
         images, labels = zip(*(dataset.load_batch(range(v * B, v * B + B)) for v in victims))
         images, labels = torch.stack(images).to(device), torch.stack(labels).to(device)
         models = [victim_model(config, K, v, pretrain_data) for v in victims]
+        if public is not None:
+            models = [attack.craft(m, tuple(images.shape[2:]), public.cpu(), B) for m in models]
         params = {n: p.to(device) for n, p in stack_params([dict(m.named_parameters()) for m in models]).items()}
         # The sites' side: what each victim computes, defends and shares. Ground truth stays on this side.
         defense_stream = stream(config.seed, DEFENSE_NOISE, victims[0])
@@ -219,10 +223,16 @@ def _pretrain_data(config: AttackRunConfig, source, attacked: list, device: torc
         raise MedPFLError(f"--pretrain-steps {config.pretrain_steps} must be 0 or more.")
     if not config.pretrain_steps:
         return None
+    return _unattacked_images(config, source, attacked, device, "--pretrain-steps")
+
+
+def _unattacked_images(config: AttackRunConfig, source, attacked: list, device: torch.device,
+                       needed_by: str = "--attack imprint") -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to 1024 images and labels of the source that are not attacked (a server's data like the sites')."""
     taken = {it.item_id for it in attacked}
     others = [it for it in source.items if it.item_id not in taken]
     if not others:
-        raise MedPFLError(f"--pretrain-steps needs images besides the {len(attacked)} attacked, but the source holds "
+        raise MedPFLError(f"{needed_by} needs images besides the {len(attacked)} attacked, but the source holds "
                           f"no others; lower --n-images or pass a larger --data.")
     pool = sample_items(others, min(_PRETRAIN_POOL, len(others)), config.seed + 2)
     images, labels = ImageDataset(source, pool, size=config.image_size, channels=config.channels).load_batch(

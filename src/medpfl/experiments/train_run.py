@@ -126,6 +126,9 @@ def _check(config: TrainRunConfig) -> None:
     if config.attack is None:
         return
     build_attack(config.attack, **config.attack_settings)  # an unknown attack or setting is named here
+    if THREAT_MODELS[config.attack].modifies_model:
+        raise MedPFLError(f"--attack {config.attack} needs a malicious server that changes the model it sends; "
+                          "medpfl train runs a curious one that follows the protocol: use medpfl attack.")
     bad_rounds = [r for r in config.attack_rounds if not 1 <= r <= config.rounds]
     bad_sites = [s for s in config.attack_sites if not 0 <= s < config.sites]
     if not config.attack_rounds or bad_rounds:
