@@ -29,6 +29,7 @@ from medpfl.fl.gradients import functional_model
 from medpfl.fl.local import LocalTraining, local_update
 from medpfl.fl.partition import Federation, federate, keep_per_site
 from medpfl.fl.rounds import AGGREGATE, RoundHooks, SiteObservation, SiteRound, ordered
+from medpfl.fl.model_check import ModelCheck, fingerprint
 from medpfl.fl.simulation import InProcessFederation
 from medpfl.fl.utility import chance_levels, evaluate
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score
@@ -403,8 +404,10 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
         chain = parse_defense(config.defense)
         defended = (DefendedFederation(chain, model, sites, num_classes, config.training, config.rounds, config.seed,
                                        tuple(hooks.observers), vectorise) if chain.defenses else None)
+        # The sites verify every model they receive against the architecture they built themselves.
+        check = ModelCheck(fingerprint(dict(model.named_parameters())))
         engine = defended or InProcessFederation(model, sites, num_classes, config.training, config.seed, hooks,
-                                                 vectorise)
+                                                 vectorise, model_check=check)
         if defended:
             defended.resume(done)
         for round_index in range(done + 1, config.rounds + 1):
