@@ -78,12 +78,6 @@ def quantile_edges(public_images: torch.Tensor, bins: int) -> torch.Tensor:
     return torch.cat([torch.tensor([-1.0], dtype=torch.float64), inner]).float()
 
 
-def bin_masses(edges: torch.Tensor, measurements: torch.Tensor) -> torch.Tensor:
-    """Share of `measurements` in each bin [e_k, e_k+1) (the last one open above)."""
-    index = torch.bucketize(measurements, edges, right=True) - 1
-    return torch.bincount(index.clamp_min(0), minlength=len(edges)).double() / len(measurements)
-
-
 def expected_share(masses: torch.Tensor, batch: int) -> float:
     """Expected share of a batch's images alone in their bin when images fall in bins with `masses`
     independently: sum_k p_k (1 - p_k)^(B - 1). Equal masses 1/N give (1 - 1/N)^(B - 1)."""

@@ -81,40 +81,58 @@ def _rows(weights: Mapping[str, torch.Tensor]):
         yield name, w.detach().flatten(1).double().cpu(), (None if bias is None else bias.detach().double().cpu())
 
 
+def _parallel_ladder(rows: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:
+    """The largest group of near-parallel rows of a layer and how many distinct thresholds (bias over row
+    length) it holds: scaled copies of one row firing at one point are one unit repeated, a ladder of
+    thresholds makes bins."""
+    norms = rows.norm(dim=1)
+    live = norms > 0
+    if int(live.sum()) < 2:
+        return int(live.sum()), int(live.sum())
+    unit = rows[live] / norms[live, None]
+    parallel = (unit @ unit.T) > NEAR_PARALLEL
+    group = parallel[int(parallel.sum(1).argmax())].nonzero().flatten()
+    if bias is None:
+        return len(group), 1
+    thresholds = bias[live][group] / norms[live][group]
+    return len(group), len(torch.unique(thresholds.round(decimals=9)))
+
+
+def _trap_share(rows: torch.Tensor) -> float:
+    """Share of a layer's rows whose sum lies more than -TRAP_Z spreads times sqrt(width) below zero."""
+    if len(rows) < MIN_TRAP_ROWS or rows.shape[1] < 2:
+        return 0.0
+    z = rows.sum(1) / (rows.std(dim=1).clamp_min(1e-30) * rows.shape[1] ** 0.5)
+    return float((z < TRAP_Z).double().mean())
+
+
 def imprint_signature(weights: Mapping[str, torch.Tensor]) -> str | None:
     """A sentence naming a layer whose rows take one measurement at staggered thresholds, or None."""
     for name, rows, bias in _rows(weights):
-        norms = rows.norm(dim=1)
-        live = norms > 0
-        if int(live.sum()) < MIN_IMPRINT_ROWS:
-            continue
-        unit = rows[live] / norms[live, None]
-        parallel = (unit @ unit.T) > NEAR_PARALLEL
-        largest = int(parallel.sum(1).argmax())
-        group = parallel[largest].nonzero().flatten()
-        # Scaled copies of one row firing at the same point are one unit repeated; staggered thresholds
-        # (bias over row length) make a ladder of bins.
-        thresholds = (bias[live][group] / norms[live][group]) if bias is not None else torch.zeros(len(group))
-        distinct = len(torch.unique(thresholds.round(decimals=9)))
-        if len(group) >= MIN_IMPRINT_ROWS and distinct >= MIN_IMPRINT_ROWS:
-            return (f"layer {name.removesuffix('.weight')} has {len(group)} rows taking the same measurement "
-                    f"(cosine > {NEAR_PARALLEL}) at {distinct} staggered thresholds, the mark of an imprint module "
-                    "that reads images out of updates")
+        size, thresholds = _parallel_ladder(rows, bias)
+        if size >= MIN_IMPRINT_ROWS and thresholds >= MIN_IMPRINT_ROWS:
+            return (f"layer {name.removesuffix('.weight')} has {size} rows taking the same measurement "
+                    f"(cosine > {NEAR_PARALLEL}) at {thresholds} staggered thresholds, the mark of an imprint "
+                    "module that reads images out of updates")
     return None
 
 
 def trap_signature(weights: Mapping[str, torch.Tensor]) -> str | None:
     """A sentence naming a layer most of whose rows sum far below zero (trap weights), or None."""
     for name, rows, _ in _rows(weights):
-        if len(rows) < MIN_TRAP_ROWS or rows.shape[1] < 2:
-            continue
-        spread = rows.std(dim=1).clamp_min(1e-30)
-        z = rows.sum(1) / (spread * rows.shape[1] ** 0.5)
-        share = float((z < TRAP_Z).double().mean())
+        share = _trap_share(rows)
         if share >= TRAP_SHARE:
             return (f"layer {name.removesuffix('.weight')} has {share:.0%} of its rows summing more than "
                     f"{-TRAP_Z:g} spreads below zero, the mark of trap weights that few inputs activate")
     return None
+
+
+def signature_margins(weights: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """How close a model's layers come to the signatures: the largest ladder of near-parallel rows (rows
+    with distinct thresholds; an imprint needs MIN_IMPRINT_ROWS) and the largest share of trap rows."""
+    ladders = [min(_parallel_ladder(rows, bias)) for _, rows, bias in _rows(weights)]
+    shares = [_trap_share(rows) for _, rows, _ in _rows(weights)]
+    return {"largest_ladder": max(ladders, default=0), "largest_trap_share": max(shares, default=0.0)}
 
 
 @dataclass
