@@ -81,6 +81,7 @@ def test_the_attack_reads_batches_out_of_a_run_and_fails_with_one_bin(tmp_path):
     fine = run_attack(AttackRunConfig(**base, settings={"bins": 64}), tmp_path / "fine")
     # 64 bins for 4 images: each image is alone with probability (1 - 1/64)^3 = 0.95 under equal masses.
     assert fine["asr"] >= 0.75 and fine["median_ssim"] > 0.999
+    assert fine["site_check_refused"] == 4 and "imprint.weight (64 x 256)" in fine["site_check_reason"]
     one = run_attack(AttackRunConfig(**base, settings={"bins": 1}), tmp_path / "one")
     assert one["asr"] == 0
 

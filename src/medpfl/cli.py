@@ -227,6 +227,10 @@ def cmd_attack(args: argparse.Namespace) -> None:
     recognised = round(summary["asr"] * summary["n_images"])
     out.print(f"ASR {summary['asr']:.2f}: {recognised} of {summary['n_images']} images were reconstructed "
               f"recognisably (SSIM >= {summary['success_ssim']:g}).")
+    if "site_check_refused" in summary:
+        out.print(f"The server sent a model of its own making; sites that check the model they receive would have "
+                  f"refused {summary['site_check_refused']} of {summary['n_victims']}: "
+                  f"{summary['site_check_reason'] or 'none refused'}", soft_wrap=True, highlight=False)
     report = _report(run, args.quiet)
     out.print(f"Results in {run}/ (summary.json, results.jsonl, reconstructions.png"
               + (f", {report.name}" if report else "") + ")")

@@ -25,6 +25,7 @@ from medpfl.errors import MedPFLError
 from medpfl.experiments.run_dir import append_result, open_run_dir, read_results, write_json
 from medpfl.experiments.victim_models import load_model_state, pretrain, true_class_probability
 from medpfl.fl.gradients import BN_MODES, stack_params
+from medpfl.fl.model_check import ModelCheck, fingerprint
 from medpfl.metrics.image import ssim
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score, reidentified
 from medpfl.models.registry import build_model
@@ -159,8 +160,13 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
         images, labels = zip(*(dataset.load_batch(range(v * B, v * B + B)) for v in victims))
         images, labels = torch.stack(images).to(device), torch.stack(labels).to(device)
         models = [victim_model(config, K, v, pretrain_data) for v in victims]
+        refusals = [None] * len(models)
         if public is not None:
-            models = [attack.craft(m, tuple(images.shape[2:]), public.cpu(), B) for m in models]
+            sent = [attack.craft(m, tuple(images.shape[2:]), public.cpu(), B) for m in models]
+            # What a site that checks the model it receives (fl.model_check) would have answered.
+            refusals = [ModelCheck(fingerprint(dict(m.named_parameters()))).verify(dict(c.named_parameters()))
+                        for m, c in zip(models, sent)]
+            models = sent
         params = {n: p.to(device) for n, p in stack_params([dict(m.named_parameters()) for m in models]).items()}
         # The sites' side: what each victim computes, defends and shares. Ground truth stays on this side.
         defense_stream = stream(config.seed, DEFENSE_NOISE, victims[0])
@@ -179,7 +185,8 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
                                     **({"checkpoint": checkpoint} if attack.takes_checkpoints else {}))
         for j, v in enumerate(victims):
             scored = _score(path, dataset, v, B, images[j], labels[j], result, j, len(victims))
-            append_result(path, {**scored, "update_norm": update_norms[j], "p_true": p_true[j]})
+            append_result(path, {**scored, "update_norm": update_norms[j], "p_true": p_true[j],
+                                 **({"site_check": refusals[j]} if public is not None else {})})
         checkpoint.clear()
         if progress:
             progress(len(done) + start + len(victims), n_victims)
@@ -319,7 +326,16 @@ def summarise(path: Path, config: AttackRunConfig, dataset: ImageDataset) -> dic
         "evaluations_per_victim": statistics.fmean(r["evaluations"] for r in results),
         "seed": config.seed,
         "skipped_files": skipped,
+        **_site_check_summary(results),
     }
+
+
+def _site_check_summary(results: list[dict]) -> dict[str, Any]:
+    """For a malicious server: how many victims' sites would have refused the model it sent, and why."""
+    if not any("site_check" in r for r in results):
+        return {}
+    reasons = [r["site_check"] for r in results if r.get("site_check")]
+    return {"site_check_refused": len(reasons), "site_check_reason": reasons[0] if reasons else None}
 
 
 def _reidentification(config: AttackRunConfig, dataset: ImageDataset, results: list[dict],

@@ -10,9 +10,11 @@ A server that changes the model it sends can read images out of any update, secu
    agreed layers:
    - imprint: many rows of one layer taking the same measurement (near-parallel rows) with staggered
      biases, so that each row fires for the inputs above its own threshold (Fowl et al. 2022);
-   - trap weights: most rows of a layer summing far below zero, so that few nonnegative inputs (pixels,
-     sigmoid or ReLU features) activate each unit and an input alone behind a unit comes back from its
-     row (Boenisch et al. 2023).
+   - trap weights: most rows of a fully connected layer summing far below zero, so that few nonnegative
+     inputs (pixels, sigmoid or ReLU features) activate each unit and an input alone behind a unit comes
+     back from its row (Boenisch et al. 2023, who set their traps in fully connected layers). Convolutions
+     are not tested for it: one honest round of large steps shifts every filter of a layer the same way
+     (the paper's CPL LeNet at lr 0.05, momentum 0.9: every filter's sum far below zero after round 1).
 
 Thresholds rest on how far honest layers are from them: a row of d independently drawn weights has a
 cosine of order 1/sqrt(d) with any other (LeNets' 75-wide conv rows: about 0.1) and a sum of order
@@ -33,7 +35,7 @@ NEAR_PARALLEL = 0.99  # cosine above which two rows take the same measurement
 MIN_IMPRINT_ROWS = 3  # rows that must share one measurement (with distinct biases) to call it an imprint
 TRAP_Z = -4.0  # a row's sum, in units of its spread times sqrt(width), below which few inputs fire it
 TRAP_SHARE = 0.5  # share of a layer's rows that must lie below TRAP_Z
-MIN_TRAP_ROWS = 8  # a classifier of a few classes is no trap layer
+MIN_TRAP_ROWS = 32  # a trap layer needs many units to catch images alone; a classifier of few classes is none
 
 Fingerprint = tuple[tuple[str, tuple[int, ...], str], ...]
 
@@ -69,7 +71,7 @@ def fingerprint_difference(agreed: Fingerprint, received: Fingerprint) -> str | 
 
 
 def _rows(weights: Mapping[str, torch.Tensor]):
-    """(name, rows (out x everything else), bias or None) for every weight of a layer with rows. A layer's
+    """(name, rows (out x everything else), bias or None, fully connected?) for every weight of a layer with rows. A layer's
     bias is the tensor after its weight when that is one value per row: PyTorch's order, whatever the names
     (Flower's legacy messages number the arrays)."""
     tensors = list(weights.items())
@@ -78,7 +80,8 @@ def _rows(weights: Mapping[str, torch.Tensor]):
             continue
         after = tensors[i + 1][1] if i + 1 < len(tensors) else None
         bias = after if after is not None and after.shape == w.shape[:1] else None
-        yield name, w.detach().flatten(1).double().cpu(), (None if bias is None else bias.detach().double().cpu())
+        yield (name, w.detach().flatten(1).double().cpu(), None if bias is None else bias.detach().double().cpu(),
+               w.dim() == 2)
 
 
 def _parallel_ladder(rows: torch.Tensor, bias: torch.Tensor | None) -> tuple[int, int]:
@@ -108,7 +111,7 @@ def _trap_share(rows: torch.Tensor) -> float:
 
 def imprint_signature(weights: Mapping[str, torch.Tensor]) -> str | None:
     """A sentence naming a layer whose rows take one measurement at staggered thresholds, or None."""
-    for name, rows, bias in _rows(weights):
+    for name, rows, bias, _ in _rows(weights):
         size, thresholds = _parallel_ladder(rows, bias)
         if size >= MIN_IMPRINT_ROWS and thresholds >= MIN_IMPRINT_ROWS:
             return (f"layer {name.removesuffix('.weight')} has {size} rows taking the same measurement "
@@ -119,8 +122,8 @@ def imprint_signature(weights: Mapping[str, torch.Tensor]) -> str | None:
 
 def trap_signature(weights: Mapping[str, torch.Tensor]) -> str | None:
     """A sentence naming a layer most of whose rows sum far below zero (trap weights), or None."""
-    for name, rows, _ in _rows(weights):
-        share = _trap_share(rows)
+    for name, rows, _, linear in _rows(weights):
+        share = _trap_share(rows) if linear else 0.0
         if share >= TRAP_SHARE:
             return (f"layer {name.removesuffix('.weight')} has {share:.0%} of its rows summing more than "
                     f"{-TRAP_Z:g} spreads below zero, the mark of trap weights that few inputs activate")
@@ -130,8 +133,9 @@ def trap_signature(weights: Mapping[str, torch.Tensor]) -> str | None:
 def signature_margins(weights: Mapping[str, torch.Tensor]) -> dict[str, float]:
     """How close a model's layers come to the signatures: the largest ladder of near-parallel rows (rows
     with distinct thresholds; an imprint needs MIN_IMPRINT_ROWS) and the largest share of trap rows."""
-    ladders = [min(_parallel_ladder(rows, bias)) for _, rows, bias in _rows(weights)]
-    shares = [_trap_share(rows) for _, rows, _ in _rows(weights)]
+    layers = list(_rows(weights))
+    ladders = [min(_parallel_ladder(rows, bias)) for _, rows, bias, _ in layers]
+    shares = [_trap_share(rows) for _, rows, _, linear in layers if linear]
     return {"largest_ladder": max(ladders, default=0), "largest_trap_share": max(shares, default=0.0)}
 
 
