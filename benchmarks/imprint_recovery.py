@@ -9,11 +9,13 @@ engine's matching (metrics.privacy.match_and_score), with Wilson 95% intervals o
 really were alone in the server's bins (bins placed on public data hold unequal masses of the sites' data). Cells:
   - FedSGD, B in 8..128, bins 1x..16x B;
   - FedAvg at B = 16 and 64, bins 4x: one local step (batch B), and 4 steps (batch B/4, one epoch), lr 0.05;
-  - secure aggregation of 4 sites (in-process `secagg:k=4`), 4 and 16 images each, bins 4x all images.
+  - secure aggregation of 4 sites (in-process `secagg:k=4`), 4 and 16 images each, bins 4x all images;
+  - `--grid gain`: the FedAvg cells with the imprint rows at scale 0.1 instead of 1e-3.
 Every imprinted model sent is checked by a site that agreed on the honest architecture (fingerprint) and
 by one that enrolled on the imprinted model itself (weight signatures alone).
 
     OMP_NUM_THREADS=1 python benchmarks/imprint_recovery.py                                   # embedded set
+    OMP_NUM_THREADS=1 python benchmarks/imprint_recovery.py --grid gain --name embedded-gain
     OMP_NUM_THREADS=1 python benchmarks/imprint_recovery.py --data DIR --name dermoscopy --grid short
 
 JSON goes to benchmarks/results/imprint_recovery_NAME.json.
@@ -48,7 +50,11 @@ MAX_ROWS = 8192  # imprint rows (victims x bins) attacked at once: bounds memory
 
 
 def grid(kind: str) -> list[dict]:
-    """The cells: protocol, images per site B, sites k, bins per image behind the update, local batch."""
+    """The cells: protocol, images per site B, sites k, bins per image behind the update, local batch, and
+    for `gain` the imprint rows' scale (ImprintSettings.gain) on FedAvg."""
+    if kind == "gain":
+        return [{"protocol": "fedavg", "B": b, "k": 1, "m": 4, "local_batch": lb, "gain": 0.1} for b in (16, 64)
+                for lb in (b, b // 4)]
     fedsgd = [{"protocol": "fedsgd", "B": b, "k": 1, "m": m} for b in ((8, 16, 32, 64, 128) if kind == "full"
                                                                         else (16, 64))
               for m in ((1, 2, 4, 8, 16) if kind == "full" else (4,))]
@@ -63,7 +69,7 @@ def run_cell(cell: dict, images: torch.Tensor, labels: torch.Tensor, public: tor
     """Attack every victim of one cell; per image, recovered or not, and whether it was alone in its bin."""
     n = cell["B"] * cell["k"]
     victims = min(len(labels), max_images) // n
-    attack = imprint(bins=cell["m"] * n)
+    attack = imprint(bins=cell["m"] * n, **({"gain": cell["gain"]} if "gain" in cell else {}))
     bins = attack.bins_for(n)
     edges = quantile_edges(public, bins)
     chain = parse_defense(f"secagg:k={cell['k']}" if cell["k"] > 1 else "none")
@@ -111,7 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="a source (default: the embedded set)")
     parser.add_argument("--name", default="embedded")
-    parser.add_argument("--grid", choices=("full", "short"), default="full")
+    parser.add_argument("--grid", choices=("full", "short", "gain"), default="full")
     parser.add_argument("--max-images", type=int, default=512, help="attacked images per cell, at most")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
