@@ -92,3 +92,10 @@ def test_the_attack_refuses_an_update_of_a_model_it_did_not_send():
     update = site_gradients(model, params, _three_images()[None], torch.tensor([[0, 1, 0]]), 2)
     with pytest.raises(MedPFLError, match="no imprint rows"):
         imprint().reconstruct(ServerPayload(model, params, 2, SHAPE), ObservedUpdate(update, 3), torch.Generator())
+
+
+def test_medpfl_train_refuses_an_attack_that_needs_a_malicious_server(tmp_path):
+    from medpfl.experiments.train_run import TrainRunConfig, run_training
+
+    with pytest.raises(MedPFLError, match="needs a malicious server"):
+        run_training(TrainRunConfig(attack="imprint", attack_rounds=[1], attack_sites=[0], rounds=1), tmp_path)

@@ -402,10 +402,10 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
     elif done < config.rounds:
         vectorise = config.vectorise == "on" or (config.vectorise == "auto" and device.type != "cpu")
         chain = parse_defense(config.defense)
-        defended = (DefendedFederation(chain, model, sites, num_classes, config.training, config.rounds, config.seed,
-                                       tuple(hooks.observers), vectorise) if chain.defenses else None)
         # The sites verify every model they receive against the architecture they built themselves.
         check = ModelCheck(fingerprint(dict(model.named_parameters())))
+        defended = (DefendedFederation(chain, model, sites, num_classes, config.training, config.rounds, config.seed,
+                                       tuple(hooks.observers), vectorise, check) if chain.defenses else None)
         engine = defended or InProcessFederation(model, sites, num_classes, config.training, config.seed, hooks,
                                                  vectorise, model_check=check)
         if defended:
