@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from medpfl.attacks.imprint import ImprintedModel
+from medpfl.attacks.trap import trap
 from medpfl.fl.flower.federation import FederationSpec, federation_data, global_model
 from medpfl.fl.gradients import functional_model
 from medpfl.fl.model_check import ModelCheck, ModelRefused, fingerprint
@@ -32,14 +33,6 @@ def _conv_imprint(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _trap(layer: nn.Linear, scale: float = 4.0) -> dict[str, torch.Tensor]:
-    """Boenisch et al.'s trap weights: the layer's own draw with its negative weights scaled up, so each
-    row sums far below zero and few nonnegative inputs activate it."""
-    weight = layer.weight.detach().clone()
-    weight[weight < 0] *= scale
-    return {"fc.weight": weight, "fc.bias": layer.bias.detach().clone()}
-
-
 def test_an_imprinted_model_is_refused_by_its_fingerprint_and_by_its_rows_alone():
     honest = build_model("lenet-idlg", 6, 1, 16, seed=0)
     imprinted = _params(ImprintedModel(honest, (1, 16, 16), torch.linspace(-1, 0.9, 64)))
@@ -53,15 +46,17 @@ def test_an_imprinted_model_is_refused_by_its_fingerprint_and_by_its_rows_alone(
 
 
 def test_trap_weights_are_refused_and_the_layers_own_draw_is_not():
-    layer = nn.Linear(256, 32)
-    assert ModelCheck().verify({"fc.weight": layer.weight.detach(), "fc.bias": layer.bias.detach()}) is None
-    reason = ModelCheck().verify(_trap(layer))
-    assert "layer fc has 100% of its rows summing" in reason and "trap weights" in reason
-    # The trap's effect that the signature stands for: a uniform image activates few units.
-    images = torch.rand(200, 256, generator=torch.Generator().manual_seed(0))
-    trapped = _trap(layer)
-    assert ((images @ trapped["fc.weight"].T + trapped["fc.bias"]) > 0).double().mean() < 0.05
-    assert ((images @ layer.weight.detach().T + layer.bias.detach()) > 0).double().mean() > 0.3
+    honest = build_model("mlp", 6, 3, 16, seed=0)
+    public = torch.rand(200, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.6 + 0.2
+    sent = _params(trap().craft(honest, (3, 16, 16), public, 8))
+    assert ModelCheck().verify(_params(honest)) is None
+    # Same architecture, so the fingerprint passes; the weights do not.
+    reason = ModelCheck(fingerprint(_params(honest))).verify(sent)
+    assert "layer hidden has negative weights" in reason and "trap weights" in reason
+    # The trap's effect that the signature stands for: each unit fires for few of these images.
+    images = public.flatten(1)
+    assert ((images @ sent["hidden.weight"].T + sent["hidden.bias"]) > 0).double().mean() < 0.2
+    assert ((images @ honest.hidden.weight.detach().T + honest.hidden.bias.detach()) > 0).double().mean() > 0.3
 
 
 def test_an_honest_federation_trains_every_round_and_an_imprinted_round_is_refused():
