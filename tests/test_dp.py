@@ -69,32 +69,88 @@ def test_dpsgd_refuses_batchnorm_pointing_to_group_norm(real_batch):
         DPSGD(noise_multiplier=1.0).site_gradients(model, params, x[None, :2], y[None, :2], K, torch.Generator())
 
 
-def test_epsilon_over_a_whole_run_equals_opacus_privacy_engine_for_the_same_schedule(real_batch):
-    from opacus import PrivacyEngine
+def _google_event(noise: float, rate: float):
+    from dp_accounting import dp_event
 
-    x, y, K = real_batch
-    data = torch.utils.data.TensorDataset(x.repeat(4, 1, 1, 1), y.repeat(4))  # 32 examples
-    model = build_model("lenet-idlg", K, 3, 16, seed=0)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    engine = PrivacyEngine(accountant="rdp")
-    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer,
-                                                   data_loader=torch.utils.data.DataLoader(data, batch_size=8),
-                                                   noise_multiplier=1.3, max_grad_norm=1.0)
-    rounds, epochs_per_round = 3, 1  # a new round does not reset the accountant: the run's epsilon covers all
-    for _ in range(rounds * epochs_per_round):
-        for xb, yb in loader:
-            if len(xb):
-                optimizer.zero_grad()
-                F.cross_entropy(model(xb), yb).backward()
-                optimizer.step()
-    steps = rounds * epochs_per_round * len(loader)
+    gaussian = dp_event.GaussianDpEvent(noise)
+    return gaussian if rate >= 1 else dp_event.PoissonSampledDpEvent(rate, gaussian)
+
+
+# Independent accountants: Google's dp-accounting (RDP, and PLD, a numerically exact accountant like PRV).
+@pytest.mark.parametrize("noise, rate, steps", [(1.3, 0.25, 12), (1.1, 0.1, 400), (0.8, 0.05, 2000),
+                                                (3.0, 1.0, 10), (20.0, 1.0, 3)])
+def test_run_epsilon_agrees_with_google_dp_accounting_over_every_recorded_step(noise, rate, steps):
+    from dp_accounting import rdp
+    from dp_accounting.pld import pld_privacy_accountant
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
     ledger = PrivacyLedger()
-    for _ in range(steps):
-        ledger.record(1.3, 8 / 32)
-    assert ledger.steps == steps == 12
-    assert ledger.epsilon(1e-5) == pytest.approx(engine.get_epsilon(1e-5), rel=1e-9)
-    assert epsilon_spent(1.3, 8 / 32, steps, 1e-5) == pytest.approx(engine.get_epsilon(1e-5), rel=1e-9)
-    assert ledger.epsilon(1e-5, "prv") == pytest.approx(ledger.epsilon(1e-5, "rdp"), rel=0.25)  # PRV is tighter
+    for _ in range(steps):  # recorded one step at a time, as rounds go by: nothing resets between them
+        ledger.record(noise, rate)
+    assert ledger.steps == steps
+    google_rdp = rdp.RdpAccountant()
+    google_rdp.compose(_google_event(noise, rate), steps)
+    assert ledger.epsilon(1e-5) == pytest.approx(google_rdp.get_epsilon(1e-5), rel=0.01)
+    pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+    pld.compose(_google_event(noise, rate), steps)
+    prv = ledger.epsilon(1e-5, "prv")
+    assert prv == pytest.approx(pld.get_epsilon(1e-5), rel=0.02, abs=0.015)  # PRV's own error: 0.01
+    assert prv < ledger.epsilon(1e-5, "rdp")  # RDP's conversion to (epsilon, delta) is loose
+
+
+def test_accounting_keeps_opacus_order_warnings_off_the_console():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails: Opacus's grid ends at order 63, ours goes further
+        assert 0 < epsilon_spent(50.0, 1.0, 2) < 0.2  # optimal order past 63
+        assert epsilon_spent(3.0, 1.0, 10, accountant="prv") > 0
+
+
+def test_noise_is_calibrated_for_the_worst_off_site_and_each_site_spends_its_own_epsilon():
+    from opacus.accountants import RDPAccountant
+
+    from medpfl.defenses.dpsgd import dp_schedules
+    from medpfl.fl.local import LocalTraining
+    from medpfl.fl.partition import federate
+
+    n_images = federate(embedded_source(), 5, "dirichlet:0.3", 0).n_images
+    training, rounds = LocalTraining("fedavg", epochs=2, batch_size=16), 5
+    dp = DPSGD(epsilon=4.0).for_sites(dp_schedules(n_images, training, rounds))
+    per_site = []
+    for n in n_images:  # each site's own schedule, counted here from its size: Poisson rate 16/n, ceil(n/16) steps
+        accountant = RDPAccountant()
+        accountant.history = [(dp.noise_multiplier, min(1.0, 16 / n), rounds * 2 * -(-n // 16))]
+        per_site.append(accountant.get_epsilon(1e-5))
+    assert max(per_site) <= 4.0 and max(per_site) == pytest.approx(4.0, rel=0.02)
+    assert min(per_site) < 0.9 * max(per_site)  # unequal sites spend unequally: one number for all would hide it
+    assert dp.epsilon_spent() == pytest.approx(max(per_site), rel=0.02)
+
+
+def test_local_dpsgd_samples_each_image_independently_at_every_step():
+    """Fixed batches reused every epoch give every image the same number of steps; Poisson sampling (what the
+    accountant assumes) gives each a Binomial(steps, rate) count. Each image here is one pixel of its own,
+    so the weight change's column for that pixel counts the steps the image took part in."""
+    from torch import nn
+
+    from medpfl.defenses.dpsgd import dp_local_update
+    from medpfl.fl.local import LocalTraining
+
+    n, K = 64, 3
+    images = torch.eye(n).reshape(n, 1, 1, n)
+    labels = torch.arange(n) % K
+    model = nn.Sequential(nn.Flatten(), nn.Linear(n, K, bias=False))
+    torch.nn.init.zeros_(model[1].weight)  # every image's gradient (p - y) e_i^T has the same size
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    training = LocalTraining("fedavg", epochs=4, batch_size=16, lr=1e-4)  # rate 0.25, 16 steps
+    dp = DPSGD(noise_multiplier=0.0, clip=100.0)
+    change = dp_local_update(model, params, images, labels, K, training, dp, torch.Generator().manual_seed(0))
+    one_step = 1e-4 * (torch.full((K,), 1 / K) - torch.eye(K)[0]).norm() / 16  # lr x |p - y| / expected batch
+    counts = change["1.weight"].norm(dim=0) / one_step
+    assert torch.allclose(counts, counts.round(), atol=0.05)
+    counts = counts.round()
+    assert counts.mean().item() == pytest.approx(16 * 0.25, abs=0.8)
+    assert 1.5 < counts.var().item() < 5.0  # Binomial(16, 0.25): variance 3; fixed batches: 0
 
 
 @pytest.mark.parametrize("accountant, target", [("rdp", 1.0), ("rdp", 4.0), ("rdp", 16.0), ("prv", 4.0)])

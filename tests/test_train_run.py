@@ -157,22 +157,35 @@ def test_a_site_side_defense_changes_what_is_sent_and_trained(tmp_path):
     assert halved["update_norms"] == pytest.approx([n / 2 for n in plain["update_norms"]], rel=1e-5)
 
 
-def test_train_with_dpsgd_trains_defended_and_records_the_runs_epsilon(tmp_path):
-    from medpfl.defenses import epsilon_spent
+def test_train_with_dpsgd_records_every_sites_own_epsilon_and_the_worst_stays_within_target(tmp_path):
+    from opacus.accountants import RDPAccountant
 
-    config = TrainRunConfig(sites=2, rounds=2, image_size=16, local_batch=64, local_epochs=1)
+    config = TrainRunConfig(sites=3, partition="dirichlet:0.3", rounds=2, image_size=16, local_batch=64,
+                            local_epochs=1)
     run_training(config, tmp_path / "plain")
     defended = TrainRunConfig(**{**config.__dict__, "defense": "dpsgd:epsilon=8"})
     summary = run_training(defended, tmp_path / "dp")
     plain, dp = _lines(tmp_path / "plain" / "rounds.jsonl"), _lines(tmp_path / "dp" / "rounds.jsonl")
     assert json.loads((tmp_path / "dp" / "config.json").read_text())["config"]["defense"] == "dpsgd:epsilon=8"
     assert "epsilon" not in plain[0] and dp[0]["update_norms"] != pytest.approx(plain[0]["update_norms"], rel=1e-3)
-    # Each site: ~270 images in batches of 64, 5 noisy steps a round at rate 64/270; epsilon grows to its target.
-    n = max(json.loads((tmp_path / "dp" / "federation.json").read_text())["n_images"])
-    steps_per_round = -(-n // 64)
+    # Each site's own schedule, from its image count alone: rate 64/n, ceil(n/64) noisy steps a round.
+    n_images = json.loads((tmp_path / "dp" / "federation.json").read_text())["n_images"]
+    assert len(set(n_images)) == 3  # unequal sites, or the test could not tell one site's epsilon from another's
     for r, line in enumerate(dp, start=1):
-        assert line["epsilon"] == pytest.approx(epsilon_spent(line["noise_multiplier"], 64 / n, r * steps_per_round))
+        expected = []
+        for n in n_images:
+            accountant = RDPAccountant()
+            accountant.history = [(line["noise_multiplier"], min(1.0, 64 / n), r * -(-n // 64))]
+            expected.append(accountant.get_epsilon(1e-5))
+        assert line["epsilon_per_site"] == pytest.approx(expected, rel=0.02)
+        assert line["epsilon"] == max(line["epsilon_per_site"])
     assert dp[0]["epsilon"] < dp[1]["epsilon"] <= 8.0 and dp[1]["epsilon"] == pytest.approx(8.0, rel=0.05)
-    assert summary["epsilon"] == dp[1]["epsilon"]
+    assert summary["epsilon"] == dp[1]["epsilon"] and summary["epsilon_per_site"] == dp[1]["epsilon_per_site"]
+    from medpfl.report.build import build_report
+
+    html = build_report(tmp_path / "dp").read_text()  # the report names the worst-off site and every site's epsilon
+    worst = max(range(3), key=lambda s: expected[s])
+    assert f"epsilon up to {expected[worst]:.2f}" in html and f"site {worst} with {n_images[worst]} images" in html
+    assert all(f"site {s}: {e:.2f}" in html for s, e in enumerate(expected))
     with pytest.raises(MedPFLError, match="--defense runs inside training on the in-process engine only"):
         run_training(TrainRunConfig(**{**defended.__dict__, "engine": "flower"}), tmp_path / "flower")

@@ -22,7 +22,7 @@ out = Console()
 def _parser() -> argparse.ArgumentParser:
     from medpfl.attacks import ATTACKS, LABEL_ACCESS
     from medpfl.fl.gradients import BN_MODES
-    from medpfl.models.registry import MODELS
+    from medpfl.models.registry import MODELS, check_model_name
 
     parser = argparse.ArgumentParser(prog="medpfl", description=__doc__)
     parser.add_argument("--quiet", action="store_true", help="no progress output")
@@ -43,7 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     attack = commands.add_parser("attack", parents=[common], help="reconstruct images from shared updates and score the leak")
     attack.add_argument("--data", help="class folders, .npz, DICOM or NIfTI (default: embedded real images)")
     attack.add_argument("--attack", default="idlg", choices=sorted(ATTACKS))
-    attack.add_argument("--model", choices=sorted(MODELS), help="default: the model the paper used for the attack")
+    attack.add_argument("--model", type=check_model_name, metavar="MODEL",
+                        help=f"{', '.join(sorted(MODELS))}, or your own torch model as module:callable "
+                             "(default: the model the paper used for the attack)")
+    attack.add_argument("--model-kwargs", metavar="K=V,...", help="arguments for your module:callable model, e.g. "
+                        "spatial_dims=2,in_channels=3,out_channels=6")
     attack.add_argument("--image-size", type=int, default=32)
     attack.add_argument("--channels", type=int, default=3, choices=(1, 3))
     attack.add_argument("--batch-size", type=int, default=1, help="images behind each shared update")
@@ -94,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="audit your data sets instead of the config's, e.g. --data skin=/data/melanoma "
                             "(repeatable)")
     audit.add_argument("--fresh", action="store_true", help="start over instead of resuming --out")
+    audit.add_argument("--strict", action="store_true", help="refuse to start if any file of a data set is broken "
+                                                             "(default: skip and name them)")
 
     report = commands.add_parser("report", parents=[common],
                                  help="write report.html and results.csv for a run directory")
@@ -185,6 +191,7 @@ def cmd_data_sample(args: argparse.Namespace) -> None:
 
 def cmd_attack(args: argparse.Namespace) -> None:
     from medpfl.experiments.attack_run import AttackRunConfig, run_attack
+    from medpfl.models.registry import parse_model_kwargs
 
     settings = dict(_parse_setting(s) for s in args.set)
     if args.steps is not None:
@@ -193,34 +200,30 @@ def cmd_attack(args: argparse.Namespace) -> None:
         settings["restarts"] = args.restarts
     if args.bins is not None:
         settings["bins"] = args.bins
-    config = AttackRunConfig(attack=args.attack, data=args.data, model=args.model, image_size=args.image_size,
+    config = AttackRunConfig(attack=args.attack, data=args.data, model=args.model,
+                             model_kwargs=parse_model_kwargs(args.model_kwargs), image_size=args.image_size,
                              channels=args.channels, batch_size=args.batch_size, n_images=args.n_images,
                              seed=args.seed, norm=args.norm, victims_per_batch=args.victims_per_batch,
                              device=args.device, settings=settings, labels=args.labels,
                              bn_mode=args.bn_mode, paper=args.paper, model_state=args.model_state,
                              pretrain_steps=args.pretrain_steps,
                              defense=args.defense)
-    run = Path(args.out or f"runs/{config.attack}-{config.model_name}-seed{config.seed}")
-
-    def warn_skipped(skipped) -> None:
-        listing = "\n".join(f"  {s.path}: {s.reason}" for s in skipped)
-        console.print(f"[yellow]warning:[/yellow] {len(skipped)} file(s) of the data cannot be used and are left "
-                      f"out (listed in {run / 'skipped.json'}; --strict refuses them):\n{listing}",
-                      soft_wrap=True, highlight=False)
+    run = Path(args.out or f"runs/{config.attack}-{config.model_name.replace(':', '-')}-seed{config.seed}")
 
     bar, (checking, update) = _progress(args.quiet, "checking files", f"{config.attack} on {config.model_name}")
     with bar or nullcontext():
         summary = run_attack(config, run, resume=not args.fresh, progress=update,
                              checkpoint_every=args.checkpoint_every, strict=args.strict, checking=checking,
-                             on_skipped=warn_skipped)
+                             on_skipped=_warn_skipped(run))
     defended = "" if summary["defense"] == "none" else f", defense {summary['defense']}"
     table = Table(title=f"{summary['attack']} on {summary['model']}, {summary['n_images']} images of "
                         f"{summary['data']}{defended}")
-    for column in ("ASR", "mean SSIM", "mean PSNR", "mean MSE", "label acc.", "re-id", "re-id chance", "s / image"):
+    for column in ("ASR", "mean SSIM", "mean PSNR", "mean MSE", "label acc.", "label chance", "re-id", "re-id chance",
+                   "s / image"):
         table.add_column(column, justify="right")
     table.add_row(f"{summary['asr']:.2f}", f"{summary['mean_ssim']:.3f}", f"{summary['mean_psnr']:.1f} dB",
-                  f"{summary['mean_mse']:.4f}", f"{summary['label_accuracy']:.2f}", f"{summary['reid_rate']:.2f}",
-                  f"{summary['reid_chance']:.2g}", f"{summary['seconds_per_image']:.2f}")
+                  f"{summary['mean_mse']:.4f}", f"{summary['label_accuracy']:.2f}", f"{summary['label_chance']:.2f}",
+                  f"{summary['reid_rate']:.2f}", f"{summary['reid_chance']:.2g}", f"{summary['seconds_per_image']:.2f}")
     out.print(table)
     out.print(f"Re-identification: nearest of {summary['reid_gallery_size']} images by SSIM; a random guess is "
               f"right {summary['reid_chance']:.2g} of the time.")
@@ -241,13 +244,17 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
     from medpfl.experiments.train_run import ENGINES, VECTORISE, TrainRunConfig
     from medpfl.fl.local import PROTOCOLS
     from medpfl.fl.partition import PARTITION_HELP
-    from medpfl.models.registry import MODELS
+    from medpfl.models.registry import MODELS, check_model_name
 
     d = TrainRunConfig()
     train = commands.add_parser("train", parents=[common],
                                 help="federated training; a curious server attacks chosen rounds and sites")
     train.add_argument("--data", help="class folders, .npz, DICOM or NIfTI (default: embedded real images)")
-    train.add_argument("--model", default=d.model, choices=sorted(MODELS))
+    train.add_argument("--model", default=d.model, type=check_model_name, metavar="MODEL",
+                       help=f"{', '.join(sorted(MODELS))}, or your own torch model as module:callable")
+    train.add_argument("--model-kwargs", metavar="K=V,...", help="arguments for your module:callable model")
+    train.add_argument("--model-state", metavar="PATH", help="start the global model from a state dict saved with "
+                       "torch.save(model.state_dict(), PATH) instead of fresh weights")
     train.add_argument("--norm", default=d.norm, choices=("batch", "group", "none"))
     train.add_argument("--image-size", type=int, default=d.image_size)
     train.add_argument("--channels", type=int, default=d.channels, choices=(1, 3))
@@ -280,27 +287,42 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
                        "cuda:1, mps")
     train.add_argument("--out", help="run directory (default: runs/train-MODEL-PARTITION-seedS)")
     train.add_argument("--fresh", action="store_true", help="start over instead of resuming --out")
+    train.add_argument("--strict", action="store_true", help="refuse to start if any file of --data is broken "
+                                                             "(default: skip and name them)")
+
+
+def _warn_skipped(run: Path):
+    """What every command does with the broken files of --data: name them before any work starts."""
+    def warn(skipped) -> None:
+        listing = "\n".join(f"  {s.path}: {s.reason}" for s in skipped)
+        console.print(f"[yellow]warning:[/yellow] {len(skipped)} file(s) of the data cannot be used and are left "
+                      f"out (listed in {run / 'skipped.json'}; --strict refuses them):\n{listing}",
+                      soft_wrap=True, highlight=False)
+    return warn
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from medpfl.experiments.train_run import TrainRunConfig, parse_int_list, run_training
+    from medpfl.models.registry import parse_model_kwargs
 
     settings = dict(_parse_setting(s) for s in args.set)
     if args.steps is not None:
         settings["steps"] = args.steps
     config = TrainRunConfig(
-        data=args.data, model=args.model, norm=args.norm, image_size=args.image_size, channels=args.channels,
-        sites=args.sites, site_images=args.site_images, rounds=args.rounds, protocol=args.protocol,
+        data=args.data, model=args.model, model_kwargs=parse_model_kwargs(args.model_kwargs),
+        model_state=args.model_state, norm=args.norm,
+        image_size=args.image_size, channels=args.channels, sites=args.sites, site_images=args.site_images, rounds=args.rounds, protocol=args.protocol,
         local_epochs=args.local_epochs, local_batch=args.local_batch, lr=args.lr, momentum=args.momentum,
         partition=args.partition,
         attack=args.attack, attack_rounds=parse_int_list(args.attack_rounds, "--attack-rounds"),
         attack_sites=parse_int_list(args.attack_sites, "--attack-sites"), attack_batch=args.attack_batch,
         attack_settings=settings, engine=args.engine, defense=args.defense, vectorise=args.vectorise,
         seed=args.seed, device=args.device)
-    run = Path(args.out or f"runs/train-{config.model}-{config.partition.replace(':', '')}-seed{config.seed}")
-    bar, (update,) = _progress(args.quiet, "rounds")
+    run = Path(args.out or f"runs/train-{config.model.replace(':', '-')}-{config.partition.replace(':', '')}-seed{config.seed}")
+    bar, (checking, update) = _progress(args.quiet, "checking files", "rounds")
     with bar or nullcontext():
-        summary = run_training(config, run, resume=not args.fresh, progress=update)
+        summary = run_training(config, run, resume=not args.fresh, progress=update, strict=args.strict,
+                               checking=checking, on_skipped=_warn_skipped(run))
     table = Table(title=f"{config.model}, {summary['sites']} sites ({summary['partition']}), "
                         f"{summary['rounds']} rounds")
     for column in ("", "accuracy", "balanced acc.", "macro AUC"):
@@ -308,7 +330,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     for name, row in (("global model", summary["final"]), ("chance", summary["chance"])):
         table.add_row(name, *(f"{row[k]:.3f}" for k in ("accuracy", "balanced_accuracy", "auc")))
     out.print(table)
-    if summary.get("epsilon") is not None:
+    if summary.get("epsilon_per_site"):
+        per_site = ", ".join(f"{e:.2f}" for e in summary["epsilon_per_site"])
+        out.print(f"defense {config.defense}: epsilon {summary['epsilon']:.2f} over the whole run at the worst-off "
+                  f"site (per site: {per_site}), per example at delta {summary['dp_delta']:g}")
+    elif summary.get("epsilon") is not None:
         out.print(f"defense {config.defense}: epsilon {summary['epsilon']:.2f} over the whole run")
     for a in summary["attacks"]:
         who = "all sites" if a["observed"] == "aggregate" else f"site {a['site']}"
@@ -359,7 +385,8 @@ def cmd_audit(args: argparse.Namespace) -> None:
             bar.update(task, completed=done, total=total, description=f"audit: {label}")
 
     with bar or nullcontext():
-        summary = run_audit(config, run, resume=not args.fresh, progress=update)
+        summary = run_audit(config, run, resume=not args.fresh, progress=update, strict=args.strict,
+                            on_skipped=lambda name, skipped: _warn_skipped(run / name)(skipped))
     table = Table(title=f"{config.title}: {summary['jobs']} runs")
     for column in ("run", "ASR", "mean SSIM", "mean PSNR", "label acc.", "re-id", "epsilon", "accuracy"):
         table.add_column(column, justify="left" if column == "run" else "right")

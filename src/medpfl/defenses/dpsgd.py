@@ -8,6 +8,7 @@ accounting (defenses/accounting.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +43,9 @@ class DPSGD(Defense):
 
     Give `noise_multiplier`, or a target `epsilon` (at `delta`) and call `calibrated()` to get the noise
     multiplier that spends it over the whole run: `steps` noisy local steps, each on a batch sampled at
-    `sample_rate`. Federated training passes its own schedule; an attack on one update assumes this
-    default one: 20 rounds x 5 local steps, batches of 16 of a site's 160 images."""
+    `sample_rate`. Federated training passes every site's schedule (`for_sites`), and the schedule kept is
+    the worst-off site's; an attack on one update assumes this default one: 20 rounds x 5 local steps,
+    batches of 16 of a site's 160 images."""
 
     epsilon: float | None = None
     noise_multiplier: float | None = None
@@ -63,6 +65,14 @@ class DPSGD(Defense):
         return replace(schedule, noise_multiplier=noise_for_epsilon(self.epsilon, schedule.sample_rate,
                                                                     schedule.steps, self.delta, self.accountant))
 
+    def for_sites(self, schedules: Sequence[tuple[float, int]]) -> DPSGD:
+        """Calibrated so that every site, each with its own (sample rate, steps), spends at most the target:
+        the noise is the largest any site needs, and the schedule kept is that worst-off site's."""
+        distinct = sorted(set(schedules))
+        if self.epsilon is None:  # a given noise multiplier: keep the schedule that spends the most
+            return max((replace(self, sample_rate=q, steps=t) for q, t in distinct), key=DPSGD.epsilon_spent)
+        return max((self.calibrated(q, t) for q, t in distinct), key=lambda d: d.noise_multiplier)
+
     def epsilon_spent(self) -> float:
         """Epsilon this noise multiplier spends over the schedule (Opacus's accountant)."""
         return epsilon_spent(self._noise(), self.sample_rate, self.steps, self.delta, self.accountant)
@@ -75,7 +85,7 @@ class DPSGD(Defense):
     def private_gradient(self, per_example: Update, generator: torch.Generator, batch_size: int | None = None) -> Update:
         """The noisy mean of clipped per-example gradients (name -> B x shape in, name -> shape out)."""
         factors = clip_factors(site_norms(per_example), self.clip)
-        B = batch_size or next(iter(per_example.values())).shape[0]
+        B = batch_size or next(iter(per_example.values())).shape[0]  # Poisson sampling: the expected size
         out = {}
         for name, g in per_example.items():
             summed = torch.einsum("b,b...->...", factors, g)
@@ -94,28 +104,57 @@ class DPSGD(Defense):
         return {n: torch.stack([r[n] for r in rows]) for n in grads}
 
 
+def local_sample_rate(n_images: int, training: LocalTraining) -> float:
+    """The rate at which DP-SGD samples each of a site's images into a local step: batch / images (1 for fedsgd)."""
+    if training.protocol == "fedsgd":
+        return 1.0
+    return min(1.0, training.batch_size / n_images)
+
+
+def dp_schedules(n_images: Sequence[int], training: LocalTraining, rounds: int) -> list[tuple[float, int]]:
+    """Each site's DP-SGD schedule over the run, (sample rate, noisy steps): its own image count sets both,
+    so a small site, sampled at a higher rate, spends more epsilon than a large one with the same noise."""
+    return [(local_sample_rate(n, training), rounds * training.steps(n)) for n in n_images]
+
+
+def poisson_batch(n_images: int, rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of one Poisson-sampled batch: each image independently with probability `rate` (maybe none),
+    as Opacus's UniformWithReplacementSampler draws them and as the accountant assumes."""
+    if rate >= 1.0:
+        return torch.arange(n_images, device=generator.device)
+    keep = torch.rand(n_images, generator=generator, device=generator.device) < rate
+    return keep.nonzero().flatten()
+
+
 def dp_local_update(model: nn.Module, params: Update, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
                     training: LocalTraining, dp: DPSGD, generator: torch.Generator) -> Update:
     """fl.local.local_update with every step's gradient replaced by DP-SGD's (clipped per example, noised).
 
-    fedsgd: one private gradient of all the site's images; fedavg: `training.epochs` passes of batches
-    of `training.batch_size` in the given order, heavy-ball momentum, the weight change returned.
-    The accountant assumes each batch Poisson-sampled at batch / images, as Opacus's does; shuffled
-    fixed-size batches, as here and in most DP-SGD practice, are accounted by that approximation."""
+    fedsgd: one private gradient of all the site's images; fedavg: `training.steps(n)` steps, each on a
+    batch Poisson-sampled afresh at rate batch / n (so a batch's size varies, and an image may sit out a
+    step or appear in consecutive ones), its noisy sum divided by the expected batch size, heavy-ball
+    momentum, the weight change returned. This is the sampling Opacus's RDP and PRV accountants assume;
+    fixed shuffled batches would void their amplification by sampling. `generator` draws both the
+    batches and the noise: in a real deployment it is the site's secret randomness."""
     refuse_batchnorm(model)
     targets = F.one_hot(labels, num_classes).to(images.dtype)
-    step = lambda p, x, t: dp.private_gradient(per_example_gradients(model, p, x, t), generator,  # noqa: E731
-                                               batch_size=training.batch_size if training.protocol == "fedavg"
-                                               else x.shape[0])
+    n = images.shape[0]
+
+    def step(p: Update, batch: torch.Tensor, expected: float) -> Update:
+        if len(batch) == 0:  # an empty draw still releases noise, as Opacus does
+            empty = {name: torch.zeros((0, *w.shape), dtype=w.dtype, device=w.device) for name, w in p.items()}
+            return dp.private_gradient(empty, generator, batch_size=expected)
+        return dp.private_gradient(per_example_gradients(model, p, images[batch], targets[batch]), generator,
+                                   batch_size=expected)
+
     with torch.no_grad():
         if training.protocol == "fedsgd":
-            return step(params, images, targets)
+            return step(params, torch.arange(n, device=images.device), n)
+        rate = local_sample_rate(n, training)
         weights = dict(params)
-        velocity = {n: torch.zeros_like(p) for n, p in params.items()}
-        for _ in range(training.epochs):
-            for start in range(0, images.shape[0], training.batch_size):
-                batch = slice(start, start + training.batch_size)
-                for name, g in step(weights, images[batch], targets[batch]).items():
-                    velocity[name] = training.momentum * velocity[name] + g
-                    weights[name] = weights[name] - training.lr * velocity[name]
+        velocity = {name: torch.zeros_like(p) for name, p in params.items()}
+        for _ in range(training.steps(n)):
+            for name, g in step(weights, poisson_batch(n, rate, generator), rate * n).items():
+                velocity[name] = training.momentum * velocity[name] + g
+                weights[name] = weights[name] - training.lr * velocity[name]
         return {name: weights[name] - params[name] for name in params}

@@ -2,7 +2,9 @@
 
 The site-side transforms (clip, noise, top-k, quantization, client-level DP's clipping) are the round's
 site_transform; client-level DP's noisy mean is its aggregator; DP-SGD replaces each local step's
-gradient by a clipped, noised one, and a ledger counts every local step of every round.
+gradient by a clipped, noised one on a Poisson-sampled batch, and one ledger per site counts every local
+step of every round at that site's own sample rate: sites of different sizes spend different epsilons,
+the noise is calibrated for the worst-off one, and the run reports each site's and their maximum.
 """
 
 from __future__ import annotations
@@ -12,20 +14,13 @@ from torch import nn
 
 from medpfl.defenses.accounting import PrivacyLedger
 from medpfl.defenses.chain import Chain
-from medpfl.defenses.dpsgd import dp_local_update
+from medpfl.defenses.dpsgd import dp_local_update, dp_schedules
 from medpfl.fl.aggregate import weighted_average
 from medpfl.fl.local import LocalTraining
 from medpfl.fl.model_check import ModelCheck
 from medpfl.fl.rounds import RoundHooks, RoundObserver, SiteRound, Update, ordered
 from medpfl.fl.simulation import InProcessFederation, RoundOutcome
 from medpfl.seeds import SITE_NOISE, torch_seed
-
-
-def dp_schedule(n_images: list[int], training: LocalTraining, rounds: int) -> tuple[float, int]:
-    """DP-SGD's (sample rate, steps) for the site with the most steps: batch / images, steps over all rounds."""
-    site = max(range(len(n_images)), key=lambda s: training.steps(n_images[s]))
-    batch = training.batch_size if training.protocol == "fedavg" else n_images[site]
-    return min(1.0, batch / n_images[site]), rounds * training.steps(n_images[site])
 
 
 def noise_stream(seed: int, round_index: int, site: int, purpose: int, device: torch.device) -> torch.Generator:
@@ -58,11 +53,11 @@ class DefendedFederation:
                  observers: tuple[RoundObserver, ...] = (), vectorise: bool = False,
                  model_check: ModelCheck | None = None) -> None:
         self.chain, self.seed, self.n_sites = chain, seed, len(sites)
-        self.sample_rate, steps = dp_schedule([len(y) for _, y in sites], training, rounds)
-        self.steps_per_round = steps // rounds
-        self.dp = chain.local.calibrated(self.sample_rate, steps) if chain.local is not None else None
-        self.ledger = PrivacyLedger()
+        self.schedules = dp_schedules([len(y) for _, y in sites], training, rounds)
+        self.dp = chain.local.for_sites(self.schedules) if chain.local is not None else None
+        self.ledgers = [PrivacyLedger() for _ in sites]
         self.rounds_done = 0
+        self.steps_per_round = [(rate, steps // rounds) for rate, steps in self.schedules]
         self._round = 0  # the round in progress (its server noise stream)
         hooks = RoundHooks(self._site_transform, self._aggregate if chain.server else weighted_average,
                            tuple(observers))
@@ -94,13 +89,40 @@ class DefendedFederation:
 
     def _account(self) -> None:
         self.rounds_done += 1
-        if self.dp is not None:  # every site runs the same schedule; the ledger is the busiest site's
-            self.ledger.record(self.dp.noise_multiplier, self.sample_rate, self.steps_per_round)
+        if self.dp is not None:
+            for ledger, (rate, steps) in zip(self.ledgers, self.steps_per_round):
+                ledger.record(self.dp.noise_multiplier, rate, steps)
+
+    def epsilon_per_site(self) -> list[float] | None:
+        """DP-SGD's epsilon per example at each site over the rounds run so far (each site's own sample rate
+        and steps); None without DP-SGD."""
+        if self.dp is None:
+            return None
+        spent: dict[tuple, float] = {}  # sites of equal size share a history: account it once
+        for ledger in self.ledgers:
+            key = tuple(ledger.history)
+            if key not in spent:
+                spent[key] = ledger.epsilon(self.dp.delta, self.dp.accountant)
+        return [spent[tuple(ledger.history)] for ledger in self.ledgers]
+
+    def privacy_record(self) -> dict:
+        """What a round's record says of privacy so far: epsilon (the worst-off site's), and under DP-SGD each
+        site's epsilon, sample rate and noisy steps and the noise multiplier; empty for heuristic defenses."""
+        epsilon = self.epsilon()
+        if epsilon is None:
+            return {}
+        if self.dp is None:
+            return {"epsilon": epsilon}
+        return {"epsilon": epsilon, "epsilon_per_site": self.epsilon_per_site(),
+                "noise_multiplier": self.dp.noise_multiplier, "dp_delta": self.dp.delta,
+                "dp_sample_rate_per_site": [rate for rate, _ in self.steps_per_round],
+                "dp_steps_per_site": [ledger.steps for ledger in self.ledgers]}
 
     def epsilon(self) -> float | None:
-        """Epsilon over the rounds run so far: DP-SGD's per example, client-level DP's per site; None if heuristic."""
+        """Epsilon over the rounds run so far, None if heuristic: DP-SGD's per example at the worst-off site
+        (the largest of epsilon_per_site), or client-level DP's per site."""
         if self.dp is not None:
-            return self.ledger.epsilon(self.dp.delta, self.dp.accountant)
+            return max(self.epsilon_per_site())
         if self.chain.server is not None:
             return self.chain.server.epsilon(self.rounds_done, 1, 1)
         return None

@@ -19,12 +19,13 @@ from typing import Any, Callable
 import torch
 
 from medpfl.attacks import THREAT_MODELS, ObservedUpdate, ServerPayload, build_attack
-from medpfl.data import ImageDataset, open_source
+from medpfl.data import ImageDataset, Skipped, open_verified
 from medpfl.defenses import Chain, parse_defense
 from medpfl.defenses.training import DefendedFederation
 from medpfl.device import resolve_device
 from medpfl.errors import MedPFLError
-from medpfl.experiments.run_dir import open_run_dir, write_json
+from medpfl.experiments.run_dir import open_run_dir, write_json, write_skipped
+from medpfl.experiments.victim_models import load_model_state
 from medpfl.fl.gradients import functional_model
 from medpfl.fl.local import LocalTraining, local_update
 from medpfl.fl.partition import Federation, federate, keep_per_site
@@ -35,6 +36,7 @@ from medpfl.fl.utility import chance_levels, evaluate
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score
 from medpfl.models.registry import build_model
 from medpfl.report.images import save_png
+from medpfl.report.runs import attacked_png
 from medpfl.seeds import ATTACK, model_seed, site_order, torch_seed
 
 ENGINES = ("inprocess", "flower")
@@ -57,6 +59,8 @@ class TrainRunConfig:
 
     data: str | None = None  # None: the embedded real-image set
     model: str = "convnet"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # a user's module:callable model's arguments
+    model_state: str | None = None  # a state dict the global model starts from instead of a fresh draw
     norm: str = "group"
     image_size: int = 32
     channels: int = 3
@@ -150,10 +154,15 @@ def _check_defense(config: TrainRunConfig) -> Chain:
     chain = parse_defense(config.defense)
     if not chain.defenses:
         return chain
-    if config.engine == "flower" and (chain.channel is None or len(chain.defenses) > 1):
-        raise MedPFLError("--defense runs inside training on the in-process engine only, except secagg:k=SITES "
-                          "(Flower's SecAgg+); drop --engine flower.")
-    if config.engine == "flower" and chain.sites_per_update != config.sites:
+    if config.engine == "flower":
+        _require_flower()
+        from medpfl.fl.flower.defenses import flower_defense
+
+        flower_defense(config.defense, config.protocol)  # what Flower's own parts cannot run is named
+    if config.engine == "flower" and chain.channel is not None and len(chain.defenses) > 1:
+        raise MedPFLError("On --engine flower, secure aggregation (SecAgg+) runs alone; drop the other defenses "
+                          "or use --engine inprocess.")
+    if config.engine == "flower" and chain.channel is not None and chain.sites_per_update != config.sites:
         raise MedPFLError(f"On --engine flower, secure aggregation is Flower's SecAgg+ over all sites of a round: "
                           f"write secagg:k={config.sites} (--sites).")
     if config.engine != "flower" and chain.channel is not None:
@@ -269,9 +278,8 @@ class CuriousServer:
             facts = seen.facts
             recon = result.images[j].cpu()
             score = match_and_score(images.cpu(), labels.cpu(), recon, result.labels[j].cpu())
-            who = "aggregate" if facts.site == AGGREGATE else f"site{facts.site:03d}"
             for b in range(len(labels)):
-                save_png(recon[score.order[b]], folder / f"round{facts.round:04d}-{who}-{b}.png")
+                save_png(recon[score.order[b]], attacked_png(folder, facts.round, facts.site, b))
             results.append({
                 "round": facts.round, "site": facts.site, "victim": facts.site, "observed": observed,
                 "items": self._items_behind(facts)[:len(labels)],
@@ -352,28 +360,37 @@ def _prepare_dir(out: Path, record: dict[str, Any], resume: bool) -> tuple[Path,
 
 def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
                  progress: Callable[[int, int], None] | None = None,
-                 defenses: RoundHooks | None = None) -> dict[str, Any]:
+                 defenses: RoundHooks | None = None, strict: bool = False,
+                 checking: Callable[[int, int], None] | None = None,
+                 on_skipped: Callable[[list[Skipped]], None] | None = None) -> dict[str, Any]:
     """Train (or resume) the federation described by `config` into `out`; returns the summary.
 
     `defenses` supplies the site transform and aggregator of every round (default: none, FedAvg); the
     curious server's observer is added to its observers. What it does must be recorded in `config`.
+    Broken files of the source are left out of every site and the test set, as `medpfl attack` does
+    (`data.open_verified`): named to `on_skipped`, listed in skipped.json, or refused with `strict`.
     """
     _check(config)
     if defenses is not None and config.defense != "none":
         raise ValueError("Give the defense either as config.defense or as `defenses` hooks, not both.")
     device = resolve_device(config.device)
-    source = open_source(config.data)
+    source, skipped = open_verified(config.data, strict, checking, on_skipped)
     federation = keep_per_site(federate(source, config.sites, config.partition, config.seed), config.site_images,
                                config.seed)
     num_classes = len(federation.classes)
     _check_attackable(config, federation.n_images)
     record = asdict(config)
     path, done, weights = _prepare_dir(Path(out), record, resume)
+    write_skipped(path, skipped)
     write_json(path / "federation.json", {"classes": list(federation.classes), "n_images": federation.n_images,
                                           "label_counts": federation.label_counts(), "n_test": len(federation.test),
                                           "device_used": str(device)})
     net = build_model(config.model, num_classes, config.channels, config.image_size, norm=config.norm,
-                      seed=model_seed(config.seed)).to(device)
+                      seed=model_seed(config.seed), model_kwargs=config.model_kwargs)
+    if config.model_state:
+        load_model_state(net, config.model_state, f"--model {config.model} with {num_classes} classes, "
+                         f"{config.channels} channels at {config.image_size} px")
+    net = net.to(device)
     model = functional_model(net)
     if weights is None:
         weights = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -413,9 +430,7 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
         for round_index in range(done + 1, config.rounds + 1):
             outcome = engine.run_round(weights, round_index)
             weights = outcome.weights
-            epsilon = defended.epsilon() if defended else None  # over every round so far, at the chain's delta
-            privacy = {} if epsilon is None else {
-                "epsilon": epsilon, **({"noise_multiplier": defended.dp.noise_multiplier} if defended.dp else {})}
+            privacy = defended.privacy_record() if defended else {}  # over every round so far
             finished(round_index, weights, {**evaluate(model, weights, *test), "seconds": outcome.seconds,
                                             "update_norms": outcome.update_norms, "n_images": outcome.n_images,
                                             **privacy})
@@ -441,9 +456,16 @@ def _train_on_flower(config: TrainRunConfig, hooks: RoundHooks, weights: dict[st
     start = None if secure else {n: w.cpu() for n, w in weights.items()}  # SecAgg+: the run's initial model
     result = run_simulation(FederationSpec.of(config), hooks, start, done + 1,
                             lambda record, new: finished(record["round"], new,
-                                                         {k: record[k] for k in keys if k in record}),
+                                                         {**{k: record[k] for k in keys if k in record},
+                                                          **_flower_privacy(config, record["round"])}),
                             secure_aggregation=secure)
     return result.weights
+
+
+def _flower_privacy(config: TrainRunConfig, rounds_done: int) -> dict[str, Any]:
+    """Client-level DP's epsilon over the rounds so far (every site in every round); nothing for the rest."""
+    server = parse_defense(config.defense).server
+    return {} if server is None else {"epsilon": server.epsilon(rounds_done, 1, 1)}
 
 
 def summarise(path: Path, federation: Federation, test_labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
@@ -455,7 +477,8 @@ def summarise(path: Path, federation: Federation, test_labels: torch.Tensor, num
         "rounds": len(rounds), "sites": len(federation.sites), "partition": federation.partition,
         "n_images": federation.n_images, "n_test": len(federation.test),
         "final": {k: last[k] for k in ("accuracy", "balanced_accuracy", "auc")},
-        "epsilon": last.get("epsilon"),  # over the whole run, where the defense gives a guarantee
+        "epsilon": last.get("epsilon"),  # over the whole run, the worst-off site's, where the defense gives one
+        **{k: last[k] for k in ("epsilon_per_site", "dp_delta", "noise_multiplier") if k in last},
         "chance": chance_levels(test_labels.cpu().numpy(), num_classes),
         "seconds_per_round": sum(r["seconds"] for r in rounds) / len(rounds),
         "attacks": [{k: a[k] for k in ("round", "site", "observed", "asr")} | {

@@ -72,9 +72,9 @@ def fingerprint_difference(agreed: Fingerprint, received: Fingerprint) -> str | 
 
 
 def _rows(weights: Mapping[str, torch.Tensor]):
-    """(name, rows (out x everything else), bias or None, fully connected?) for every weight of a layer with rows. A layer's
-    bias is the tensor after its weight when that is one value per row: PyTorch's order, whatever the names
-    (Flower's legacy messages number the arrays)."""
+    """(name, rows (out x everything else), bias or None, fully connected?) for every layer with rows. A
+    layer's bias is the tensor after its weight when that is one value per row: PyTorch's order, whatever
+    the names (Flower's legacy messages number the arrays)."""
     tensors = list(weights.items())
     for i, (name, w) in enumerate(tensors):
         if w.dim() < 2 or not w.is_floating_point():

@@ -1,4 +1,4 @@
-"""A fully connected net whose first layer sees the raw pixels: the place trap weights are set (Boenisch et al. 2023)."""
+"""A fully connected net whose first layer sees the raw pixels: where trap weights go (Boenisch et al. 2023)."""
 
 from __future__ import annotations
 

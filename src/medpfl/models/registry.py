@@ -1,8 +1,11 @@
-"""Model registry: build any zoo model by name, reproducibly from a seed."""
+"""Model registry: build any zoo model by name, or a user's own as `module:callable`, reproducibly from a seed."""
 
 from __future__ import annotations
 
+import ast
+import importlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,8 +44,107 @@ _BUILDERS: dict[str, Callable[[int, int, int, str], nn.Module]] = {
 
 
 def model_names() -> list[str]:
-    """Names accepted by `build_model` (and `--model`)."""
+    """Names accepted by `build_model` (and `--model`), besides a user's `module:callable`."""
     return list(MODELS)
+
+
+def is_user_model(name: str) -> bool:
+    """Whether `name` points at a user's own model constructor, as `package.module:callable`."""
+    return ":" in name
+
+
+def check_model_name(name: str) -> str:
+    """`name` if `--model` accepts it (a zoo name or `module:callable`); else one sentence saying what to pass."""
+    if name in MODELS or (is_user_model(name) and all(name.partition(":")[::2])):
+        return name
+    raise MedPFLError(f"Unknown --model '{name}'; choose one of: {', '.join(MODELS)}, or your own torch model "
+                      "as module:callable (e.g. monai.networks.nets:DenseNet121 with --model-kwargs).")
+
+
+def parse_model_kwargs(text: str | None) -> dict[str, Any]:
+    """`--model-kwargs` 'a=1,b=true,c=x,d=(2,2)' -> {'a': 1, 'b': True, 'c': 'x', 'd': (2, 2)}: Python
+    literals (true/false/none too), anything else a string."""
+    kwargs: dict[str, Any] = {}
+    for part in _split_top_level(text or ""):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise MedPFLError(f"--model-kwargs '{text}': '{part}' is not NAME=VALUE; pass e.g. "
+                              "spatial_dims=2,in_channels=3,out_channels=6.")
+        kwargs[key.strip()] = _literal(value.strip())
+    return kwargs
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split at commas outside brackets, so '(1,2)' stays one value."""
+    parts, depth, current = [], 0, ""
+    for char in text:
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return [p for p in (*parts, current) if p.strip()]
+
+
+def _literal(value: str) -> Any:
+    words = {"true": True, "false": False, "none": None}
+    if value.lower() in words:
+        return words[value.lower()]
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
+def _user_constructor(name: str) -> Callable[..., nn.Module]:
+    module_name, _, attribute = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise MedPFLError(f"--model {name}: cannot import '{module_name}' ({exc}); install it or fix the "
+                          "module path.") from None
+    constructor = module
+    for part in attribute.split("."):
+        constructor = getattr(constructor, part, None)
+        if constructor is None:
+            raise MedPFLError(f"--model {name}: '{module_name}' has no '{attribute}'.")
+    if not callable(constructor):
+        raise MedPFLError(f"--model {name}: '{attribute}' is not callable; point at a class or function that "
+                          "returns a torch.nn.Module.")
+    return constructor
+
+
+def build_user_model(name: str, kwargs: dict[str, Any], num_classes: int, in_channels: int, image_size: int,
+                     seed: int) -> nn.Module:
+    """A user's model `module:callable` built with `kwargs`, its own initialisation drawn from `seed` (the
+    global RNG is forked, so nothing else changes), and checked to map C x S x S images to `num_classes` logits."""
+    constructor = _user_constructor(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = constructor(**kwargs)
+        except TypeError as exc:
+            raise MedPFLError(f"--model {name} does not take --model-kwargs {kwargs} ({exc}).") from None
+    if not isinstance(model, nn.Module):
+        raise MedPFLError(f"--model {name} returned {type(model).__name__}, not a torch.nn.Module.")
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, in_channels, image_size, image_size))
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's forward gets the same advice
+        raise MedPFLError(f"--model {name} with {kwargs} fails on {in_channels} x {image_size} x {image_size} "
+                          f"images ({type(exc).__name__}: {exc}); set --model-kwargs, --channels or "
+                          "--image-size to fit.") from None
+    model.train()
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise MedPFLError(f"--model {name} gives outputs of shape {shape} on one image, not (1, {num_classes}) "
+                          f"logits for the data's {num_classes} classes; set its output size in --model-kwargs.")
+    return model
 
 
 def build_model(
@@ -53,12 +155,20 @@ def build_model(
     init: str | None = None,
     norm: str = "batch",
     seed: int = 0,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Build model `name` for square `image_size` inputs; the same arguments always give identical weights.
 
     `init` defaults to 'uniform' for the LeNets (as in the papers) and 'default' otherwise; LeNets and the MLP
-    ignore `norm`.
+    ignore `norm`. A user's `module:callable` is built with `model_kwargs` and keeps its own initialisation
+    unless `init` is given; `norm` does not apply to it.
     """
+    if is_user_model(name):
+        model = build_user_model(check_model_name(name), model_kwargs or {}, num_classes, in_channels, image_size,
+                                 seed)
+        return model if init is None else init_weights(model, init, torch.Generator().manual_seed(seed))
+    if model_kwargs:
+        raise MedPFLError(f"--model-kwargs apply to your own module:callable model, not to --model {name}.")
     if name not in MODELS:
         raise MedPFLError(f"Unknown --model '{name}'; choose one of: {', '.join(MODELS)}.")
     if norm not in NORMS:

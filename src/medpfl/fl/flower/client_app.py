@@ -10,16 +10,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from medpfl.fl.flower.model_check_mod import model_check_mod
+from medpfl.fl.flower.defenses import defense_mod
 from medpfl.fl.flower.federation import FederationSpec, federation_data, global_model
+from medpfl.fl.flower.model_check_mod import model_check_mod
 from medpfl.fl.gradients import functional_model
 from medpfl.fl.rounds import site_update
 from medpfl.fl.utility import evaluate as score
 
 ROUND_KEY = "medpfl-round"  # the run's round index (Flower's own count restarts at 1 when a run resumes)
 
-# Every site checks the model it receives before its data meets it (fl.model_check).
-app = ClientApp(mods=[model_check_mod])
+# Every site checks the model it receives before its data meets it (fl.model_check), then runs the
+# run's defense, if any, by Flower's own mods.
+app = ClientApp(mods=[model_check_mod, defense_mod])
 
 
 def tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ Both ends rebuild everything else from these values with the functions the in-pr
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medpfl.data import ImageDataset, open_source
+from medpfl.data import ImageDataset, open_verified
 from medpfl.fl.local import LocalTraining
 from medpfl.fl.partition import federate, keep_per_site
 from medpfl.fl.rounds import AGGREGATE  # noqa: F401  (where Flower's modules look for it)
@@ -30,6 +31,7 @@ class FederationSpec:
     partition: str = "iid"
     site_images: int = 0  # at most this many of each site's images (fl.partition.keep_per_site); 0 keeps them all
     model: str = "convnet"
+    model_kwargs: str = ""  # a user's module:callable model's arguments, as JSON (config records hold no dicts)
     norm: str = "group"
     image_size: int = 32
     channels: int = 3
@@ -40,6 +42,7 @@ class FederationSpec:
     lr: float = 0.05
     momentum: float = 0.0
     seed: int = 0
+    defense: str = "none"  # a defense spec the sites and server run with Flower's parts (fl.flower.defenses)
 
     @property
     def training(self) -> LocalTraining:
@@ -55,6 +58,8 @@ class FederationSpec:
         values = {f.name: getattr(settings, f.name) for f in fields(cls) if hasattr(settings, f.name)}
         values = {**values, **overrides}
         values["data"] = str(values.get("data") or "")
+        if isinstance(values.get("model_kwargs"), dict):
+            values["model_kwargs"] = json.dumps(values["model_kwargs"], sort_keys=True) if values["model_kwargs"] else ""
         return cls(**values)
 
     @classmethod
@@ -83,7 +88,7 @@ class FederationData:
 def federation_data(spec: FederationSpec) -> FederationData:
     """Every site's images and the test set, partitioned as the in-process engine does; cached per process."""
     spec.training  # noqa: B018  (refuses bad local-training settings in one sentence)
-    source = open_source(spec.data or None)
+    source, _ = open_verified(spec.data or None)  # broken files left out, as the driver's run did
     federation = federate(source, spec.sites, spec.partition, spec.seed)
 
     def load(items) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,4 +103,4 @@ def federation_data(spec: FederationSpec) -> FederationData:
 def global_model(spec: FederationSpec, num_classes: int) -> nn.Module:
     """The architecture with the run's initial global weights (the in-process engine's draw)."""
     return build_model(spec.model, num_classes, spec.channels, spec.image_size, norm=spec.norm,
-                       seed=model_seed(spec.seed))
+                       seed=model_seed(spec.seed), model_kwargs=json.loads(spec.model_kwargs or "{}"))

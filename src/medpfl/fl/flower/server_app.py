@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from medpfl.fl.aggregate import apply_update
 from medpfl.fl.flower.client_app import ROUND_KEY, array_record, tensors
+from medpfl.fl.flower.defenses import flower_defense, server_strategy, unweighted_mean
 from medpfl.fl.flower.federation import AGGREGATE, FederationSpec, federation_data, global_model
 from medpfl.fl.gradients import functional_model
 from medpfl.fl.rounds import RoundHooks, SiteObservation, SiteRound, Update, update_norm
@@ -95,8 +96,12 @@ def run_federation(grid: Grid, spec: FederationSpec, hooks: RoundHooks | None = 
     model = functional_model(global_model(spec, data.num_classes))
     if weights is None:
         weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    chain = flower_defense(spec.defense, spec.protocol)
+    if chain.server is not None:  # Flower's DP wrapper noises the plain mean of the clipped updates
+        hooks = RoundHooks((hooks or RoundHooks()).site_transform, unweighted_mean, (hooks or RoundHooks()).observers)
     strategy = AuditorFedAvg(spec, hooks, first_round, fraction_evaluate=0.0, min_train_nodes=spec.sites,
                              min_available_nodes=spec.sites)
+    running = server_strategy(chain, strategy, spec.seed, spec.sites)
     clock = [time.perf_counter()]
 
     def score(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -113,7 +118,7 @@ def run_federation(grid: Grid, spec: FederationSpec, hooks: RoundHooks | None = 
         clock[0] = time.perf_counter()
         return MetricRecord({k: v for k, v in utility.items() if v == v})  # NaN (AUC of one class) is left out
 
-    final = strategy.start(grid=grid, initial_arrays=array_record(weights), num_rounds=spec.rounds - first_round + 1,
+    final = running.start(grid=grid, initial_arrays=array_record(weights), num_rounds=spec.rounds - first_round + 1,
                            train_config=ConfigRecord(spec.to_config()), evaluate_fn=score)
     result.weights = tensors(final.arrays)
     return result
