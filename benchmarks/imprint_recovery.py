@@ -10,12 +10,14 @@ really were alone in the server's bins (bins placed on public data hold unequal 
   - FedSGD, B in 8..128, bins 1x..16x B;
   - FedAvg at B = 16 and 64, bins 4x: one local step (batch B), and 4 steps (batch B/4, one epoch), lr 0.05;
   - secure aggregation of 4 sites (in-process `secagg:k=4`), 4 and 16 images each, bins 4x all images;
-  - `--grid gain`: the FedAvg cells with the imprint rows at scale 0.1 instead of 1e-3.
+  - `--grid gain`: the FedAvg cells with the imprint rows at scale 0.1 instead of 1e-3;
+  - `--grid trap`: trap weights (attacks.trap) in the first layer of the `mlp`, FedSGD, B = 8, 16, 64.
 Every imprinted model sent is checked by a site that agreed on the honest architecture (fingerprint) and
 by one that enrolled on the imprinted model itself (weight signatures alone).
 
     OMP_NUM_THREADS=1 python benchmarks/imprint_recovery.py                                   # embedded set
     OMP_NUM_THREADS=1 python benchmarks/imprint_recovery.py --grid gain --name embedded-gain
+    OMP_NUM_THREADS=1 python benchmarks/imprint_recovery.py --grid trap --name embedded-trap
     OMP_NUM_THREADS=1 python benchmarks/imprint_recovery.py --data DIR --name dermoscopy --grid short
 
 JSON goes to benchmarks/results/imprint_recovery_NAME.json.
@@ -33,6 +35,7 @@ import torch
 
 from medpfl.attacks import ObservedUpdate, ServerPayload
 from medpfl.attacks.imprint import brightness, expected_share, imprint, quantile_edges
+from medpfl.attacks.trap import trap
 from medpfl.data import ImageDataset, open_source, sample_items
 from medpfl.defenses import parse_defense
 from medpfl.defenses.observe import observed_gradients
@@ -52,6 +55,8 @@ MAX_ROWS = 8192  # imprint rows (victims x bins) attacked at once: bounds memory
 def grid(kind: str) -> list[dict]:
     """The cells: protocol, images per site B, sites k, bins per image behind the update, local batch, and
     for `gain` the imprint rows' scale (ImprintSettings.gain) on FedAvg."""
+    if kind == "trap":
+        return [{"attack": "trap", "protocol": "fedsgd", "B": b, "k": 1} for b in (8, 16, 64)]
     if kind == "gain":
         return [{"protocol": "fedavg", "B": b, "k": 1, "m": 4, "local_batch": lb, "gain": 0.1} for b in (16, 64)
                 for lb in (b, b // 4)]
@@ -69,9 +74,12 @@ def run_cell(cell: dict, images: torch.Tensor, labels: torch.Tensor, public: tor
     """Attack every victim of one cell; per image, recovered or not, and whether it was alone in its bin."""
     n = cell["B"] * cell["k"]
     victims = min(len(labels), max_images) // n
-    attack = imprint(bins=cell["m"] * n, **({"gain": cell["gain"]} if "gain" in cell else {}))
-    bins = attack.bins_for(n)
-    edges = quantile_edges(public, bins)
+    if cell.get("attack") == "trap":  # the agreed model's own first layer, trapped: no bins
+        attack, model_name, bins, edges = trap(), "mlp", 1, None
+    else:
+        attack = imprint(bins=cell["m"] * n, **({"gain": cell["gain"]} if "gain" in cell else {}))
+        model_name, bins = MODEL, attack.bins_for(n)
+        edges = quantile_edges(public, bins)
     chain = parse_defense(f"secagg:k={cell['k']}" if cell["k"] > 1 else "none")
     training = (LocalTraining("fedavg", 1, cell["local_batch"], 0.05) if cell["protocol"] == "fedavg"
                 else LocalTraining("fedsgd"))
@@ -82,7 +90,7 @@ def run_cell(cell: dict, images: torch.Tensor, labels: torch.Tensor, public: tor
         chunk = range(first, min(victims, first + per_chunk))
         x = torch.stack([images[v * n:(v + 1) * n] for v in chunk])
         y = torch.stack([labels[v * n:(v + 1) * n] for v in chunk])
-        bodies = [build_model(MODEL, num_classes, CHANNELS, SIZE, seed=seed * 100_003 + v) for v in chunk]
+        bodies = [build_model(model_name, num_classes, CHANNELS, SIZE, seed=seed * 100_003 + v) for v in chunk]
         sent = [attack.craft(body, (CHANNELS, SIZE, SIZE), public, n) for body in bodies]
         for body, model in zip(bodies, sent):
             honest = dict(body.named_parameters())
@@ -101,14 +109,16 @@ def run_cell(cell: dict, images: torch.Tensor, labels: torch.Tensor, public: tor
         result = attack.reconstruct(payload, ObservedUpdate(update, n), generator)
         for j in range(len(chunk)):
             ssims += match_and_score(x[j], y[j], result.images[j], result.labels[j]).ssim
-            bucket = torch.bucketize(brightness(x[j]), edges, right=True)
-            alone += ((bucket[:, None] == bucket[None, :]).sum(1) == 1).tolist()
+            if edges is not None:
+                bucket = torch.bucketize(brightness(x[j]), edges, right=True)
+                alone += ((bucket[:, None] == bucket[None, :]).sum(1) == 1).tolist()
     recovered = sum(s >= SUCCESS_SSIM for s in ssims)
     rate = wilson(recovered, len(ssims))
     return {**cell, "images_per_update": n, "bins": bins, "victims": victims, "images": len(ssims),
             "recovered": recovered, "share": rate.value, "low": rate.low, "high": rate.high,
-            "alone_share": sum(alone) / len(alone),
-            "expected_share": expected_share(torch.full((bins,), 1 / bins, dtype=torch.float64), n),
+            "alone_share": sum(alone) / len(alone) if alone else None,
+            "expected_share": expected_share(torch.full((bins,), 1 / bins, dtype=torch.float64), n) if edges is not None
+            else None,
             "check_flagged_agreed": flagged_agreed, "check_flagged_enrolled": flagged_enrolled, "models_sent": victims,
             "seconds": time.perf_counter() - started}
 
@@ -117,7 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="a source (default: the embedded set)")
     parser.add_argument("--name", default="embedded")
-    parser.add_argument("--grid", choices=("full", "short", "gain"), default="full")
+    parser.add_argument("--grid", choices=("full", "short", "gain", "trap"), default="full")
     parser.add_argument("--max-images", type=int, default=512, help="attacked images per cell, at most")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

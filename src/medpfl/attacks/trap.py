@@ -23,6 +23,7 @@ from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload
 from medpfl.errors import MedPFLError
 
 SAME_READOUT = 1e-3  # RMS pixel distance below which two units' readouts are one image
+PUBLIC_FOR_SCALE = 128  # public images the firing share is measured on while setting the scale
 
 
 def first_pixel_layer(model: nn.Module, image_shape: tuple[int, int, int]) -> tuple[str, nn.Linear]:
@@ -71,8 +72,9 @@ class TrapAttack:
         if self.settings.scale is not None:
             return float(self.settings.scale)
         target = self.settings.fires_per_batch / images_per_update
+        public_images = public_images[:PUBLIC_FOR_SCALE]
         low, high = 1.0, 1e4
-        for _ in range(40):
+        for _ in range(24):  # the interval shrinks to a factor of 1e4 ** (2 ** -24): exact enough
             middle = math.sqrt(low * high)
             if firing_share(trapped(layer.weight.detach(), middle), layer.bias.detach(), public_images) > target:
                 low = middle
