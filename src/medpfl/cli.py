@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     attack.add_argument("--restarts", type=int,
                         help="Inverting Gradients: restarts (paper: 8); L-BFGS attacks: fresh starts for failed "
                              "victims (default 7; the paper: 0)")
+    attack.add_argument("--bins", type=int, help="imprint: the malicious server's bins (default: 4 x the images "
+                        "behind each update)")
     attack.add_argument("--paper", action="store_true",
                         help="the paper's optimisation procedure: one start per image for DLG/iDLG/CPL "
                              "(300 L-BFGS steps, no restarts); 24000 steps and 8 restarts for invgrad")
@@ -196,6 +198,8 @@ def cmd_attack(args: argparse.Namespace) -> None:
         settings["steps"] = args.steps
     if args.restarts is not None:
         settings["restarts"] = args.restarts
+    if args.bins is not None:
+        settings["bins"] = args.bins
     config = AttackRunConfig(attack=args.attack, data=args.data, model=args.model,
                              model_kwargs=parse_model_kwargs(args.model_kwargs), image_size=args.image_size,
                              channels=args.channels, batch_size=args.batch_size, n_images=args.n_images,
@@ -226,6 +230,10 @@ def cmd_attack(args: argparse.Namespace) -> None:
     recognised = round(summary["asr"] * summary["n_images"])
     out.print(f"ASR {summary['asr']:.2f}: {recognised} of {summary['n_images']} images were reconstructed "
               f"recognisably (SSIM >= {summary['success_ssim']:g}).")
+    if "site_check_refused" in summary:
+        out.print(f"The server sent a model of its own making; sites that check the model they receive would have "
+                  f"refused {summary['site_check_refused']} of {summary['n_victims']}: "
+                  f"{summary['site_check_reason'] or 'none refused'}", soft_wrap=True, highlight=False)
     report = _report(run, args.quiet)
     out.print(f"Results in {run}/ (summary.json, results.jsonl, reconstructions.png"
               + (f", {report.name}" if report else "") + ")")

@@ -30,6 +30,7 @@ from medpfl.fl.gradients import functional_model
 from medpfl.fl.local import LocalTraining, local_update
 from medpfl.fl.partition import Federation, federate, keep_per_site
 from medpfl.fl.rounds import AGGREGATE, RoundHooks, SiteObservation, SiteRound, ordered
+from medpfl.fl.model_check import ModelCheck, fingerprint
 from medpfl.fl.simulation import InProcessFederation
 from medpfl.fl.utility import chance_levels, evaluate
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score
@@ -130,6 +131,9 @@ def _check(config: TrainRunConfig) -> None:
     if config.attack is None:
         return
     build_attack(config.attack, **config.attack_settings)  # an unknown attack or setting is named here
+    if THREAT_MODELS[config.attack].modifies_model:
+        raise MedPFLError(f"--attack {config.attack} needs a malicious server that changes the model it sends; "
+                          "medpfl train runs a curious one that follows the protocol: use medpfl attack.")
     bad_rounds = [r for r in config.attack_rounds if not 1 <= r <= config.rounds]
     bad_sites = [s for s in config.attack_sites if not 0 <= s < config.sites]
     if not config.attack_rounds or bad_rounds:
@@ -415,10 +419,12 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
     elif done < config.rounds:
         vectorise = config.vectorise == "on" or (config.vectorise == "auto" and device.type != "cpu")
         chain = parse_defense(config.defense)
+        # The sites verify every model they receive against the architecture they built themselves.
+        check = ModelCheck(fingerprint(dict(model.named_parameters())))
         defended = (DefendedFederation(chain, model, sites, num_classes, config.training, config.rounds, config.seed,
-                                       tuple(hooks.observers), vectorise) if chain.defenses else None)
+                                       tuple(hooks.observers), vectorise, check) if chain.defenses else None)
         engine = defended or InProcessFederation(model, sites, num_classes, config.training, config.seed, hooks,
-                                                 vectorise)
+                                                 vectorise, model_check=check)
         if defended:
             defended.resume(done)
         for round_index in range(done + 1, config.rounds + 1):

@@ -11,12 +11,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from medpfl.fl.flower.federation import FederationSpec, federation_data, global_model
+from medpfl.fl.flower.model_check_mod import model_check_mod
 from medpfl.fl.gradients import functional_model
 from medpfl.fl.rounds import site_update
 from medpfl.fl.utility import evaluate as score
 
 ROUND_KEY = "medpfl-round"  # the run's round index (Flower's own count restarts at 1 when a run resumes)
-
 
 
 def tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -59,8 +59,9 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def client_app(mods=()) -> ClientApp:
-    """A ClientApp running `train` and `evaluate`, behind `mods` (e.g. a defense's, defenses.flower)."""
-    client = ClientApp(mods=list(mods))
+    """A ClientApp running `train` and `evaluate`: every site first checks the model it receives before its
+    data meets it (fl.model_check), then runs `mods` (e.g. a defense's, by Flower's own mods: defenses.flower)."""
+    client = ClientApp(mods=[model_check_mod, *mods])
     client.train()(train)
     client.evaluate()(evaluate)
     return client
