@@ -25,6 +25,7 @@ PRETRAIN_MINIBATCHES = 2
 # Purposes of a federated run: the partition, the global model's initial weights, each site's image order in
 # each round, each site's own randomness (e.g. a defense's noise) in each round, and the attacker's.
 PARTITION, MODEL_INIT, SHUFFLE, SITE_NOISE, ATTACK = range(5)
+CANARIES = 5  # a privacy audit's canaries: their images, directions and which of them are in training
 
 
 def seed_sequence(seed: int, *key: int) -> np.random.SeedSequence:
