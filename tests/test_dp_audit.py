@@ -7,8 +7,14 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+import torch
 
+from medpfl.defenses import DPSGD, Chain, ClientLevelDP
+from medpfl.defenses.canaries import ExampleCanaries, GradientCanaries
 from medpfl.defenses.dp_audit import audit, correct_guesses, epsilon_lower_bound, p_value
+from medpfl.errors import MedPFLError
+from medpfl.experiments.privacy_audit import NoiselessClientDP, NoiselessDPSGD, parse_audit
+from medpfl.experiments.train_run import TrainRunConfig, run_training
 
 
 def _exact_p_value(m: int, r: int, v: int, q: Fraction, delta: Fraction) -> Fraction:
@@ -68,3 +74,52 @@ def test_perfect_scores_give_a_clearly_positive_bound_and_noise_gives_none():
     included = rng.random(1000) < 0.5
     assert audit(included + 0.01 * rng.random(1000), included, 1e-5).epsilon_lower > 4
     assert audit(rng.normal(size=1000), included, 1e-5).epsilon_lower < 0.5
+
+
+# --- canaries in a training run (defenses.canaries, experiments.privacy_audit) ---
+
+def _audited(tmp_path, chain: Chain, name: str, canaries: int = 200) -> dict:
+    config = TrainRunConfig(model="lenet-idlg", norm="none", image_size=16, sites=2, site_images=16, rounds=3,
+                            defense="+".join(d.label() for d in chain.defenses) or "none", audit_canaries=canaries)
+    return run_training(config, tmp_path / name, chain=chain)["dp_audit"]
+
+
+def test_a_dirac_canary_adds_clip_over_the_batch_to_its_own_coordinate():
+    like = {"w": torch.zeros(3, 4), "b": torch.zeros(5)}  # 17 coordinates
+    canaries = GradientCanaries.draw(6, 1, like, seed=0)
+    dp = canaries.dpsgd(DPSGD(noise_multiplier=0.0, clip=2.0, sample_rate=1.0)).for_site(0)
+    zeros = {n: torch.zeros(4, *t.shape) for n, t in like.items()}  # a batch of 4 examples with no gradient
+    out = dp.private_gradient(zeros, torch.Generator(), batch_size=4)
+    flat = torch.cat([out["w"].flatten(), out["b"].flatten()])
+    expected = torch.zeros(17)
+    expected[canaries.coordinates[torch.as_tensor(canaries.included)]] = 2.0 / 4
+    assert canaries.included.any() and torch.allclose(flat, expected, atol=1e-6)
+
+
+def test_noise_switched_off_under_an_unchanged_accountant_is_flagged(tmp_path):
+    broken = _audited(tmp_path, Chain((NoiselessDPSGD(epsilon=1.0),)), "broken")
+    honest = _audited(tmp_path, Chain((DPSGD(epsilon=1.0),)), "honest")
+    assert broken["guarantee_broken"] and broken["epsilon_lower"] > broken["epsilon_upper"] == pytest.approx(1, 0.05)
+    assert not honest["guarantee_broken"] and honest["epsilon_lower"] <= honest["epsilon_upper"]
+
+
+def test_canary_clients_flag_a_server_that_drops_client_level_noise(tmp_path):
+    broken = _audited(tmp_path, Chain((NoiselessClientDP(noise_multiplier=5.0),)), "broken")
+    honest = _audited(tmp_path, Chain((ClientLevelDP(noise_multiplier=5.0),)), "honest")
+    assert broken["level"] == "client" and broken["guarantee_broken"]
+    assert not honest["guarantee_broken"] and honest["epsilon_lower"] <= honest["epsilon_upper"]
+
+
+def test_image_canaries_join_only_their_own_site_when_included():
+    canaries = ExampleCanaries.draw(10, 2, 1, 8, 3, seed=0)
+    sites = [(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)) for _ in range(2)]
+    joined = canaries.add_to(sites)
+    for s, (x, y) in enumerate(joined):
+        mine = np.flatnonzero((canaries.site == s) & canaries.included)
+        assert torch.equal(x[4:], canaries.images[mine]) and torch.equal(y[4:], canaries.labels[mine])
+
+
+@pytest.mark.parametrize("text", ["canary=10", "canaries=1", "canaries=x"])
+def test_a_bad_audit_option_is_refused_naming_it(text):
+    with pytest.raises(MedPFLError, match="--audit-dp"):
+        parse_audit(text)

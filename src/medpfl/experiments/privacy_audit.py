@@ -8,14 +8,14 @@ data (ExampleCanaries), which without clipping have no bounded effect a gradient
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from medpfl.defenses import Chain, ClientLevelDP
+from medpfl.defenses import DPSGD, Chain, ClientLevelDP
 from medpfl.defenses.accounting import DEFAULT_DELTA
 from medpfl.defenses.canaries import ClientCanaries, ExampleCanaries, GradientCanaries
 from medpfl.defenses.dp_audit import audit
@@ -80,3 +80,22 @@ def compare(audit: dict[str, Any], epsilon_upper: float | None) -> dict[str, Any
     broken = epsilon_upper is not None and audit["epsilon_lower"] > epsilon_upper
     return {**{k: v for k, v in audit.items() if not k.startswith("scores_")}, "epsilon_upper": epsilon_upper,
             "guarantee_broken": broken}
+
+
+# Controls for the audit itself: mechanisms with their noise off whose accountants still count it. An audit
+# that does not flag them has too little power to catch a real bug (benchmarks/dp_audit.py, the tests).
+
+@dataclass
+class NoiselessDPSGD(DPSGD):
+    """DP-SGD with its noise switched off while the accountant still counts the calibrated multiplier."""
+
+    def _noise(self) -> float:
+        return 0.0
+
+
+@dataclass
+class NoiselessClientDP(ClientLevelDP):
+    """Client-level DP whose server forgets its noise while the accountant still counts it."""
+
+    def aggregate(self, updates, generator, expected_sites=None):
+        return ClientLevelDP(0.0, self.clip).aggregate(updates, generator, expected_sites)
