@@ -3,13 +3,13 @@
 The paper's LeNet (`lenet-idlg`, no normalisation) at 16 px on the embedded set, 5 IID sites with all their
 images, 10 rounds of `medpfl train`'s FedAvg (2 local epochs of batch 16, lr 0.05, momentum 0.9), 1000
 canaries; seeds 0-4. Runs:
-  none          no DP: noise-image canaries in the sites' data (no guarantee to compare with)
+  none          no DP: plain SGD computed per example, Dirac gradient canaries (no guarantee to compare with)
   dpsgd-eps-E   DP-SGD calibrated to epsilon E (1, 4, 16): Dirac gradient canaries
   broken-eps-E  the same DP-SGD with its noise switched off, the accountant unchanged: must be flagged
   cdp / broken-cdp  client-level DP (noise multiplier 1) and its noiseless control: canary clients
 
     python benchmarks/dp_audit.py                     # all runs, JSON to benchmarks/results/dp_audit.json
-    python benchmarks/dp_audit.py --runs dpsgd-eps-1 --seeds 0
+    python benchmarks/dp_audit.py --runs dpsgd-eps-1 --seeds 0   # replaces that run's rows in the JSON
 
 Each honest run is `medpfl train --model lenet-idlg --norm none --image-size 16 --rounds 10
 --defense dpsgd:epsilon=E --audit-dp canaries=1000 --seed S` (or --defense cdp:noise=1, or no --defense).
@@ -61,6 +61,10 @@ def main() -> None:
                          **audit})
             print(f"{name} seed {seed}: upper {audit['epsilon_upper']}, lower {audit['epsilon_lower']:.2f} "
                   f"({audit['correct']}/{audit['guesses']}), broken {audit['guarantee_broken']}", flush=True)
+    path = Path(args.json)
+    done = [r for r in json.loads(path.read_text())["runs"] if r["run"] not in {r["run"] for r in rows}] \
+        if path.exists() else []
+    rows = done + rows
     by_run = {}
     for row in rows:
         group = by_run.setdefault(row["run"], {"lower": [], "upper": row["epsilon_upper"], "flagged": 0})
@@ -68,8 +72,8 @@ def main() -> None:
         group["flagged"] += row["guarantee_broken"]
     setup = {"model": "lenet-idlg", "norm": "none", "image_size": 16, "sites": 5, "rounds": args.rounds,
              "canaries": args.canaries, "data": "embedded", "confidence": 0.95}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"setup": setup, "summary": by_run, "runs": rows}, indent=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"setup": setup, "summary": by_run, "runs": rows}, indent=1))
     print(json.dumps(by_run, indent=1))
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from medpfl.defenses import DPSGD, Chain, ClientLevelDP
-from medpfl.defenses.canaries import ExampleCanaries, GradientCanaries
+from medpfl.defenses import DPSGD, Chain, ClientLevelDP, GaussianNoise
+from medpfl.defenses.canaries import GradientCanaries
 from medpfl.defenses.dp_audit import audit, correct_guesses, epsilon_lower_bound, p_value
 from medpfl.errors import MedPFLError
 from medpfl.experiments.privacy_audit import NoiselessClientDP, NoiselessDPSGD, parse_audit
@@ -110,16 +110,17 @@ def test_canary_clients_flag_a_server_that_drops_client_level_noise(tmp_path):
     assert not honest["guarantee_broken"] and honest["epsilon_lower"] <= honest["epsilon_upper"]
 
 
-def test_image_canaries_join_only_their_own_site_when_included():
-    canaries = ExampleCanaries.draw(10, 2, 1, 8, 3, seed=0)
-    sites = [(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)) for _ in range(2)]
-    joined = canaries.add_to(sites)
-    for s, (x, y) in enumerate(joined):
-        mine = np.flatnonzero((canaries.site == s) & canaries.included)
-        assert torch.equal(x[4:], canaries.images[mine]) and torch.equal(y[4:], canaries.labels[mine])
+def test_without_dp_the_canaries_are_detected_and_nothing_is_promised(tmp_path):
+    plain = _audited(tmp_path, Chain(), "plain")
+    assert plain["epsilon_upper"] is None and not plain["guarantee_broken"] and plain["epsilon_lower"] > 2
 
 
 @pytest.mark.parametrize("text", ["canary=10", "canaries=1", "canaries=x"])
 def test_a_bad_audit_option_is_refused_naming_it(text):
     with pytest.raises(MedPFLError, match="--audit-dp"):
         parse_audit(text)
+
+
+def test_an_audit_of_a_defense_without_epsilon_is_refused_naming_it(tmp_path):
+    with pytest.raises(MedPFLError, match="gaussian"):
+        _audited(tmp_path, Chain((GaussianNoise(sigma=0.1),)), "heuristic")

@@ -1,9 +1,9 @@
 """`medpfl train --audit-dp canaries=N`: canaries in one training run, and epsilon measured beside epsilon promised.
 
-Under client-level DP the canaries are clients (defenses.canaries.ClientCanaries); under DP-SGD they are
-gradients among each step's per-example ones (GradientCanaries); with neither they are images in the sites'
-data (ExampleCanaries), which without clipping have no bounded effect a gradient canary could stand for. After the last round the one-run bound
-(defenses.dp_audit) is written to dp_audit.json; the run's summary sets it beside the accountant's epsilon.
+Under client-level DP the canaries are clients (defenses.canaries.ClientCanaries); under DP-SGD, and without
+any DP, they are Dirac gradients among each local step's per-example ones (GradientCanaries). After the last
+round the one-run bound (defenses.dp_audit) is written to dp_audit.json; the run's summary sets it beside
+the accountant's epsilon.
 """
 
 from __future__ import annotations
@@ -17,11 +17,15 @@ from torch import nn
 
 from medpfl.defenses import DPSGD, Chain, ClientLevelDP
 from medpfl.defenses.accounting import DEFAULT_DELTA
-from medpfl.defenses.canaries import ClientCanaries, ExampleCanaries, GradientCanaries
+from medpfl.defenses.canaries import ClientCanaries, GradientCanaries
+from medpfl.defenses.training import DPSGDFederation, dp_schedule
 from medpfl.defenses.dp_audit import audit
 from medpfl.errors import MedPFLError
+from medpfl.fl.local import LocalTraining
+from medpfl.fl.rounds import RoundHooks
 
 AUDIT_FILE = "dp_audit.json"
+_UNCLIPPED = 1e30  # a clipping norm no gradient reaches (infinity would make DP-SGD's zero noise 0 x inf = nan)
 
 
 def parse_audit(text: str | None) -> int:
@@ -38,10 +42,10 @@ def parse_audit(text: str | None) -> int:
 class PrivacyAudit:
     """The canaries of one run: where they join training, and the bound their scores give after it."""
 
-    def __init__(self, m: int, chain: Chain, model: nn.Module, sites: list[tuple[torch.Tensor, torch.Tensor]],
-                 num_classes: int, channels: int, image_size: int, weights: dict[str, torch.Tensor], seed: int):
+    def __init__(self, m: int, chain: Chain, sites: list[tuple[torch.Tensor, torch.Tensor]],
+                 weights: dict[str, torch.Tensor], seed: int):
         self.chain, self.sites, self.observers = chain, sites, ()
-        self.clients = self.examples = self.gradients = None
+        self.clients = self.gradients = None
         guarantee = chain.server if isinstance(chain.server, ClientLevelDP) else chain.local
         self.delta = guarantee.delta if guarantee is not None else DEFAULT_DELTA
         self.initial = {n: w.detach().clone() for n, w in weights.items()}
@@ -50,26 +54,35 @@ class PrivacyAudit:
             self.clients = ClientCanaries.draw(m, weights, chain.server.clip, seed)
             server = self.clients.server(chain.server)
             self.chain = replace(chain, defenses=tuple(server if d is chain.server else d for d in chain.defenses))
-        elif chain.local is not None:
+        elif chain.local is not None or not chain.defenses:
+            # Without DP the canaries join the same SGD computed per example (a mean of per-example gradients
+            # is the batch gradient), with no clipping or noise, each of norm 1 as DP-SGD clips to by default.
             self.level, self.kind = "example", "Dirac gradients"
             self.gradients = GradientCanaries.draw(m, len(sites), weights, seed)
-            local = self.gradients.dpsgd(chain.local)
-            self.chain = replace(chain, defenses=tuple(local if d is chain.local else d for d in chain.defenses))
+            if chain.local is not None:
+                local = self.gradients.dpsgd(chain.local)
+                self.chain = replace(chain, defenses=tuple(local if d is chain.local else d for d in chain.defenses))
+            self.plain_sgd = self.gradients.dpsgd(DPSGD(noise_multiplier=0.0, clip=_UNCLIPPED), norm=1.0)
             self.observers = (self.gradients,)
         else:
-            self.level, self.kind = "example", "noise images with random labels"
-            device = sites[0][1].device
-            self.examples = ExampleCanaries.draw(m, len(sites), channels, image_size, num_classes, seed, device)
-            self.sites = self.examples.add_to(sites)
-            self.observers = (self.examples.scorer(model, num_classes),)
+            raise MedPFLError(f"--audit-dp checks a DP guarantee: dpsgd, cdp, or none to measure an undefended "
+                              f"run; '{chain.label()}' gives no epsilon to check.")
+
+    def federation(self, model: nn.Module, num_classes: int, training: LocalTraining, rounds: int, seed: int,
+                   hooks: RoundHooks) -> DPSGDFederation | None:
+        """The engine of an audit without DP: plain SGD per example, gradient canaries among the examples."""
+        if self.chain.defenses or self.gradients is None:
+            return None
+        rate, steps = dp_schedule([len(y) for _, y in self.sites], training, rounds)
+        return DPSGDFederation(model, self.sites, num_classes, training, seed, hooks, vectorise=False,
+                               dp=self.plain_sgd.calibrated(rate, steps))
 
     def result(self, final: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The bound, what it rests on, and the canary scores (for a plot of in against out)."""
         if self.clients is not None:
             scores, included = self.clients.scores(self.initial, final), self.clients.included
         else:
-            canaries = self.gradients or self.examples
-            scores, included = canaries.scores, canaries.included
+            scores, included = self.gradients.scores, self.gradients.included
         result = audit(scores, included, self.delta)
         return {"level": self.level, "canary": self.kind, **result.to_json(), "scores_in": np.asarray(scores)[included].tolist(),
                 "scores_out": np.asarray(scores)[~included].tolist()}
