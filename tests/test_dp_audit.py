@@ -15,6 +15,7 @@ from medpfl.defenses.dp_audit import audit, correct_guesses, epsilon_lower_bound
 from medpfl.errors import MedPFLError
 from medpfl.experiments.privacy_audit import NoiselessClientDP, NoiselessDPSGD, parse_audit
 from medpfl.experiments.train_run import TrainRunConfig, run_training
+from medpfl.report import build_report
 
 
 def _exact_p_value(m: int, r: int, v: int, q: Fraction, delta: Fraction) -> Fraction:
@@ -101,6 +102,9 @@ def test_noise_switched_off_under_an_unchanged_accountant_is_flagged(tmp_path):
     honest = _audited(tmp_path, Chain((DPSGD(epsilon=1.0),)), "honest")
     assert broken["guarantee_broken"] and broken["epsilon_lower"] > broken["epsilon_upper"] == pytest.approx(1, 0.05)
     assert not honest["guarantee_broken"] and honest["epsilon_lower"] <= honest["epsilon_upper"]
+    warning = "the DP mechanism or its accounting is broken"
+    assert warning in build_report(tmp_path / "broken").read_text()
+    assert warning not in build_report(tmp_path / "honest").read_text()
 
 
 def test_canary_clients_flag_a_server_that_drops_client_level_noise(tmp_path):
