@@ -399,6 +399,10 @@ def cmd_audit(args: argparse.Namespace) -> None:
                           number(r.get("reid_rate"), ".2f"), number(r.get("epsilon"), ".2f"),
                           number(r.get("accuracy"), ".3f"))
     out.print(table)
+    for job in summary["results"]:
+        if "dp_audit" in job:
+            out.print(f"{job['dir']}: ", end="")
+            _print_audit(job["dp_audit"])
     report = _report(run, args.quiet)
     out.print(f"Audit finished in {time.perf_counter() - started:.0f} s. Report: {report or '(not written)'}; "
               f"per-image results: {run / 'results.csv'}.")
