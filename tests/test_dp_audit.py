@@ -87,8 +87,8 @@ def _audited(tmp_path, chain: Chain, name: str, canaries: int = 200) -> dict:
 
 def test_a_dirac_canary_adds_clip_over_the_batch_to_its_own_coordinate():
     like = {"w": torch.zeros(3, 4), "b": torch.zeros(5)}  # 17 coordinates
-    canaries = GradientCanaries.draw(6, 1, like, seed=0)
-    dp = canaries.dpsgd(DPSGD(noise_multiplier=0.0, clip=2.0, sample_rate=1.0)).for_site(0)
+    canaries = GradientCanaries.draw(6, [1.0], like, seed=0)  # one site, every record in every step
+    dp = canaries.dpsgd(DPSGD(noise_multiplier=0.0, clip=2.0)).at_site(0)
     zeros = {n: torch.zeros(4, *t.shape) for n, t in like.items()}  # a batch of 4 examples with no gradient
     out = dp.private_gradient(zeros, torch.Generator(), batch_size=4)
     flat = torch.cat([out["w"].flatten(), out["b"].flatten()])

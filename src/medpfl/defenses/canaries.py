@@ -41,13 +41,14 @@ class GradientCanaries:
     the whole update (its own, none shared), held by one site (i mod S) and, with probability 1/2, in its data.
 
     The white-box canaries of Steinke, Nasr and Jagielski (2023), the strongest for auditing DP-SGD: in each
-    local step an included canary is drawn as the accountant assumes every record is (Poisson, at the run's
-    sample rate) and joins the batch's per-example gradients before DP-SGD clips and noises them. A canary's
+    local step an included canary is drawn as its site's images are (Poisson, at the site's sample rate) and
+    joins the batch's per-example gradients before DP-SGD clips and noises them. A canary's
     score is how far its coordinate descended in its site's sent updates, summed over rounds."""
 
     coordinates: torch.Tensor  # m distinct indices into the flattened update
     site: np.ndarray
     included: np.ndarray
+    rates: list[float]  # each site's local sample rate (defenses.dpsgd.local_sample_rate)
     seed: int
     scores: np.ndarray = field(init=False)
     samplers: dict[int, torch.Generator] = field(init=False, default_factory=dict)
@@ -56,25 +57,26 @@ class GradientCanaries:
         self.scores = np.zeros(len(self.coordinates))
 
     @classmethod
-    def draw(cls, m: int, n_sites: int, like: Update, seed: int) -> GradientCanaries:
+    def draw(cls, m: int, rates: list[float], like: Update, seed: int) -> GradientCanaries:
+        """m canaries spread over sites sampling their records at `rates`, one coordinate of `like` each."""
         size = sum(w.numel() for w in like.values())
         if m > size:
             raise MedPFLError(f"--audit-dp canaries={m} needs a coordinate of the model each, but it has {size}; "
                               f"use at most {size} canaries.")
         generator = torch.Generator().manual_seed(torch_seed(seed, CANARIES, 3))
-        return cls(torch.randperm(size, generator=generator)[:m], np.arange(m) % n_sites, draw_membership(m, seed),
-                   seed)
+        return cls(torch.randperm(size, generator=generator)[:m], np.arange(m) % len(rates),
+                   draw_membership(m, seed), list(rates), seed)
 
     def dpsgd(self, dp: DPSGD, norm: float | None = None) -> CanaryDPSGD:
         """`dp` with these canaries, of L2 norm `norm` (default: dp's clipping norm) in its steps."""
         return CanaryDPSGD(dp, self, norm=dp.clip if norm is None else norm)
 
-    def sampled(self, site: int, rate: float) -> np.ndarray:
-        """The site's included canaries drawn into one step's batch, each with probability `rate`."""
+    def sampled(self, site: int) -> np.ndarray:
+        """The site's included canaries drawn into one step's batch, each at the site's sample rate."""
         if site not in self.samplers:
             self.samplers[site] = torch.Generator().manual_seed(torch_seed(self.seed, CANARIES, 4, site))
         mine = np.flatnonzero((self.site == site) & self.included)
-        drawn = torch.rand(len(mine), generator=self.samplers[site]).numpy() < rate
+        drawn = torch.rand(len(mine), generator=self.samplers[site]).numpy() < self.rates[site]
         return mine[drawn]
 
     def wants(self, round_index: int, site: int) -> bool:
@@ -100,12 +102,16 @@ class CanaryDPSGD:
     def calibrated(self, sample_rate: float | None = None, steps: int | None = None) -> CanaryDPSGD:
         return CanaryDPSGD(self.dp.calibrated(sample_rate, steps), self.canaries, self.norm)
 
-    def for_site(self, site: int) -> CanaryDPSGD:
+    def for_sites(self, schedules) -> CanaryDPSGD:
+        return CanaryDPSGD(self.dp.for_sites(schedules), self.canaries, self.norm)
+
+    def at_site(self, site: int) -> CanaryDPSGD:
         return CanaryDPSGD(self.dp, self.canaries, self.norm, site)
 
-    def private_gradient(self, per_example: Update, generator: torch.Generator, batch_size: int | None = None) -> Update:
+    def private_gradient(self, per_example: Update, generator: torch.Generator,
+                         batch_size: float | None = None) -> Update:
         batch = batch_size or next(iter(per_example.values())).shape[0]
-        drawn = self.canaries.sampled(self.site, self.dp.sample_rate) if self.site is not None else []
+        drawn = self.canaries.sampled(self.site) if self.site is not None else []
         if len(drawn):
             sizes = [g[0].numel() for g in per_example.values()]
             rows = torch.zeros(len(drawn), sum(sizes), dtype=next(iter(per_example.values())).dtype)

@@ -77,7 +77,7 @@ class DPSGD(Defense):
         """Epsilon this noise multiplier spends over the schedule (Opacus's accountant)."""
         return epsilon_spent(self._noise(), self.sample_rate, self.steps, self.delta, self.accountant)
 
-    def for_site(self, site: int) -> DPSGD:
+    def at_site(self, site: int) -> DPSGD:
         """The DP-SGD site `site` runs: this one everywhere (a privacy audit's canaries differ per site)."""
         return self
 

@@ -18,7 +18,8 @@ from torch import nn
 from medpfl.defenses import DPSGD, Chain, ClientLevelDP
 from medpfl.defenses.accounting import DEFAULT_DELTA
 from medpfl.defenses.canaries import ClientCanaries, GradientCanaries
-from medpfl.defenses.training import DPSGDFederation, dp_schedule
+from medpfl.defenses.dpsgd import local_sample_rate
+from medpfl.defenses.training import DPSGDFederation
 from medpfl.defenses.dp_audit import audit
 from medpfl.errors import MedPFLError
 from medpfl.fl.local import LocalTraining
@@ -43,7 +44,7 @@ class PrivacyAudit:
     """The canaries of one run: where they join training, and the bound their scores give after it."""
 
     def __init__(self, m: int, chain: Chain, sites: list[tuple[torch.Tensor, torch.Tensor]],
-                 weights: dict[str, torch.Tensor], seed: int):
+                 weights: dict[str, torch.Tensor], training: LocalTraining, seed: int):
         self.chain, self.sites, self.observers = chain, sites, ()
         self.clients = self.gradients = None
         guarantee = chain.server if isinstance(chain.server, ClientLevelDP) else chain.local
@@ -58,7 +59,8 @@ class PrivacyAudit:
             # Without DP the canaries join the same SGD computed per example (a mean of per-example gradients
             # is the batch gradient), with no clipping or noise, each of norm 1 as DP-SGD clips to by default.
             self.level, self.kind = "example", "Dirac gradients"
-            self.gradients = GradientCanaries.draw(m, len(sites), weights, seed)
+            rates = [local_sample_rate(len(y), training) for _, y in sites]
+            self.gradients = GradientCanaries.draw(m, rates, weights, seed)
             if chain.local is not None:
                 local = self.gradients.dpsgd(chain.local)
                 self.chain = replace(chain, defenses=tuple(local if d is chain.local else d for d in chain.defenses))
@@ -68,14 +70,13 @@ class PrivacyAudit:
             raise MedPFLError(f"--audit-dp checks a DP guarantee: dpsgd, cdp, or none to measure an undefended "
                               f"run; '{chain.label()}' gives no epsilon to check.")
 
-    def federation(self, model: nn.Module, num_classes: int, training: LocalTraining, rounds: int, seed: int,
+    def federation(self, model: nn.Module, num_classes: int, training: LocalTraining, seed: int,
                    hooks: RoundHooks) -> DPSGDFederation | None:
         """The engine of an audit without DP: plain SGD per example, gradient canaries among the examples."""
         if self.chain.defenses or self.gradients is None:
             return None
-        rate, steps = dp_schedule([len(y) for _, y in self.sites], training, rounds)
         return DPSGDFederation(model, self.sites, num_classes, training, seed, hooks, vectorise=False,
-                               dp=self.plain_sgd.calibrated(rate, steps))
+                               dp=self.plain_sgd)
 
     def result(self, final: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The bound, what it rests on, and the canary scores (for a plot of in against out)."""

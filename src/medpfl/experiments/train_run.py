@@ -401,7 +401,7 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
         if 0 < done < config.rounds:
             raise MedPFLError(f"A privacy audit scores its canaries in every round and cannot resume after round "
                               f"{done}; rerun with --fresh.")
-        privacy_audit = PrivacyAudit(config.audit_canaries, chain, sites, weights, config.seed)
+        privacy_audit = PrivacyAudit(config.audit_canaries, chain, sites, weights, config.training, config.seed)
         chain, sites = privacy_audit.chain, privacy_audit.sites
     server = (CuriousServer(config, model, sites, num_classes, [[it.item_id for it in s] for s in federation.sites],
                             path) if config.attack else None)
@@ -427,8 +427,7 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
         vectorise = config.vectorise == "on" or (config.vectorise == "auto" and device.type != "cpu")
         defended = (DefendedFederation(chain, model, sites, num_classes, config.training, config.rounds, config.seed,
                                        tuple(hooks.observers), vectorise) if chain.defenses else None)
-        audited = privacy_audit and privacy_audit.federation(model, num_classes, config.training, config.rounds,
-                                                             config.seed, hooks)
+        audited = privacy_audit and privacy_audit.federation(model, num_classes, config.training, config.seed, hooks)
         engine = defended or audited or InProcessFederation(model, sites, num_classes, config.training, config.seed,
                                                             hooks, vectorise)
         if defended:
