@@ -18,9 +18,9 @@ from torch import nn
 from medpfl.defenses import DPSGD, Chain, ClientLevelDP
 from medpfl.defenses.accounting import DEFAULT_DELTA
 from medpfl.defenses.canaries import ClientCanaries, GradientCanaries
+from medpfl.defenses.dp_audit import audit
 from medpfl.defenses.dpsgd import local_sample_rate
 from medpfl.defenses.training import DPSGDFederation
-from medpfl.defenses.dp_audit import audit
 from medpfl.errors import MedPFLError
 from medpfl.fl.local import LocalTraining
 from medpfl.fl.rounds import RoundHooks
@@ -56,8 +56,8 @@ class PrivacyAudit:
             server = self.clients.server(chain.server)
             self.chain = replace(chain, defenses=tuple(server if d is chain.server else d for d in chain.defenses))
         elif chain.local is not None or not chain.defenses:
-            # Without DP the canaries join the same SGD computed per example (a mean of per-example gradients
-            # is the batch gradient), with no clipping or noise, each of norm 1 as DP-SGD clips to by default.
+            # Without DP the canaries join plain SGD computed as DP-SGD computes it (per example, on Poisson-
+            # sampled batches) with no clipping and no noise, each of norm 1, where DP-SGD clips by default.
             self.level, self.kind = "example", "Dirac gradients"
             rates = [local_sample_rate(len(y), training) for _, y in sites]
             self.gradients = GradientCanaries.draw(m, rates, weights, seed)
@@ -72,7 +72,7 @@ class PrivacyAudit:
 
     def federation(self, model: nn.Module, num_classes: int, training: LocalTraining, seed: int,
                    hooks: RoundHooks) -> DPSGDFederation | None:
-        """The engine of an audit without DP: plain SGD per example, gradient canaries among the examples."""
+        """The engine of an audit without DP: DP-SGD's steps unclipped and noiseless, gradient canaries in them."""
         if self.chain.defenses or self.gradients is None:
             return None
         return DPSGDFederation(model, self.sites, num_classes, training, seed, hooks, vectorise=False,

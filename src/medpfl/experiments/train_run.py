@@ -402,7 +402,7 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
             raise MedPFLError(f"A privacy audit scores its canaries in every round and cannot resume after round "
                               f"{done}; rerun with --fresh.")
         privacy_audit = PrivacyAudit(config.audit_canaries, chain, sites, weights, config.training, config.seed)
-        chain, sites = privacy_audit.chain, privacy_audit.sites
+        chain = privacy_audit.chain
     server = (CuriousServer(config, model, sites, num_classes, [[it.item_id for it in s] for s in federation.sites],
                             path) if config.attack else None)
     base = defenses or RoundHooks()
