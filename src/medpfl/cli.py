@@ -276,8 +276,8 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
                             "or clip:norm=1+gaussian:sigma=0.01; on --engine flower: secagg:k=SITES (SecAgg+)")
     train.add_argument("--audit-dp", metavar="canaries=N",
                        help="measure a 95%% lower bound on epsilon with N canaries (one-run audit) beside the "
-                            "accountant's upper bound: gradient canaries under dpsgd, canary clients under cdp, "
-                            "noise images without DP")
+                            "accountant's upper bound: gradient canaries under dpsgd and without DP, canary "
+                            "clients under cdp")
     train.add_argument("--engine", default=d.engine, choices=ENGINES)
     train.add_argument("--vectorise", default=d.vectorise, choices=VECTORISE,
                        help="in-process: train equal-sized sites in one vmapped call (auto: on accelerators only)")
