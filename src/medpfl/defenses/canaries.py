@@ -1,8 +1,9 @@
 """Canaries for the one-run privacy audit (defenses.dp_audit): what is inserted, and how it is scored.
 
 Example level (DP-SGD, or plain SGD without DP): m Dirac gradient canaries (GradientCanaries), the white-box
-canaries of Steinke, Nasr and Jagielski (2023). Noise images with random labels, tried first, are too alike
-to stand out of a FedAvg update: without any DP they gave bounds of 0.0 to 0.9 on the embedded set.
+canaries of Steinke, Nasr and Jagielski (2023). Noise images with random labels, scored by their gradients'
+alignment with the sites' updates, were tried first: their gradients are too alike to stand out of a
+multi-step FedAvg update, so even without DP they proved little.
 
 Client level (client-level DP): m canary clients (Andrew et al., ICLR 2024), each with a random direction of
 norm `clip` that, with probability 1/2, it sends as its update in every round; the server clips and noises
