@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="audit your data sets instead of the config's, e.g. --data skin=/data/melanoma "
                             "(repeatable)")
     audit.add_argument("--fresh", action="store_true", help="start over instead of resuming --out")
+    audit.add_argument("--strict", action="store_true", help="refuse to start if any file of a data set is broken "
+                                                             "(default: skip and name them)")
 
     report = commands.add_parser("report", parents=[common],
                                  help="write report.html and results.csv for a run directory")
@@ -204,25 +206,20 @@ def cmd_attack(args: argparse.Namespace) -> None:
                              defense=args.defense)
     run = Path(args.out or f"runs/{config.attack}-{config.model_name.replace(':', '-')}-seed{config.seed}")
 
-    def warn_skipped(skipped) -> None:
-        listing = "\n".join(f"  {s.path}: {s.reason}" for s in skipped)
-        console.print(f"[yellow]warning:[/yellow] {len(skipped)} file(s) of the data cannot be used and are left "
-                      f"out (listed in {run / 'skipped.json'}; --strict refuses them):\n{listing}",
-                      soft_wrap=True, highlight=False)
-
     bar, (checking, update) = _progress(args.quiet, "checking files", f"{config.attack} on {config.model_name}")
     with bar or nullcontext():
         summary = run_attack(config, run, resume=not args.fresh, progress=update,
                              checkpoint_every=args.checkpoint_every, strict=args.strict, checking=checking,
-                             on_skipped=warn_skipped)
+                             on_skipped=_warn_skipped(run))
     defended = "" if summary["defense"] == "none" else f", defense {summary['defense']}"
     table = Table(title=f"{summary['attack']} on {summary['model']}, {summary['n_images']} images of "
                         f"{summary['data']}{defended}")
-    for column in ("ASR", "mean SSIM", "mean PSNR", "mean MSE", "label acc.", "re-id", "re-id chance", "s / image"):
+    for column in ("ASR", "mean SSIM", "mean PSNR", "mean MSE", "label acc.", "label chance", "re-id", "re-id chance",
+                   "s / image"):
         table.add_column(column, justify="right")
     table.add_row(f"{summary['asr']:.2f}", f"{summary['mean_ssim']:.3f}", f"{summary['mean_psnr']:.1f} dB",
-                  f"{summary['mean_mse']:.4f}", f"{summary['label_accuracy']:.2f}", f"{summary['reid_rate']:.2f}",
-                  f"{summary['reid_chance']:.2g}", f"{summary['seconds_per_image']:.2f}")
+                  f"{summary['mean_mse']:.4f}", f"{summary['label_accuracy']:.2f}", f"{summary['label_chance']:.2f}",
+                  f"{summary['reid_rate']:.2f}", f"{summary['reid_chance']:.2g}", f"{summary['seconds_per_image']:.2f}")
     out.print(table)
     out.print(f"Re-identification: nearest of {summary['reid_gallery_size']} images by SSIM; a random guess is "
               f"right {summary['reid_chance']:.2g} of the time.")
@@ -286,6 +283,18 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
                        "cuda:1, mps")
     train.add_argument("--out", help="run directory (default: runs/train-MODEL-PARTITION-seedS)")
     train.add_argument("--fresh", action="store_true", help="start over instead of resuming --out")
+    train.add_argument("--strict", action="store_true", help="refuse to start if any file of --data is broken "
+                                                             "(default: skip and name them)")
+
+
+def _warn_skipped(run: Path):
+    """What every command does with the broken files of --data: name them before any work starts."""
+    def warn(skipped) -> None:
+        listing = "\n".join(f"  {s.path}: {s.reason}" for s in skipped)
+        console.print(f"[yellow]warning:[/yellow] {len(skipped)} file(s) of the data cannot be used and are left "
+                      f"out (listed in {run / 'skipped.json'}; --strict refuses them):\n{listing}",
+                      soft_wrap=True, highlight=False)
+    return warn
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -307,9 +316,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         attack_settings=settings, engine=args.engine, defense=args.defense, vectorise=args.vectorise,
         seed=args.seed, device=args.device, audit_canaries=parse_audit(args.audit_dp))
     run = Path(args.out or f"runs/train-{config.model.replace(':', '-')}-{config.partition.replace(':', '')}-seed{config.seed}")
-    bar, (update,) = _progress(args.quiet, "rounds")
+    bar, (checking, update) = _progress(args.quiet, "checking files", "rounds")
     with bar or nullcontext():
-        summary = run_training(config, run, resume=not args.fresh, progress=update)
+        summary = run_training(config, run, resume=not args.fresh, progress=update, strict=args.strict,
+                               checking=checking, on_skipped=_warn_skipped(run))
     table = Table(title=f"{config.model}, {summary['sites']} sites ({summary['partition']}), "
                         f"{summary['rounds']} rounds")
     for column in ("", "accuracy", "balanced acc.", "macro AUC"):
@@ -386,7 +396,8 @@ def cmd_audit(args: argparse.Namespace) -> None:
             bar.update(task, completed=done, total=total, description=f"audit: {label}")
 
     with bar or nullcontext():
-        summary = run_audit(config, run, resume=not args.fresh, progress=update)
+        summary = run_audit(config, run, resume=not args.fresh, progress=update, strict=args.strict,
+                            on_skipped=lambda name, skipped: _warn_skipped(run / name)(skipped))
     table = Table(title=f"{config.title}: {summary['jobs']} runs")
     for column in ("run", "ASR", "mean SSIM", "mean PSNR", "label acc.", "re-id", "epsilon", "accuracy"):
         table.add_column(column, justify="left" if column == "run" else "right")

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from medpfl.data import ImageDataset, open_source
+from medpfl.data import ImageDataset, open_verified
 from medpfl.defenses import Chain
 from medpfl.defenses.training import DefendedFederation
 from medpfl.experiments.run_dir import append_result, open_run_dir, read_results, write_json
@@ -31,16 +31,17 @@ TRAINING = DEFAULTS.training
 def train_with_defense(chain: Chain, sweep, seed: int, path: Path) -> dict[str, Any]:
     """Train `sweep.rounds` rounds of `sweep.sites` IID sites with `chain` inside; the final model's utility."""
     device = torch.device(sweep.device)
-    source = open_source(sweep.data)
+    source, _ = open_verified(sweep.data)  # broken files left out, as the sweep's attack cells do
     federation = federate(source, sweep.sites, "iid", seed)
     K = len(federation.classes)
 
     def load(items) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = ImageDataset(source, list(items), size=sweep.image_size).load_batch(range(len(items)))
+        x, y = ImageDataset(source, list(items), size=sweep.image_size, channels=sweep.channels).load_batch(
+            range(len(items)))
         return x.to(device), y.to(device)
 
     sites, test = [load(items) for items in federation.sites], load(federation.test)
-    net = build_model(DEFAULTS.model, K, 3, sweep.image_size, norm=DEFAULTS.norm, seed=model_seed(seed)).to(device)
+    net = build_model(DEFAULTS.model, K, sweep.channels, sweep.image_size, norm=DEFAULTS.norm, seed=model_seed(seed)).to(device)
     model = functional_model(net)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     defended = DefendedFederation(chain, model, sites, K, TRAINING, sweep.rounds, seed, vectorise=True)

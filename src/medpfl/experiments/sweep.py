@@ -29,16 +29,26 @@ class SweepConfig:
     attacks: list[str] = field(default_factory=lambda: ["idlg", "invgrad"])
     defenses: list[str] = field(default_factory=lambda: ["none"])  # specs, each with lists of strengths
     data: str | None = None  # None: the embedded real-image set
-    n_images: int = 16  # victims per attack cell (batch size 1), the same images in every cell of a seed
-    seeds: int = 1
+    n_images: int = 16  # images attacked per cell, the same images in every cell of a seed
+    seeds: int | list[int] = 1  # how many (seeds 0, 1, ...), or which
     image_size: int = 32
+    channels: int = 3
     # GroupNorm: DP-SGD needs per-example gradients, which BatchNorm entangles; the LeNets have no norm.
     norm: str = "group"
     attack_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"invgrad": {"steps": 200}}
+    models: dict[str, str] = field(default_factory=dict)  # the model each attack runs on; default: the paper's
+    # The threat (as medpfl attack's options): images behind each site's update, label access, BatchNorm mode.
+    batch_size: int = 1
+    labels: str | None = None
+    bn_mode: str | None = None
     utility: bool = True  # train a federation per defense and seed (needs medpfl.fl's engine)
     rounds: int = 20
     sites: int = 5
     device: str = "cpu"
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
 
     def chains(self) -> list[Chain]:
         """Every defense chain the specs name, in order, without repeats; DP-SGD on the training's schedule."""
@@ -56,12 +66,12 @@ class SweepConfig:
             chain = Chain(tuple(replace(d, rounds=self.rounds) if d.stage == "server" else d for d in chain.defenses))
         if chain.local is None:
             return chain
-        from medpfl.data import open_source
+        from medpfl.data import open_verified
         from medpfl.defenses.dpsgd import dp_schedules
         from medpfl.experiments.defended_training import TRAINING
         from medpfl.fl.partition import federate
 
-        n_images = federate(open_source(self.data), self.sites, "iid", 0).n_images
+        n_images = federate(open_verified(self.data)[0], self.sites, "iid", 0).n_images
         worst = chain.local.for_sites(dp_schedules(n_images, TRAINING, self.rounds))
         return Chain(tuple(replace(d, sample_rate=round(worst.sample_rate, 6), steps=worst.steps)
                            if d.stage == "local" else d for d in chain.defenses))
@@ -106,11 +116,11 @@ def plan(config: SweepConfig) -> list[dict[str, Any]]:
     if bad or not config.attacks:
         raise MedPFLError(f"--attacks '{','.join(bad or config.attacks)}' names no known attack; "
                           f"choose from: {', '.join(ATTACKS)}.")
-    if config.n_images < 1 or config.seeds < 1:
+    if config.n_images < 1 or not config.seed_list:
         raise MedPFLError(f"--n-images ({config.n_images}) and --seeds ({config.seeds}) must be 1 or more.")
     chains = config.chains()
     jobs = []
-    for seed in range(config.seeds):
+    for seed in config.seed_list:
         if config.utility:
             for label in dict.fromkeys(_trained_label(c) for c in chains):
                 jobs.append({"kind": "utility", "defense": label, "seed": seed})
@@ -143,14 +153,15 @@ def _privacy(job: dict[str, Any], sweep: SweepConfig, path: Path) -> dict[str, A
     from medpfl.experiments.attack_run import AttackRunConfig, run_attack
 
     settings = dict(sweep.attack_settings.get(job["attack"], {}))
-    config = AttackRunConfig(attack=job["attack"], data=sweep.data, image_size=sweep.image_size,
+    config = AttackRunConfig(attack=job["attack"], data=sweep.data, model=sweep.models.get(job["attack"]),
+                             image_size=sweep.image_size, channels=sweep.channels, batch_size=sweep.batch_size,
                              n_images=sweep.n_images * parse_defense(job["defense"]).sites_per_update,
                              seed=job["seed"], norm=sweep.norm, device=sweep.device, settings=settings,
-                             defense=job["defense"])
+                             labels=sweep.labels, bn_mode=sweep.bn_mode, defense=job["defense"])
     summary = run_attack(config, path)
     keys = ("n_images", "images_per_update", "asr", "asr_chance", "success_ssim", "mean_ssim", "median_ssim",
-            "mean_psnr", "mean_mse", "label_accuracy", "reid_rate", "reid_chance", "seconds_per_image", "epsilon",
-            "model", "num_classes")
+            "mean_psnr", "mean_mse", "label_accuracy", "label_chance", "reid_rate", "reid_chance", "seconds_per_image",
+            "epsilon", "model", "num_classes")
     chain = parse_defense(job["defense"]).calibrated()
     return {**{k: summary[k] for k in keys}, "delta": chain.local.delta if chain.local else None}
 
