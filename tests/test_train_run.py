@@ -187,5 +187,5 @@ def test_train_with_dpsgd_records_every_sites_own_epsilon_and_the_worst_stays_wi
     worst = max(range(3), key=lambda s: expected[s])
     assert f"epsilon up to {expected[worst]:.2f}" in html and f"site {worst} with {n_images[worst]} images" in html
     assert all(f"site {s}: {e:.2f}" in html for s, e in enumerate(expected))
-    with pytest.raises(MedPFLError, match="--defense runs inside training on the in-process engine only"):
+    with pytest.raises(MedPFLError, match="'dpsgd' runs on --engine inprocess"):
         run_training(TrainRunConfig(**{**defended.__dict__, "engine": "flower"}), tmp_path / "flower")

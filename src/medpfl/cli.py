@@ -279,6 +279,10 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
     train.add_argument("--defense", default=d.defense, metavar="SPEC",
                        help="a defense at every site in every round (in-process engine), e.g. dpsgd:epsilon=8 "
                             "or clip:norm=1+gaussian:sigma=0.01; on --engine flower: secagg:k=SITES (SecAgg+)")
+    train.add_argument("--audit-dp", metavar="canaries=N",
+                       help="measure a 95%% lower bound on epsilon with N canaries (one-run audit) beside the "
+                            "accountant's upper bound: gradient canaries under dpsgd and without DP, canary "
+                            "clients under cdp")
     train.add_argument("--engine", default=d.engine, choices=ENGINES)
     train.add_argument("--vectorise", default=d.vectorise, choices=VECTORISE,
                        help="in-process: train equal-sized sites in one vmapped call (auto: on accelerators only)")
@@ -302,6 +306,7 @@ def _warn_skipped(run: Path):
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from medpfl.experiments.privacy_audit import parse_audit
     from medpfl.experiments.train_run import TrainRunConfig, parse_int_list, run_training
     from medpfl.models.registry import parse_model_kwargs
 
@@ -317,7 +322,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         attack=args.attack, attack_rounds=parse_int_list(args.attack_rounds, "--attack-rounds"),
         attack_sites=parse_int_list(args.attack_sites, "--attack-sites"), attack_batch=args.attack_batch,
         attack_settings=settings, engine=args.engine, defense=args.defense, vectorise=args.vectorise,
-        seed=args.seed, device=args.device)
+        seed=args.seed, device=args.device, audit_canaries=parse_audit(args.audit_dp))
     run = Path(args.out or f"runs/train-{config.model.replace(':', '-')}-{config.partition.replace(':', '')}-seed{config.seed}")
     bar, (checking, update) = _progress(args.quiet, "checking files", "rounds")
     with bar or nullcontext():
@@ -336,6 +341,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                   f"site (per site: {per_site}), per example at delta {summary['dp_delta']:g}")
     elif summary.get("epsilon") is not None:
         out.print(f"defense {config.defense}: epsilon {summary['epsilon']:.2f} over the whole run")
+    if "dp_audit" in summary:
+        _print_audit(summary["dp_audit"])
     for a in summary["attacks"]:
         who = "all sites" if a["observed"] == "aggregate" else f"site {a['site']}"
         out.print(f"round {a['round']} {who} ({a['observed']} update, {a['images']} images): "
@@ -343,6 +350,18 @@ def cmd_train(args: argparse.Namespace) -> None:
     report = _report(run, args.quiet)
     out.print(f"Results in {run}/ (rounds.jsonl, attacks.jsonl, model.pt, summary.json"
               + (f", {report.name}" if report else "") + ")")
+
+
+def _print_audit(audit: dict) -> None:
+    """Epsilon accountant (upper) vs epsilon measured (lower, 95%), and a loud warning when they contradict."""
+    upper = "none (no DP guarantee)" if audit["epsilon_upper"] is None else f"{audit['epsilon_upper']:.2f}"
+    out.print(f"privacy audit ({audit['canaries']} {audit['canary']}, {audit['level']} level): epsilon accountant "
+              f"(upper) {upper} vs epsilon measured (lower, {audit['confidence']:.0%}) {audit['epsilon_lower']:.2f} "
+              f"({audit['correct']} of {audit['guesses']} membership guesses right)")
+    if audit["guarantee_broken"]:
+        console.print(f"[bold red]warning:[/bold red] the measured epsilon {audit['epsilon_lower']:.2f} exceeds the "
+                      f"accountant's {audit['epsilon_upper']:.2f}: the DP mechanism or its accounting is broken, "
+                      "and the run's privacy guarantee does not hold.")
 
 
 def _report(run: Path, quiet: bool) -> Path | None:
@@ -399,6 +418,10 @@ def cmd_audit(args: argparse.Namespace) -> None:
                           number(r.get("reid_rate"), ".2f"), number(r.get("epsilon"), ".2f"),
                           number(r.get("accuracy"), ".3f"))
     out.print(table)
+    for job in summary["results"]:
+        if "dp_audit" in job:
+            out.print(f"{job['dir']}: ", end="")
+            _print_audit(job["dp_audit"])
     report = _report(run, args.quiet)
     out.print(f"Audit finished in {time.perf_counter() - started:.0f} s. Report: {report or '(not written)'}; "
               f"per-image results: {run / 'results.csv'}.")

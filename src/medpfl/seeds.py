@@ -26,6 +26,7 @@ PRETRAIN_MINIBATCHES = 2
 # each round, each site's own randomness (e.g. a defense's noise) in each round, the attacker's, and SecAgg+'s
 # stochastic rounding of each site's reply in each round (Flower's, from numpy's global generator).
 PARTITION, MODEL_INIT, SHUFFLE, SITE_NOISE, ATTACK, SECAGG_ROUNDING = range(6)
+CANARIES = 6  # a privacy audit's canaries: their coordinates, directions and which of them are in training
 
 
 def seed_sequence(seed: int, *key: int) -> np.random.SeedSequence:

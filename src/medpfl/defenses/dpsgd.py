@@ -77,6 +77,10 @@ class DPSGD(Defense):
         """Epsilon this noise multiplier spends over the schedule (Opacus's accountant)."""
         return epsilon_spent(self._noise(), self.sample_rate, self.steps, self.delta, self.accountant)
 
+    def at_site(self, site: int) -> DPSGD:
+        """The DP-SGD site `site` runs: this one everywhere (a privacy audit's canaries differ per site)."""
+        return self
+
     def _noise(self) -> float:
         if self.noise_multiplier is None:
             raise MedPFLError("dpsgd needs noise=... or epsilon=... calibrated to the run's schedule.")

@@ -40,8 +40,8 @@ class DPSGDFederation(InProcessFederation):
         for s, (x, y) in enumerate(self.sites):
             xo, yo = ordered(x, y, self.seed, round_index, s)
             noise = noise_stream(self.seed, round_index, s, 1, xo.device)
-            updates.append(dp_local_update(self.model, weights, xo, yo, self.num_classes, self.training, self.dp,
-                                           noise))
+            updates.append(dp_local_update(self.model, weights, xo, yo, self.num_classes, self.training,
+                                           self.dp.at_site(s), noise))
         return updates
 
 

@@ -73,7 +73,8 @@ def _federation_job(config: AuditConfig, job: dict[str, Any], out: Path,
                          seed=job["seed"], device=config.device, **federation)
     summary = run_training(run, out / job["dir"], resume=resume, progress=progress)
     attacked = summary.get("attacks") or []
-    return {**summary["final"], "rounds": summary["rounds"],
+    return {**summary["final"], "rounds": summary["rounds"], "epsilon": summary.get("epsilon"),
+            **({"dp_audit": summary["dp_audit"]} if "dp_audit" in summary else {}),
             **({"asr": sum(a["asr"] for a in attacked) / len(attacked),
                 "mean_ssim": sum(a["mean_ssim"] for a in attacked) / len(attacked)} if attacked else {})}
 

@@ -70,6 +70,8 @@ class FederationConfig:
     attack_batch: int | None = 1  # attack a probe update of the site's first K images; None: its whole update
     attack_settings: dict[str, Any] = field(default_factory=dict)
     engine: str = "inprocess"
+    defense: str = "none"  # a defense spec run at every site in every round, as `medpfl train --defense`
+    audit_canaries: int = 0  # canaries of a one-run privacy audit (`medpfl train --audit-dp canaries=N`); 0: none
 
 
 @dataclass

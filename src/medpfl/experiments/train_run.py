@@ -24,6 +24,7 @@ from medpfl.defenses import Chain, parse_defense
 from medpfl.defenses.training import DefendedFederation
 from medpfl.device import resolve_device
 from medpfl.errors import MedPFLError
+from medpfl.experiments.privacy_audit import AUDIT_FILE, PrivacyAudit, compare
 from medpfl.experiments.run_dir import open_run_dir, write_json, write_skipped
 from medpfl.experiments.victim_models import load_model_state
 from medpfl.fl.gradients import functional_model
@@ -80,6 +81,7 @@ class TrainRunConfig:
     attack_settings: dict[str, Any] = field(default_factory=dict)
     engine: str = "inprocess"
     defense: str = "none"  # a defense spec (medpfl.defenses.spec) run at every site in every round (in-process)
+    audit_canaries: int = 0  # canaries of a one-run privacy audit (experiments.privacy_audit); 0: no audit
     # Train equal-sized sites in one vmapped call: "auto" does so on accelerators only. On CPUs it is no
     # faster than one site after another (benchmarks/federation_throughput.py), and one site after another
     # is bit-for-bit the Flower client's arithmetic, where batched kernels round differently.
@@ -128,6 +130,8 @@ def _check(config: TrainRunConfig) -> None:
         raise MedPFLError(f"--vectorise must be one of {', '.join(VECTORISE)}, got '{config.vectorise}'.")
     if config.rounds < 1:
         raise MedPFLError(f"--rounds {config.rounds} is invalid; train for 1 or more rounds.")
+    if config.audit_canaries and config.engine == "flower":
+        raise MedPFLError("--audit-dp runs on the in-process engine; drop --engine flower.")
     if config.attack is None:
         return
     build_attack(config.attack, **config.attack_settings)  # an unknown attack or setting is named here
@@ -341,7 +345,7 @@ def _prepare_dir(out: Path, record: dict[str, Any], resume: bool) -> tuple[Path,
             raise MedPFLError(f"'{out}' holds a training run with other settings ({', '.join(changed)}); pass a new "
                               "--out, the same settings to resume it, or --fresh to start over.")
     if not resume:
-        for name in (STATE, ROUNDS, ATTACKS_FILE, MODEL):
+        for name in (STATE, ROUNDS, ATTACKS_FILE, MODEL, AUDIT_FILE):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "attacks", ignore_errors=True)
     path = open_run_dir(out, record, resume=resume)
@@ -362,13 +366,15 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
                  progress: Callable[[int, int], None] | None = None,
                  defenses: RoundHooks | None = None, strict: bool = False,
                  checking: Callable[[int, int], None] | None = None,
-                 on_skipped: Callable[[list[Skipped]], None] | None = None) -> dict[str, Any]:
+                 on_skipped: Callable[[list[Skipped]], None] | None = None,
+                 chain: Chain | None = None) -> dict[str, Any]:
     """Train (or resume) the federation described by `config` into `out`; returns the summary.
 
     `defenses` supplies the site transform and aggregator of every round (default: none, FedAvg); the
     curious server's observer is added to its observers. What it does must be recorded in `config`.
     Broken files of the source are left out of every site and the test set, as `medpfl attack` does
     (`data.open_verified`): named to `on_skipped`, listed in skipped.json, or refused with `strict`.
+    `chain` runs instead of the one config.defense names (a test's deliberately broken mechanism, say).
     """
     _check(config)
     if defenses is not None and config.defense != "none":
@@ -380,6 +386,8 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
     num_classes = len(federation.classes)
     _check_attackable(config, federation.n_images)
     record = asdict(config)
+    if not config.audit_canaries:
+        del record["audit_canaries"]  # so runs recorded before audits existed still resume
     path, done, weights = _prepare_dir(Path(out), record, resume)
     write_skipped(path, skipped)
     write_json(path / "federation.json", {"classes": list(federation.classes), "n_images": federation.n_images,
@@ -397,10 +405,19 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
     weights = {n: w.to(device) for n, w in weights.items()}
     sites = [_load(source, items, config, device) for items in federation.sites]
     test = _load(source, federation.test, config, device)
+    chain = chain or parse_defense(config.defense)
+    privacy_audit = None
+    if config.audit_canaries:
+        if 0 < done < config.rounds:
+            raise MedPFLError(f"A privacy audit scores its canaries in every round and cannot resume after round "
+                              f"{done}; rerun with --fresh.")
+        privacy_audit = PrivacyAudit(config.audit_canaries, chain, sites, weights, config.training, config.seed)
+        chain = privacy_audit.chain
     server = (CuriousServer(config, model, sites, num_classes, [[it.item_id for it in s] for s in federation.sites],
                             path) if config.attack else None)
     base = defenses or RoundHooks()
-    hooks = RoundHooks(base.site_transform, base.aggregate, [*base.observers, *([server] if server else [])])
+    hooks = RoundHooks(base.site_transform, base.aggregate, [*base.observers, *([server] if server else []),
+                                                             *(privacy_audit.observers if privacy_audit else ())])
     if progress:
         progress(done, config.rounds)
 
@@ -418,13 +435,14 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
         weights = _train_on_flower(config, hooks, weights, done, finished)
     elif done < config.rounds:
         vectorise = config.vectorise == "on" or (config.vectorise == "auto" and device.type != "cpu")
-        chain = parse_defense(config.defense)
         # The sites verify every model they receive against the architecture they built themselves.
         check = ModelCheck(fingerprint(dict(model.named_parameters())))
         defended = (DefendedFederation(chain, model, sites, num_classes, config.training, config.rounds, config.seed,
                                        tuple(hooks.observers), vectorise, check) if chain.defenses else None)
-        engine = defended or InProcessFederation(model, sites, num_classes, config.training, config.seed, hooks,
-                                                 vectorise, model_check=check)
+        audited = privacy_audit and privacy_audit.federation(model, num_classes, config.training, config.seed, hooks,
+                                                             check)
+        engine = defended or audited or InProcessFederation(model, sites, num_classes, config.training, config.seed,
+                                                            hooks, vectorise, model_check=check)
         if defended:
             defended.resume(done)
         for round_index in range(done + 1, config.rounds + 1):
@@ -434,6 +452,8 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
             finished(round_index, weights, {**evaluate(model, weights, *test), "seconds": outcome.seconds,
                                             "update_norms": outcome.update_norms, "n_images": outcome.n_images,
                                             **privacy})
+    if privacy_audit is not None and done < config.rounds:
+        write_json(path / AUDIT_FILE, privacy_audit.result(weights))
     net.load_state_dict({n: w.cpu() for n, w in weights.items()}, strict=False)
     _save_atomic({k: v.cpu() for k, v in net.state_dict().items()}, path / MODEL)
     return summarise(path, federation, test[1], num_classes)
@@ -490,5 +510,7 @@ def summarise(path: Path, federation: Federation, test_labels: torch.Tensor, num
             "mean_ssim": sum(a["ssim"]) / len(a["ssim"]), "mean_psnr": sum(a["psnr"]) / len(a["psnr"]),
             "images": len(a["ssim"])} for a in attacks],
     }
+    if (path / AUDIT_FILE).exists():  # measured (lower, 95%) beside the accountant's (upper) epsilon
+        summary["dp_audit"] = compare(json.loads((path / AUDIT_FILE).read_text()), summary["epsilon"])
     write_json(path / "summary.json", summary)
     return summary

@@ -6,6 +6,7 @@ import io
 from typing import Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -70,6 +71,21 @@ def per_round(rounds: Sequence[int], series: dict[str, Sequence[float | None]], 
     ax.set_ylabel(ylabel)
     if ylim:
         ax.set_ylim(*ylim)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, frameon=False)
+    _style(ax)
+    return _png(fig)
+
+
+def canary_scores(scores_in: Sequence[float], scores_out: Sequence[float], title: str) -> bytes:
+    """Histograms of a privacy audit's canary scores: canaries in training against those left out."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.0))
+    both = [*scores_in, *scores_out]
+    bins = np.linspace(min(both), max(both), 40) if both and min(both) < max(both) else 10
+    for i, (name, values) in enumerate((("in training", scores_in), ("left out", scores_out))):
+        ax.hist(values, bins=bins, alpha=0.6, color=PALETTE[i], label=f"{name} ({len(values)})")
+    ax.set_xlabel("canary score (higher: guessed in)")
+    ax.set_ylabel("canaries")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, frameon=False)
     _style(ax)

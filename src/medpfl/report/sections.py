@@ -589,6 +589,7 @@ def section_training(ctx: Context) -> Section | None:
                                                           chance=chance.get("accuracy")), "utility per round", "plot")
                          + "<figcaption>What the federation's model is worth, round by round.</figcaption></figure>")
         parts.append(_dp_epsilon_per_site(run.summary or {}))
+        parts.append(_privacy_audit(run))
         if run.attacks:
             per_site: dict[str, dict[int, float]] = defaultdict(dict)
             rows = []
@@ -621,6 +622,24 @@ def _dp_epsilon_per_site(summary: dict) -> str:
             + (f" with {images[worst]} images" if worst < len(images) else "")
             + f"; each site spends its own ({esc(sites)}). The guarantee holds against the server too, for one "
             "image at one site; a patient with several images, or at several sites, spends more.</p>")
+
+
+def _privacy_audit(run: TrainRun) -> str:
+    """Epsilon accountant (upper) vs measured (lower) of a run with `--audit-dp`, and its canaries' scores."""
+    audit, scores = (run.summary or {}).get("dp_audit"), run.path / "dp_audit.json"
+    if not audit or not scores.exists():
+        return ""
+    scores = json.loads(scores.read_text())
+    upper = "none (no DP guarantee)" if audit["epsilon_upper"] is None else f"{audit['epsilon_upper']:.2f}"
+    text = (f"Privacy audit, {audit['canaries']} {audit['canary']} ({audit['level']} level, one training run): "
+            f"epsilon accountant (upper) {upper} vs epsilon measured (lower, {audit['confidence']:.0%}) "
+            f"{audit['epsilon_lower']:.2f}, from {audit['correct']} of {audit['guesses']} membership guesses right.")
+    warning = ("<p><strong>The measured epsilon exceeds the accountant's: the DP mechanism or its accounting is "
+               "broken, and the run's privacy guarantee does not hold.</strong></p>" if audit["guarantee_broken"]
+               else "")
+    return (f"<p>{esc(text)}</p>{warning}<figure>" + img(plots.canary_scores(
+        scores["scores_in"], scores["scores_out"], "Canary scores: in training against left out"), "canary scores",
+        "plot") + "<figcaption>The further apart, the more the run leaks about one record.</figcaption></figure>")
 
 
 def _utility_curves(runs: list[TrainRun]) -> str:

@@ -1,0 +1,130 @@
+"""The one-run privacy audit (Steinke, Nasr and Jagielski 2023): its p-value, its epsilon bound, its guesses."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from medpfl.defenses import DPSGD, Chain, ClientLevelDP, GaussianNoise
+from medpfl.defenses.canaries import GradientCanaries
+from medpfl.defenses.dp_audit import audit, correct_guesses, epsilon_lower_bound, p_value
+from medpfl.errors import MedPFLError
+from medpfl.experiments.privacy_audit import NoiselessClientDP, NoiselessDPSGD, parse_audit
+from medpfl.experiments.train_run import TrainRunConfig, run_training
+from medpfl.report import build_report
+
+
+def _exact_p_value(m: int, r: int, v: int, q: Fraction, delta: Fraction) -> Fraction:
+    """Theorem 5.2's p-value in exact rational arithmetic, term by term (no scipy)."""
+    pmf = [math.comb(r, j) * q**j * (1 - q) ** (r - j) for j in range(r + 1)]
+    tail = sum(pmf[v:], Fraction(0))
+    alpha = max(sum(pmf[v - i:v], Fraction(0)) / i for i in range(1, v + 1))
+    return min(Fraction(1), tail + 2 * m * delta * alpha)
+
+
+@pytest.mark.parametrize("m,r,v,delta", [(20, 10, 9, Fraction(1, 100)), (50, 30, 22, Fraction(1, 1000)),
+                                         (10, 6, 6, Fraction(0))])
+def test_p_value_matches_exact_binomial_sums(m, r, v, delta):
+    q = Fraction(3, 4)  # e^eps / (e^eps + 1) for eps = ln 3
+    expected = float(_exact_p_value(m, r, v, q, delta))
+    assert p_value(m, r, v, math.log(3), float(delta)) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("r", [10, 100, 1000])
+def test_all_correct_without_delta_is_the_closed_form(r):
+    # r of r right under eps-DP has chance q^r at most: the bound solves q^r = 0.05, eps = logit(0.05^(1/r)).
+    q = 0.05 ** (1 / r)
+    assert epsilon_lower_bound(r, r, r, 0.0) == pytest.approx(math.log(q / (1 - q)), rel=1e-6)
+    assert epsilon_lower_bound(1000, 100, 100, 0.0) == pytest.approx(3.4930, abs=1e-3)  # by hand: q = 0.970487
+
+
+def test_delta_only_weakens_the_bound_and_chance_guessing_refutes_nothing():
+    assert epsilon_lower_bound(1000, 100, 100, 1e-5) < epsilon_lower_bound(1000, 100, 100, 0.0)
+    assert epsilon_lower_bound(1000, 100, 50, 1e-5) == 0.0  # half right: what a coin does
+
+
+def test_bound_never_exceeds_the_epsilon_of_randomized_response():
+    # Randomized response on each canary's membership is exactly eps-DP, and the best score there is: over
+    # 40 audits the 95% bound may exceed eps at most by chance (about 2 of 40), and it detects the leak.
+    eps = 2.0
+    rng = np.random.default_rng(0)
+    bounds = []
+    for _ in range(40):
+        included = rng.random(1000) < 0.5
+        truthful = rng.random(1000) < math.exp(eps) / (1 + math.exp(eps))
+        reported = np.where(truthful, included, ~included)
+        bounds.append(audit(reported + 0.01 * rng.random(1000), included, delta=0.0).epsilon_lower)
+    assert sum(b > eps for b in bounds) <= 4
+    assert np.median(bounds) > 1.0
+
+
+def test_guesses_count_the_top_as_in_and_the_bottom_as_out():
+    scores = np.array([5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
+    included = np.array([True, False, True, False, False, True])
+    assert correct_guesses(scores, included, 2, 2) == 1 + 1  # top two: one in; bottom two: one out
+    assert correct_guesses(scores, included, 3, 3) == 2 + 2
+    assert correct_guesses(scores, included, 1, 0) == 1
+
+
+def test_perfect_scores_give_a_clearly_positive_bound_and_noise_gives_none():
+    rng = np.random.default_rng(1)
+    included = rng.random(1000) < 0.5
+    assert audit(included + 0.01 * rng.random(1000), included, 1e-5).epsilon_lower > 4
+    assert audit(rng.normal(size=1000), included, 1e-5).epsilon_lower < 0.5
+
+
+# --- canaries in a training run (defenses.canaries, experiments.privacy_audit) ---
+
+def _audited(tmp_path, chain: Chain, name: str, canaries: int = 200) -> dict:
+    config = TrainRunConfig(model="lenet-idlg", norm="none", image_size=16, sites=2, site_images=16, rounds=3,
+                            defense="+".join(d.label() for d in chain.defenses) or "none", audit_canaries=canaries)
+    return run_training(config, tmp_path / name, chain=chain)["dp_audit"]
+
+
+def test_a_dirac_canary_adds_clip_over_the_batch_to_its_own_coordinate():
+    like = {"w": torch.zeros(3, 4), "b": torch.zeros(5)}  # 17 coordinates
+    canaries = GradientCanaries.draw(6, [1.0], like, seed=0)  # one site, every record in every step
+    dp = canaries.dpsgd(DPSGD(noise_multiplier=0.0, clip=2.0)).at_site(0)
+    zeros = {n: torch.zeros(4, *t.shape) for n, t in like.items()}  # a batch of 4 examples with no gradient
+    out = dp.private_gradient(zeros, torch.Generator(), batch_size=4)
+    flat = torch.cat([out["w"].flatten(), out["b"].flatten()])
+    expected = torch.zeros(17)
+    expected[canaries.coordinates[torch.as_tensor(canaries.included)]] = 2.0 / 4
+    assert canaries.included.any() and torch.allclose(flat, expected, atol=1e-6)
+
+
+def test_noise_switched_off_under_an_unchanged_accountant_is_flagged(tmp_path):
+    broken = _audited(tmp_path, Chain((NoiselessDPSGD(epsilon=1.0),)), "broken")
+    honest = _audited(tmp_path, Chain((DPSGD(epsilon=1.0),)), "honest")
+    assert broken["guarantee_broken"] and broken["epsilon_lower"] > broken["epsilon_upper"] == pytest.approx(1, 0.05)
+    assert not honest["guarantee_broken"] and honest["epsilon_lower"] <= honest["epsilon_upper"]
+    warning = "the DP mechanism or its accounting is broken"
+    assert warning in build_report(tmp_path / "broken").read_text()
+    assert warning not in build_report(tmp_path / "honest").read_text()
+
+
+def test_canary_clients_flag_a_server_that_drops_client_level_noise(tmp_path):
+    broken = _audited(tmp_path, Chain((NoiselessClientDP(noise_multiplier=5.0),)), "broken")
+    honest = _audited(tmp_path, Chain((ClientLevelDP(noise_multiplier=5.0),)), "honest")
+    assert broken["level"] == "client" and broken["guarantee_broken"]
+    assert not honest["guarantee_broken"] and honest["epsilon_lower"] <= honest["epsilon_upper"]
+
+
+def test_without_dp_the_canaries_are_detected_and_nothing_is_promised(tmp_path):
+    plain = _audited(tmp_path, Chain(), "plain")
+    assert plain["epsilon_upper"] is None and not plain["guarantee_broken"] and plain["epsilon_lower"] > 2
+
+
+@pytest.mark.parametrize("text", ["canary=10", "canaries=1", "canaries=x"])
+def test_a_bad_audit_option_is_refused_naming_it(text):
+    with pytest.raises(MedPFLError, match="--audit-dp"):
+        parse_audit(text)
+
+
+def test_an_audit_of_a_defense_without_epsilon_is_refused_naming_it(tmp_path):
+    with pytest.raises(MedPFLError, match="gaussian"):
+        _audited(tmp_path, Chain((GaussianNoise(sigma=0.1),)), "heuristic")
