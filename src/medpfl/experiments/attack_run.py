@@ -26,6 +26,7 @@ from medpfl.experiments.run_dir import append_result, open_run_dir, read_results
 from medpfl.experiments.victim_models import load_model_state, pretrain, true_class_probability
 from medpfl.fl.gradients import BN_MODES, stack_params
 from medpfl.metrics.image import ssim
+from medpfl.metrics.intervals import wilson
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score, reidentified
 from medpfl.models.registry import build_model
 from medpfl.report.images import comparison_grid, load_png, save_png
@@ -277,6 +278,7 @@ def summarise(path: Path, config: AttackRunConfig, dataset: ImageDataset) -> dic
     guess = _random_guess_ssim(originals, gallery, config.seed)
     skipped_file = path / SKIPPED
     skipped = len(json.loads(skipped_file.read_text())) if skipped_file.exists() else 0
+    recognised = sum(s >= config.success_ssim for s in ssims)
     return {
         "attack": config.attack,
         "model": config.model_name,
@@ -288,14 +290,18 @@ def summarise(path: Path, config: AttackRunConfig, dataset: ImageDataset) -> dic
         "epsilon": defense.epsilon(),
         "n_images": n,
         "n_victims": len(results),
-        "asr": sum(s >= config.success_ssim for s in ssims) / n,
+        "asr": recognised / n,
+        # 95% intervals of the rates over the n images scored: an ASR of 0 of 4 may still be 0.49.
+        **wilson(recognised, n).as_dict("asr"),
         "success_ssim": config.success_ssim,
         "mean_ssim": statistics.fmean(ssims),
         "median_ssim": statistics.median(ssims),
         "mean_psnr": statistics.fmean(psnrs),
         "mean_mse": statistics.fmean(mses),
         "label_accuracy": sum(hits) / n,
+        **wilson(sum(hits), n).as_dict("label_accuracy"),  # labels are scored per image
         "reid_rate": float(reid.float().mean()),
+        **wilson(int(reid.sum()), len(reid)).as_dict("reid_rate"),
         "reidentified": reid.tolist(),  # per image, in the order of results.jsonl's victims and their images
         "reid_gallery_size": len(gallery),
         # What naming a gallery image at random achieves: a re-identification rate means nothing without it.
