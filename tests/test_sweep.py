@@ -166,3 +166,18 @@ def test_a_config_with_an_unknown_key_is_refused_naming_it(tmp_path, capsys):
     bad.write_text("attacks: [idlg]\nnoise: 3\n")
     assert main(["sweep", "--config", str(bad), "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert "unknown key 'noise'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"protocol": "fedavg", "local_epochs": 2}, "update-inversion"),  # several local steps: not a gradient
+    ({"defenses": ["secagg:k=2"]}, "secagg:k=5"),  # SecAgg+ runs over all 5 sites of a round
+    ({"privacy": "both"}, "--privacy must be one of"),
+])
+def test_a_federation_the_attacks_cannot_take_as_sent_is_refused_before_anything_runs(changes, words):
+    from medpfl.errors import MedPFLError
+    from medpfl.experiments.sweep import plan
+
+    with pytest.raises(MedPFLError, match=words):
+        plan(SweepConfig(**{"attacks": ["idlg"], **changes}))
+    if "protocol" in changes:  # the attack that unrolls the sites' local training takes it
+        assert plan(SweepConfig(**{"attacks": ["update-inversion"], **changes}))

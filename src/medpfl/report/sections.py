@@ -690,10 +690,10 @@ def _recommendations(sweep: SweepRun) -> list[str]:
     lines = []
     for attack in sorted({c["attack"] for c in cells}):
         mine = [c for c in cells if c["attack"] == attack and c.get(privacy) is not None and c.get(utility) is not None]
-        safe = [c for c in mine if c[privacy] < 0.1] if privacy == "asr" else []
+        below = [c for c in mine if c[privacy] < 0.1] if privacy == "asr" else []
         name = attack_name(attack) if attack else "the attacks"
-        if safe:
-            best = max(safe, key=lambda c: c[utility])
+        if below:
+            best = max(below, key=lambda c: c[utility])
             observed = (observed_rate_sentence("reconstructed", rate_interval(best[privacy], int(best["n_images"])))
                         if best.get("n_images") else f"observed ASR {best[privacy]:.2f}.")
             lines.append(f"Against {name}: of the settings with observed ASR below 0.1, {best['defense']} has the best "
@@ -722,7 +722,7 @@ def section_tradeoff(ctx: Context) -> Section | None:
             points = [{"x": c[utility], "y": c[privacy], "label": c["defense"], "group": attack_name(c["attack"]),
                        "y_low": c.get(f"{privacy}_low"), "y_high": c.get(f"{privacy}_high")} for c in usable]
             parts.append("<figure>" + img(plots.tradeoff(points, f"{utility.replace('_', ' ')} (higher is better)",
-                                                         f"{privacy.replace('_', ' ')} (lower is safer)", front,
+                                                         f"{privacy.replace('_', ' ')} (lower leaks less)", front,
                                                          "Privacy against utility, one point per defense setting"),
                                           "privacy-utility trade-off", "plot")
                          + "<figcaption>Settings on the dashed line are not beaten on both privacy and utility by "
