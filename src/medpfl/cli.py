@@ -123,8 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--rounds", type=int, help="federated rounds of each cell's federation (default: 20)")
     sweep.add_argument("--sites", type=int, help="sites of that federation (default: 5)")
     sweep.add_argument("--site-images", type=int, metavar="N",
-                       help="images per site, so per attacked update (default: 4; 0: all of its share)")
-    sweep.add_argument("--model", help="the federation's model (default: convnet)")
+                       help="images per site, so per attacked update (default: 1; 0: all of its share)")
+    sweep.add_argument("--model", help="the federation's model (default: lenet-idlg)")
     sweep.add_argument("--protocol", choices=("fedsgd", "fedavg"), help="default: fedsgd (the update is a gradient)")
     sweep.add_argument("--local-epochs", type=int, help="FedAvg: passes over a site's images (default: 1)")
     sweep.add_argument("--local-batch", type=int, help="FedAvg: images per local step (default: 16)")
@@ -337,8 +337,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     for a in summary["attacks"]:
         who = "all sites" if a["observed"] == "aggregate" else f"site {a['site']}"
         out.print(f"round {a['round']} {who} ({a['observed']} update, {a['images']} images): "
-                  f"ASR {_with_interval(a, 'asr')}, label acc. {_with_interval(a, 'label_accuracy')} ([95% "
-                  f"interval]), SSIM {a['mean_ssim']:.3f}, PSNR {a['mean_psnr']:.1f} dB")
+                  f"ASR {_with_interval(a, 'asr')}, label acc. {_with_interval(a, 'label_accuracy')} (95% "
+                  f"intervals in brackets), SSIM {a['mean_ssim']:.3f}, PSNR {a['mean_psnr']:.1f} dB")
     report = _report(run, args.quiet)
     out.print(f"Results in {run}/ (rounds.jsonl, attacks.jsonl, model.pt, summary.json"
               + (f", {report.name}" if report else "") + ")")

@@ -270,9 +270,9 @@ def section_overview(ctx: Context) -> Section | None:
         stats = run_stats(worst)
         n = sum(run_stats(r).n for r in ranked)
         verdict = ("Patients' images can be recovered from the shared updates." if stats.asr > 0 else
-                   "No attacked image was reconstructed recognisably in these runs: "
-                   + observed_rate_sentence("reconstructed", rate_interval(0.0, n)) + " This is what was observed, "
-                   "not a guarantee; see the re-identification and per-image sections for weaker leaks.")
+                   f"No attacked image was reconstructed recognisably in these runs (0 of {n}). That is what was "
+                   "observed, not a guarantee: each run's interval above says how high its true rate may still "
+                   "be; see the re-identification and per-image sections for weaker leaks.")
         parts.append(f"<p><strong>In short:</strong> {esc(verdict)}</p>")
     for sweep in ctx.sweeps:
         rec = _recommendations(sweep)
