@@ -716,6 +716,13 @@ def section_tradeoff(ctx: Context) -> Section | None:
         cells = defense_table(sweep)
         privacy, utility = _first(cells, _PRIVACY), _first(cells, _UTILITY)
         parts.append(f"<h3>{esc(sweep.name)}</h3>")
+        apart = sorted({(str(c["model"]), str(c["trained_model"])) for c in sweep.cells
+                        if c.get("model") and c.get("trained_model") and c["model"] != c["trained_model"]})
+        if apart:  # --privacy paper: the attacked update is not one the trained federation sent
+            parts.append("<p class=note>Privacy and utility here come from different models ("
+                         + "; ".join(f"attacked {esc(m)}, trained {esc(t)}" for m, t in apart) + "): privacy by the "
+                         "paper's single-image protocol. A defense's strength then means different things on the two "
+                         "sides, so the front below pairs unlike quantities.</p>")
         if privacy and utility:
             usable = [c for c in cells if c.get(privacy) is not None and c.get(utility) is not None]
             front = pareto_front([(c[utility], c[privacy]) for c in usable])
