@@ -12,6 +12,8 @@ import torch
 from medpfl.cli import main
 from medpfl.experiments.audit_config import SHIPPED, load_audit_config, shipped_config
 
+from held_out import utility_cell_accuracy
+
 SMALL = """
 title: "Test audit"
 data: {embedded: null}
@@ -73,7 +75,10 @@ def test_audit_defense_grid_measures_privacy_and_utility_per_laplace_level(audit
     privacy = {(c["attack"], c["defense"]): c for c in cells if c["kind"] == "privacy"}
     utility = {c["defense"]: c for c in cells if c["kind"] == "utility"}
     assert set(privacy) == {(a, d) for a in ("idlg", "dlg") for d in ("none", "laplace:b=0.01")}
-    assert set(utility) == {"none", "laplace:b=0.01"} and all(0 <= u["accuracy"] <= 1 for u in utility.values())
+    assert set(utility) == {"none", "laplace:b=0.01"}
+    for defense, u in utility.items():  # the final model's accuracy on the federation's held-out images
+        cell = grid / "cells" / f"utility-{defense.replace(':', '-')}-seed0"
+        assert u["accuracy"] == pytest.approx(utility_cell_accuracy(cell, sites=2, seed=0, image_size=16), abs=1e-12)
     assert all(c["n_images"] == 2 and c["mean_mse"] > 0 for c in privacy.values())
     # The noise is in the attacked update and in every round of the federation, not only in the attacker's copy.
     assert privacy[("idlg", "laplace:b=0.01")]["mean_ssim"] != privacy[("idlg", "none")]["mean_ssim"]
@@ -127,3 +132,38 @@ def test_shipped_configs_load_and_check(name):
     assert shipped_config(name).exists()
     config = load_audit_config(name)
     assert config.attacks and config.data
+
+
+def test_the_defense_grid_runs_the_audits_seeds_channels_norm_models_and_threat(tmp_path):
+    """Every setting of the audit reaches the defense grid's cells, not the sweep's defaults (seeds 0, 1, ...)."""
+    config = tmp_path / "audit.yaml"
+    config.write_text("""
+data: {embedded: null}
+image_size: 16
+channels: 1
+norm: group
+n_images: 2
+seeds: [3, 7]
+threat: {batch_size: 2, labels: granted, bn_mode: eval}
+attacks: [{name: idlg, model: lenet-dlg, settings: {steps: 2, restarts: 0}}]
+defenses: ["laplace:b=0.01"]
+""")
+    out = tmp_path / "out"
+    assert main(["audit", str(config), "--out", str(out), "--quiet"]) == 0
+    cells = sorted((out / "embedded/defenses/cells").iterdir())
+    seen = [json.loads((c / "config.json").read_text())["config"] for c in cells]
+    assert sorted(s["seed"] for s in seen) == [3, 7]
+    for s in seen:
+        assert (s["channels"], s["norm"], s["model"], s["batch_size"], s["labels_granted"], s["bn_mode_used"]) == (
+            1, "group", "lenet-dlg", 2, True, "eval")
+    # The attack ran on what it was told: per seed one victim's update of 2 images.
+    results = [json.loads(line) for c in cells for line in (c / "results.jsonl").read_text().splitlines()]
+    assert [len(r["labels"]) for r in results] == [2, 2]
+
+
+def test_one_attack_twice_in_the_defense_grid_is_refused_by_name(tmp_path, capsys):
+    config = tmp_path / "audit.yaml"
+    config.write_text("attacks: [{name: idlg}, {name: idlg, model: convnet}]\ndefenses: [none, 'laplace:b=0.01']\n")
+    assert main(["audit", str(config), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "'idlg' is listed more than once" in err and "defended: false" in err and "Traceback" not in err

@@ -128,6 +128,14 @@ def test_attack_on_a_users_class_folders_with_batches(tmp_path, class_folders):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_images"] == 4 and summary["n_victims"] == 2 and summary["batch_size"] == 2
     assert summary["label_accuracy"] == 1.0
+    # Its chance level: two random labels of K classes, scored as a multiset per victim like the attack, hit
+    # 1 - (1 - 1/K)^2 of a victim's images of two classes (a class is missed only if both guesses miss it),
+    # 1/K of two images of one class (the guesses name it 2/K times on average), not 1/K in general.
+    K = summary["num_classes"]
+    labels = [json.loads(line)["labels"] for line in (out / "results.jsonl").read_text().splitlines()]
+    expected = sum(1 - (1 - 1 / K) ** 2 if len(set(pair)) == 2 else 1 / K for pair in labels) / len(labels)
+    assert any(len(set(pair)) == 2 for pair in labels) and summary["label_chance"] == pytest.approx(expected)
+    assert f"1.00 (chance {expected:.2f})" in (out / "report.html").read_text()
 
 
 def test_inverting_gradients_runs_from_the_command_line(tmp_path):
@@ -241,6 +249,57 @@ def test_strict_refuses_broken_files_before_any_work(tmp_path, folder_with_broke
     err = capsys.readouterr().err
     assert all(name in err for name in broken) and "--strict" in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def folder_with_a_truncated_png(tmp_path_factory) -> tuple[Path, Path]:
+    """Two classes of six real images each as PNG files, one of them cut short in its pixel data."""
+    root = tmp_path_factory.mktemp("truncated")
+    source = embedded_source()
+    for name in ("CT", "MR"):
+        items = sample_items([it for it in source.items if it.class_name == name], 6, seed=1)
+        data = ImageDataset(source, items, size=32)
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            array = (data.image(i).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            Image.fromarray(array).save(root / name / f"img{i}.png")
+    broken = root / "MR" / "img3.png"
+    broken.write_bytes(broken.read_bytes()[:200])
+    return root, broken
+
+
+def test_train_skips_names_and_lists_a_truncated_png_like_attack_and_strict_refuses_it(tmp_path, capsys,
+                                                                                      folder_with_a_truncated_png):
+    root, broken = folder_with_a_truncated_png
+    args = ["train", "--data", str(root), "--sites", "2", "--rounds", "1", "--image-size", "16", "--quiet"]
+    assert run([*args, "--strict", "--out", str(tmp_path / "strict")]) == 2
+    err = capsys.readouterr().err
+    assert str(broken) in err.replace("\n", "") and "--strict" in err and not (tmp_path / "strict").exists()
+    out = tmp_path / "run"
+    assert run([*args, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "1 file(s)" in err and broken.name in err
+    (skipped,) = json.loads((out / "skipped.json").read_text())
+    assert Path(skipped["path"]) == broken and "truncated" in skipped["reason"]
+    # The eleven readable images are all there is: the sites' and the test set's, the broken one in neither.
+    federation = json.loads((out / "federation.json").read_text())
+    assert sum(federation["n_images"]) + federation["n_test"] == 11
+
+
+def test_audit_names_and_lists_a_data_sets_broken_file_before_any_job_and_strict_refuses_it(
+        tmp_path, capsys, folder_with_a_truncated_png):
+    root, broken = folder_with_a_truncated_png
+    config = tmp_path / "audit.yaml"
+    config.write_text(f"data: {{mine: {root}}}\nimage_size: 16\nn_images: 2\n"
+                      "attacks: [{name: idlg, settings: {steps: 2, restarts: 0}}]\n")
+    assert run(["audit", str(config), "--strict", "--out", str(tmp_path / "strict"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert broken.name in err and "--strict" in err and not (tmp_path / "strict").exists()
+    out = tmp_path / "audit"
+    assert run(["audit", str(config), "--out", str(out), "--quiet"]) == 0
+    assert "1 file(s)" in capsys.readouterr().err
+    for listing in (out / "mine" / "skipped.json", out / "mine" / "idlg-none-seed0" / "skipped.json"):
+        assert [Path(s["path"]) for s in json.loads(listing.read_text())] == [broken]
 
 
 def test_data_inspect_names_long_paths_whole_in_a_log_file(tmp_path, class_folders):

@@ -69,3 +69,21 @@ def test_dpsgd_attack_reports_the_epsilon_its_noise_spends_over_the_assumed_run(
 def test_bad_defense_is_refused_in_one_sentence(tmp_path, capsys, spec, words):
     assert main(["attack", "--n-images", "4", "--defense", spec, "--out", str(tmp_path / "x"), *QUICK]) == 2
     assert words in capsys.readouterr().err
+
+
+def test_client_level_dp_leaves_the_server_each_sites_update_unnoised_and_the_report_says_so(real_images, tmp_path):
+    """The server adds client-level DP's noise to the aggregate after it has seen every site's update: what
+    the curious server inverts is each plain update scaled to the clip norm, whatever epsilon the run spends."""
+    x, y, K = real_images
+    models = [build_model("lenet-idlg", K, 3, 16, seed=v) for v in range(2)]
+    params = stack_params([dict(m.named_parameters()) for m in models])
+    images, labels = x[:4].reshape(2, 2, *x.shape[1:]), y[:4].reshape(2, 2)
+    plain = flatten_sites(site_gradients(models[0], params, images, labels, K))
+    seen = flatten_sites(observed_gradients(parse_defense("cdp:noise=8,clip=0.5"), models[0], params, images, labels,
+                                            K, "train", torch.Generator().manual_seed(0)))
+    scale = (0.5 / plain.norm(dim=1)).clamp(max=1)
+    assert torch.allclose(seen, plain * scale[:, None], atol=1e-6)
+    out = tmp_path / "cdp"
+    assert main(["attack", "--n-images", "2", "--defense", "cdp:noise=2", "--out", str(out), *QUICK]) == 0
+    assert json.loads((out / "summary.json").read_text())["epsilon"] > 0
+    assert "does not protect against the server" in (out / "report.html").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 import pytest
@@ -15,6 +16,8 @@ from medpfl.fl.aggregate import apply_update, weighted_average  # noqa: E402
 from medpfl.fl.flower.federation import FederationSpec, federation_data, global_model  # noqa: E402
 from medpfl.fl.gradients import functional_model  # noqa: E402
 from medpfl.fl.rounds import RoundHooks, SiteObservation, site_update  # noqa: E402
+
+from held_out import accuracy_of  # noqa: E402
 
 # Several local steps with momentum, so the site's image order and optimiser state must match too.
 SPEC = FederationSpec(sites=2, site_images=6, rounds=2, model="convnet", norm="group", image_size=16, seed=3,
@@ -71,7 +74,12 @@ def test_flower_simulation_matches_the_direct_computation(simulated):
     for name in expected:
         torch.testing.assert_close(result.weights[name], expected[name], atol=1e-6, rtol=1e-5)
     assert [r["round"] for r in result.rounds] == [1, 2]
-    assert all(0.0 <= r["accuracy"] <= 1.0 and r["n_images"] == [6, 6] for r in result.rounds)
+    assert all(r["n_images"] == [6, 6] for r in result.rounds)
+    # Each round's accuracy is that round's global model's on the held-out images, by a plain forward pass.
+    data = federation_data(SPEC)
+    for r, weights in zip(result.rounds, direct_federation(SPEC)[1:]):
+        net = global_model(SPEC, data.num_classes)
+        assert r["accuracy"] == pytest.approx(accuracy_of(net, weights, *data.test), abs=1e-12)
 
 
 def test_auditor_receives_each_sites_real_reply_at_the_chosen_round(simulated):
@@ -169,3 +177,9 @@ def test_train_on_flower_with_secagg_attacks_the_aggregate_of_both_sites_images(
     assert sorted(attacked["items"]) == sorted(behind[0] + behind[1]) and len(attacked["ssim"]) == 2
     (round_line,) = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
     assert "update_norms" not in round_line  # under SecAgg+ the server never holds one site's update
+    # The report shows the aggregate's reconstructions and says what the server faced: 2 images, all sites.
+    from medpfl.report import build_report
+
+    html = build_report(tmp_path).read_text()
+    assert html.count("reconstruction of ") >= 2 and 'class="missing"' not in html
+    assert re.search(r"<td>lenet-idlg</td><td class=num>2</td>.*the secure aggregate of all sites attacked", html)

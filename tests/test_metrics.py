@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+from collections import Counter
+
 import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from medpfl.data import ImageDataset, sample_items
 from medpfl.data.embedded import embedded_source
+from medpfl.metrics.chance import label_chance, pooled_label_chance
 from medpfl.metrics.image import psnr, ssim
 from medpfl.metrics.privacy import reidentified
 
@@ -77,3 +81,31 @@ def test_near_duplicates_in_the_gallery(real):
     assert not reidentified(near[None], torch.tensor([0]), gallery).any()  # it is the look-alike's picture
     with_copy = torch.stack([original, *other, original])
     assert reidentified(original[None], torch.tensor([len(with_copy) - 1]), with_copy).all()
+
+
+def _enumerated_label_chance(true_labels: list[int], num_classes: int) -> float:
+    """Every possible guess of B labels (K^B, equally likely), scored as multisets: shared labels / B."""
+    guesses = itertools.product(range(num_classes), repeat=len(true_labels))
+    truth = Counter(true_labels)
+    scores = [sum((truth & Counter(g)).values()) / len(true_labels) for g in guesses]
+    return sum(scores) / len(scores)
+
+
+@pytest.mark.parametrize("true_labels", [[3], [0, 1], [2, 2], [0, 1, 2, 3], [1, 1, 4, 5], [5, 5, 5, 5], [0, 0, 1]])
+def test_label_chance_equals_enumerating_every_guess(true_labels):
+    assert label_chance(true_labels, 6) == pytest.approx(_enumerated_label_chance(true_labels, 6), abs=1e-12)
+
+
+def test_label_chance_of_a_batch_is_above_one_in_k():
+    """Averaged over true labels drawn uniformly too: 1/6 for one image, 0.282 for two and 0.429 for four of
+    six classes (hand count for two: distinct labels, 5/6 of batches, score 1 - (5/6)^2 = 11/36 each;
+    a repeated label scores 1/6)."""
+    def over_truths(B: int) -> float:
+        truths = list(itertools.product(range(6), repeat=B))
+        return sum(label_chance(list(t), 6) for t in truths) / len(truths)
+
+    assert over_truths(1) == pytest.approx(1 / 6)
+    assert over_truths(2) == pytest.approx(5 / 6 * 11 / 36 + 1 / 6 * 1 / 6) == pytest.approx(0.2824, abs=1e-4)
+    assert over_truths(4) == pytest.approx(0.4286, abs=1e-4)
+    # Pooled over batches: each batch weighted by its images.
+    assert pooled_label_chance([[0, 1], [2, 2]], 6) == pytest.approx((11 / 36 + 1 / 6) / 2)

@@ -22,6 +22,8 @@ from medpfl.models.registry import build_model
 from medpfl.seeds import model_seed
 from medpfl.report.tradeoff import pareto_front
 
+from held_out import utility_cell_accuracy
+
 TINY = ["--attacks", "idlg", "--n-images", "1", "--image-size", "16", "--set", "idlg.steps=3",
         "--set", "idlg.restarts=0", "--rounds", "1", "--sites", "2", "--quiet"]
 
@@ -122,6 +124,9 @@ def test_sweep_measures_utility_and_epsilon_per_defense_in_worker_processes(tmp_
     assert set(rows) == {"none", "dpsgd:epsilon=8", "secagg:k=2", "cdp:noise=2"}
     assert float(rows["cdp:noise=2"]["epsilon"]) == pytest.approx(epsilon_spent(2.0, 1.0, 1))  # one round
     assert all(r["utility"] == "measured" for r in rows.values())
+    for defense in ("none", "dpsgd:epsilon=8", "cdp:noise=2"):  # the final model's accuracy on held-out images
+        cell = out / "cells" / cell_name("utility", rows[defense]["defense"], 0)
+        assert float(rows[defense]["accuracy"]) == pytest.approx(utility_cell_accuracy(cell, 2, 0, 16), abs=1e-12)
     assert float(rows["dpsgd:epsilon=8"]["epsilon"]) == pytest.approx(8, rel=0.05)
     # Secure aggregation's row shows the undefended federation's utility. Its privacy cell trained the federation
     # again, through Flower's SecAgg+ (masked updates, quantized sums): it must reach the same model.

@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
+from rich import box
 from rich.table import Table
 
 from medpfl.errors import MedPFLError
@@ -96,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="audit your data sets instead of the config's, e.g. --data skin=/data/melanoma "
                             "(repeatable)")
     audit.add_argument("--fresh", action="store_true", help="start over instead of resuming --out")
+    audit.add_argument("--strict", action="store_true", help="refuse to start if any file of a data set is broken "
+                                                             "(default: skip and name them)")
 
     report = commands.add_parser("report", parents=[common],
                                  help="write report.html and results.csv for a run directory")
@@ -216,17 +219,11 @@ def cmd_attack(args: argparse.Namespace) -> None:
                              defense=args.defense)
     run = Path(args.out or f"runs/{config.attack}-{config.model_name.replace(':', '-')}-seed{config.seed}")
 
-    def warn_skipped(skipped) -> None:
-        listing = "\n".join(f"  {s.path}: {s.reason}" for s in skipped)
-        console.print(f"[yellow]warning:[/yellow] {len(skipped)} file(s) of the data cannot be used and are left "
-                      f"out (listed in {run / 'skipped.json'}; --strict refuses them):\n{listing}",
-                      soft_wrap=True, highlight=False)
-
     bar, (checking, update) = _progress(args.quiet, "checking files", f"{config.attack} on {config.model_name}")
     with bar or nullcontext():
         summary = run_attack(config, run, resume=not args.fresh, progress=update,
                              checkpoint_every=args.checkpoint_every, strict=args.strict, checking=checking,
-                             on_skipped=warn_skipped)
+                             on_skipped=_warn_skipped(run))
     defended = "" if summary["defense"] == "none" else f", defense {summary['defense']}"
     table = Table(title=f"{summary['attack']} on {summary['model']}, {summary['n_images']} images of "
                         f"{summary['data']}{defended}")
@@ -234,7 +231,7 @@ def cmd_attack(args: argparse.Namespace) -> None:
         table.add_column(column, justify="left" if not column else "right")
     n = summary["n_images"]
     for name, key, chance in ((f"ASR (SSIM >= {summary['success_ssim']:g})", "asr", f"{summary['asr_chance']:.2f}"),
-                              ("label accuracy", "label_accuracy", f"1/{summary['num_classes']}"),
+                              ("label accuracy", "label_accuracy", f"{summary['label_chance']:.2f}"),
                               ("re-identified", "reid_rate", f"{summary['reid_chance']:.2g}")):
         table.add_row(name, f"{summary[key]:.2f} ({round(summary[key] * n)} of {n})",
                       f"{summary[key + '_low']:.2f}-{summary[key + '_high']:.2f}", chance)
@@ -298,6 +295,18 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
                        "cuda:1, mps")
     train.add_argument("--out", help="run directory (default: runs/train-MODEL-PARTITION-seedS)")
     train.add_argument("--fresh", action="store_true", help="start over instead of resuming --out")
+    train.add_argument("--strict", action="store_true", help="refuse to start if any file of --data is broken "
+                                                             "(default: skip and name them)")
+
+
+def _warn_skipped(run: Path):
+    """What every command does with the broken files of --data: name them before any work starts."""
+    def warn(skipped) -> None:
+        listing = "\n".join(f"  {s.path}: {s.reason}" for s in skipped)
+        console.print(f"[yellow]warning:[/yellow] {len(skipped)} file(s) of the data cannot be used and are left "
+                      f"out (listed in {run / 'skipped.json'}; --strict refuses them):\n{listing}",
+                      soft_wrap=True, highlight=False)
+    return warn
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -318,9 +327,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         attack_settings=settings, engine=args.engine, defense=args.defense, vectorise=args.vectorise,
         seed=args.seed, device=args.device)
     run = Path(args.out or f"runs/train-{config.model.replace(':', '-')}-{config.partition.replace(':', '')}-seed{config.seed}")
-    bar, (update,) = _progress(args.quiet, "rounds")
+    bar, (checking, update) = _progress(args.quiet, "checking files", "rounds")
     with bar or nullcontext():
-        summary = run_training(config, run, resume=not args.fresh, progress=update)
+        summary = run_training(config, run, resume=not args.fresh, progress=update, strict=args.strict,
+                               checking=checking, on_skipped=_warn_skipped(run))
     table = Table(title=f"{config.model}, {summary['sites']} sites ({summary['partition']}), "
                         f"{summary['rounds']} rounds")
     for column in ("", "accuracy", "balanced acc.", "macro AUC"):
@@ -344,11 +354,11 @@ def cmd_train(args: argparse.Namespace) -> None:
               + (f", {report.name}" if report else "") + ")")
 
 
-def _with_interval(row: dict, key: str, between: str = " ") -> str:
+def _with_interval(row: dict, key: str) -> str:
     """A rate and its 95% interval, e.g. '0.00 [0.00-0.49]'."""
     if row.get(key) is None:
         return ""
-    return f"{row[key]:.2f}{between}[{row[key + '_low']:.2f}-{row[key + '_high']:.2f}]"
+    return f"{row[key]:.2f} [{row[key + '_low']:.2f}-{row[key + '_high']:.2f}]"
 
 
 def _report(run: Path, quiet: bool) -> Path | None:
@@ -391,7 +401,8 @@ def cmd_audit(args: argparse.Namespace) -> None:
             bar.update(task, completed=done, total=total, description=f"audit: {label}")
 
     with bar or nullcontext():
-        summary = run_audit(config, run, resume=not args.fresh, progress=update)
+        summary = run_audit(config, run, resume=not args.fresh, progress=update, strict=args.strict,
+                            on_skipped=lambda name, skipped: _warn_skipped(run / name)(skipped))
     table = Table(title=f"{config.title}: {summary['jobs']} runs")
     for column in ("run", "ASR", "mean SSIM", "mean PSNR", "label acc.", "re-id", "epsilon", "accuracy"):
         table.add_column(column, justify="left" if column == "run" else "right")
@@ -440,12 +451,15 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     bar, (update,) = _progress(args.quiet, "sweep cells")
     with bar or nullcontext():
         rows = run_sweep(config, args.out, workers=args.workers, ray_address=args.ray, progress=update)
-    table = Table(title=f"Privacy and utility per defense ({args.out}/tradeoff.csv)")
-    for column in ("attack", "defense", "images", "ASR", "label acc.", "re-id", "accuracy", "epsilon"):
-        table.add_column(column, justify="right")
-    for r in rows:
+    table = Table(title=f"Privacy and utility per defense ({args.out}/tradeoff.csv)", box=box.SIMPLE_HEAD,
+                  padding=(0, 1), pad_edge=False, collapse_padding=True)
+    for column in ("attack", "defense", "images", "ASR", "label acc.", "re-id", "acc.", "epsilon"):
+        table.add_column(column, justify="right", overflow="fold" if column == "defense" else "ellipsis",
+                         min_width=9 if column in ("ASR", "label acc.", "re-id") else None)  # a whole interval
+    for r in rows:  # each rate over its 95% interval, so that the table fits a terminal
         table.add_row(r["attack"], r["defense"], str(r["n_images"]),
-                      *(_with_interval(r, key, "\n") for key in ("asr", "label_accuracy", "reid_rate")),
+                      *(f"{r[key]:.2f}\n{r[key + '_low']:.2f}-{r[key + '_high']:.2f}"
+                        for key in ("asr", "label_accuracy", "reid_rate")),
                       "pending" if r["accuracy"] is None else f"{r['accuracy']:.3f}",
                       "" if r["epsilon"] is None else f"{r['epsilon']:.2f}")
     out.print(table)

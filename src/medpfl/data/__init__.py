@@ -2,7 +2,7 @@
 
 from medpfl.data.base import ImageSource, Item, Skipped
 from medpfl.data.dataset import ImageDataset
-from medpfl.data.inspect import InspectReport, format_report, inspect_source, verify_source
+from medpfl.data.inspect import InspectReport, format_report, inspect_source, open_verified, verify_source
 from medpfl.data.sources import DicomSource, FolderSource, NiftiSource, NpzSource, open_source
 from medpfl.data.split import sample_items, train_test_split
 from medpfl.data.transforms import to_tensor
@@ -20,6 +20,7 @@ __all__ = [
     "format_report",
     "inspect_source",
     "open_source",
+    "open_verified",
     "sample_items",
     "to_tensor",
     "train_test_split",

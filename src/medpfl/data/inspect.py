@@ -51,6 +51,20 @@ def verify_source(source: ImageSource, strict: bool = False,
     return _skipped(source, strict)
 
 
+def open_verified(spec: str | os.PathLike[str] | None, strict: bool = False,
+                  progress: Callable[[int, int], None] | None = None,
+                  on_skipped: Callable[[list[Skipped]], None] | None = None) -> tuple[ImageSource, list[Skipped]]:
+    """The policy of every command that reads images: open `spec`, decode every file, leave the broken ones
+    out of the source and hand them to `on_skipped` before any work (with `strict`, refuse them all)."""
+    from medpfl.data.sources import open_source
+
+    source = open_source(spec)
+    skipped = verify_source(source, strict=strict, progress=progress)
+    if skipped and on_skipped:
+        on_skipped(skipped)
+    return source, skipped
+
+
 def _skipped(source: ImageSource, strict: bool) -> list[Skipped]:
     skipped = list(getattr(source, "skipped", []))
     if strict and skipped:

@@ -17,14 +17,15 @@ import torch
 from medpfl.attacks import (DEFAULT_BN_MODES, DEFAULT_MODELS, LABEL_ACCESS, PAPER_PROCEDURE, THREAT_MODELS,
                             ObservedUpdate, ServerPayload, build_attack)
 from medpfl.attacks.optim import Checkpoint
-from medpfl.data import ImageDataset, Skipped, open_source, sample_items, verify_source
+from medpfl.data import ImageDataset, Skipped, open_verified, sample_items
 from medpfl.defenses import parse_defense
 from medpfl.defenses.observe import observed_gradients
 from medpfl.device import resolve_device
 from medpfl.errors import MedPFLError
-from medpfl.experiments.run_dir import append_result, open_run_dir, read_results, write_json
+from medpfl.experiments.run_dir import SKIPPED, append_result, open_run_dir, read_results, write_json, write_skipped
 from medpfl.experiments.victim_models import load_model_state, pretrain, true_class_probability
 from medpfl.fl.gradients import BN_MODES, stack_params
+from medpfl.metrics.chance import pooled_label_chance
 from medpfl.metrics.image import ssim
 from medpfl.metrics.intervals import wilson
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score, reidentified
@@ -34,7 +35,6 @@ from medpfl.seeds import ATTACK_STARTS, DEFENSE_NOISE, MODEL_WEIGHTS, PRETRAIN_M
 
 
 CHECKPOINT = "checkpoint.pt"  # the state of a long attack in progress, in the run directory
-SKIPPED = "skipped.json"  # the source's files that could not be used, and why
 
 
 @dataclass
@@ -129,10 +129,7 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
                           "victim's observed update covers that many images.")
     stream_seed(config.seed)  # a seed that cannot seed the streams is refused before any work
     device = resolve_device(config.device)
-    source = open_source(config.data)
-    skipped = verify_source(source, strict=strict, progress=checking)
-    if skipped and on_skipped:
-        on_skipped(skipped)
+    source, skipped = open_verified(config.data, strict, checking, on_skipped)
     items = sample_items(source.items, config.n_images, config.seed)
     dataset = ImageDataset(source, items, size=config.image_size, channels=config.channels)
     K = len(source.classes)
@@ -143,7 +140,7 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
               "bn_mode_used": bn_mode, "device_used": str(device), "attack_settings": attack.config(),
               "defense_config": defense.config()}
     path = open_run_dir(out, record, resume=resume)
-    write_json(path / SKIPPED, [asdict(s) for s in skipped])
+    write_skipped(path, skipped)
     if not resume:
         (path / CHECKPOINT).unlink(missing_ok=True)
     (path / "images").mkdir(exist_ok=True)
@@ -299,6 +296,8 @@ def summarise(path: Path, config: AttackRunConfig, dataset: ImageDataset) -> dic
         "mean_psnr": statistics.fmean(psnrs),
         "mean_mse": statistics.fmean(mses),
         "label_accuracy": sum(hits) / n,
+        # A random guess of each victim's B labels, scored as multisets like the attack: 1/K only for B = 1.
+        "label_chance": pooled_label_chance([r["labels"] for r in results], len(dataset.classes)),
         **wilson(sum(hits), n).as_dict("label_accuracy"),  # labels are scored per image
         "reid_rate": float(reid.float().mean()),
         **wilson(int(reid.sum()), len(reid)).as_dict("reid_rate"),

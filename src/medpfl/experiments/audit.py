@@ -16,9 +16,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
+from medpfl.data import Skipped, open_verified
 from medpfl.errors import MedPFLError
 from medpfl.experiments.audit_config import AuditConfig
-from medpfl.experiments.run_dir import append_result, library_versions, read_results, write_json
+from medpfl.experiments.run_dir import append_result, library_versions, read_results, write_json, write_skipped
 
 LEDGER = "audit.jsonl"
 
@@ -55,7 +56,7 @@ def _attack_job(config: AuditConfig, job: dict[str, Any], out: Path,
                           labels=config.threat.labels, bn_mode=config.threat.bn_mode)
     summary = run_attack(run, out / job["dir"], resume=resume, progress=progress)
     return {k: summary.get(k) for k in ("asr", "asr_chance", "mean_ssim", "mean_psnr", "mean_mse", "label_accuracy",
-                                        "reid_rate", "reid_chance", "seconds_per_image", "epsilon")}
+                                        "label_chance", "reid_rate", "reid_chance", "seconds_per_image", "epsilon")}
 
 
 def _unavailable(key: str, what: str) -> MedPFLError:
@@ -83,18 +84,20 @@ def _defenses_job(config: AuditConfig, job: dict[str, Any], out: Path,
     from medpfl.experiments.sweep import SweepConfig, run_sweep
     from medpfl.experiments.train_run import TrainRunConfig
 
-    defended = [a for a in config.attacks if a.defended]
+    defended = [a for a in config.attacks if a.defended]  # one per name (AuditConfig.check)
     # The paper's protocol for privacy (each attack on single images of its own model), as the audit's attack
     # jobs; utility from `medpfl train`'s federation (FedAvg on every image of each site).
     train = TrainRunConfig()
-    sweep = SweepConfig(privacy="paper", attacks=list(dict.fromkeys(a.name for a in defended)),
-                        defenses=list(config.defenses),
-                        data=config.data[job["data"]], n_images=config.n_images, seeds=len(config.seeds),
-                        image_size=config.image_size, attack_settings={a.name: dict(a.settings) for a in defended},
-                        utility=config.utility.enabled, rounds=config.utility.rounds, sites=config.utility.sites,
-                        model=train.model, protocol=train.protocol, site_images=train.site_images,
-                        local_epochs=train.local_epochs, local_batch=train.local_batch, lr=train.lr,
-                        momentum=train.momentum, device=config.device)
+    sweep = SweepConfig(privacy="paper", attacks=[a.name for a in defended], defenses=list(config.defenses),
+                        data=config.data[job["data"]], n_images=config.n_images, seeds=list(config.seeds),
+                        image_size=config.image_size, channels=config.channels, norm=config.norm,
+                        attack_settings={a.name: dict(a.settings) for a in defended},
+                        models={a.name: a.model for a in defended if a.model},
+                        batch_size=config.threat.batch_size, labels=config.threat.labels,
+                        bn_mode=config.threat.bn_mode, utility=config.utility.enabled, rounds=config.utility.rounds,
+                        sites=config.utility.sites, model=train.model, protocol=train.protocol,
+                        site_images=train.site_images, local_epochs=train.local_epochs, local_batch=train.local_batch,
+                        lr=train.lr, momentum=train.momentum, device=config.device)
     rows = run_sweep(sweep, out / job["dir"], workers=1, progress=progress)
     kept = ("attack", "defense", "asr", "mean_ssim", "mean_psnr", "label_accuracy", "reid_rate", "epsilon", "accuracy")
     return {"rows": len(rows), "grid": [{k: row.get(k) for k in kept} for row in rows]}
@@ -105,15 +108,26 @@ JOBS: dict[str, Callable[..., dict[str, Any]]] = {"attack": _attack_job, "defens
 
 
 def run_audit(config: AuditConfig, out: str | Path, resume: bool = True,
-              progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) every job of the audit into `out`, then write its report; returns the summary."""
+              progress: Callable[[int, int, str], None] | None = None, strict: bool = False,
+              on_skipped: Callable[[str, list[Skipped]], None] | None = None) -> dict[str, Any]:
+    """Run (or resume) every job of the audit into `out`, then write its report; returns the summary.
+
+    Each data set's broken files are found first, as every command does (`data.open_verified`): handed to
+    `on_skipped` with the data set's name and listed in DATA/skipped.json (each run leaves them out), or,
+    with `strict`, refused before anything runs."""
     jobs = plan(config)
     if any(j["kind"] == "defenses" for j in jobs):
         try:
             import medpfl.experiments.sweep  # noqa: F401
         except ImportError:
             raise _unavailable("defenses", "medpfl sweep (defenses with utility)") from None
+    skipped = {name: open_verified(data, strict)[1] for name, data in config.data.items()}
     path = _open(Path(out), config, resume)
+    for name, files in skipped.items():
+        (path / name).mkdir(exist_ok=True)
+        write_skipped(path / name, files)
+        if files and on_skipped:
+            on_skipped(name, files)
     done = {r["dir"]: r for r in read_results(path, LEDGER)}
     started = time.perf_counter()
     for index, job in enumerate(jobs):

@@ -123,6 +123,12 @@ class AuditConfig:
             if n < 1 or n % self.threat.batch_size:
                 raise MedPFLError(f"Audit config key 'attacks[{i}].n_images' ({n}) must be a positive multiple of "
                                   f"'threat.batch_size' ({self.threat.batch_size}).")
+        defended = [a.name for a in self.attacks if a.defended]
+        twice = sorted({n for n in defended if defended.count(n) > 1})
+        if twice and (self.defenses != ["none"] or self.utility.enabled):
+            raise MedPFLError(f"Audit config key 'attacks': '{twice[0]}' is listed more than once with 'defended: "
+                              "true', but the defense grid runs each attack on one model; set 'defended: false' on "
+                              "all but one.")
         for name in self.data:
             if not str(name).replace("-", "").replace("_", "").isalnum():
                 raise MedPFLError(f"Audit config data set name '{name}' must be letters, digits, '-' or '_' "

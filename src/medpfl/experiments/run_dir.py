@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import sys
+from dataclasses import asdict
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,6 +29,14 @@ def library_versions() -> dict[str, str]:
     versions["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     versions["torch_threads"] = str(torch.get_num_threads())
     return versions
+
+
+SKIPPED = "skipped.json"  # the source's files a run could not use, and why
+
+
+def write_skipped(path: Path, skipped: list) -> None:
+    """The files of the source a run left out (data.Skipped: path, reason), in its directory's skipped.json."""
+    write_json(path / SKIPPED, [asdict(s) for s in skipped])
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -41,12 +41,19 @@ class SweepConfig:
     data: str | None = None  # None: the embedded real-image set
     # "federation": attack the cell's own federation (below); "paper": the paper's single-image protocol.
     privacy: str = "federation"
-    n_images: int = 16  # "paper": victims per attack cell (batch size 1), the same images in every cell of a seed
-    seeds: int = 1
+    n_images: int = 16  # "paper": images attacked per cell, the same images in every cell of a seed
+    seeds: int | list[int] = 1  # how many (seeds 0, 1, ...), or which
     image_size: int = 32
+    channels: int = 3
     # GroupNorm: DP-SGD needs per-example gradients, which BatchNorm entangles; the LeNets have no norm.
     norm: str = "group"
     attack_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"invgrad": {"steps": 200}}
+    # "paper": the model each attack runs on (default: the paper's), and the threat (as medpfl attack's
+    # options): images behind each victim's update, label access, BatchNorm mode.
+    models: dict[str, str] = field(default_factory=dict)
+    batch_size: int = 1
+    labels: str | None = None
+    bn_mode: str | None = None
     utility: bool = True  # train a federation per defense and seed (needs medpfl.fl's engine)
     rounds: int = 20
     sites: int = 5
@@ -66,6 +73,10 @@ class SweepConfig:
     device: str = "cpu"
 
     @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+    @property
     def training(self) -> LocalTraining:
         return LocalTraining(self.protocol, self.local_epochs, self.local_batch, self.lr, self.momentum)
 
@@ -76,7 +87,8 @@ class SweepConfig:
 
         secure = parse_defense(defense).channel is not None
         return TrainRunConfig(
-            data=self.data, model=self.model, norm=self.norm, image_size=self.image_size, sites=self.sites,
+            data=self.data, model=self.model, norm=self.norm, image_size=self.image_size, channels=self.channels,
+            sites=self.sites,
             site_images=self.site_images, rounds=self.rounds, protocol=self.protocol, local_epochs=self.local_epochs,
             local_batch=self.local_batch, lr=self.lr, momentum=self.momentum, attack=attack,
             attack_rounds=sorted({1, self.rounds}) if attack else [],
@@ -87,10 +99,11 @@ class SweepConfig:
 
     def site_sizes(self) -> list[int]:
         """Images per site of the sweep's federation (IID; the same for every seed's draw up to one image)."""
-        from medpfl.data import open_source
+        from medpfl.data import open_verified
         from medpfl.fl.partition import federate, keep_per_site
 
-        return keep_per_site(federate(open_source(self.data), self.sites, "iid", 0), self.site_images, 0).n_images
+        source = open_verified(self.data)[0]  # broken files left out, as every cell's run does
+        return keep_per_site(federate(source, self.sites, "iid", 0), self.site_images, 0).n_images
 
     def chains(self) -> list[Chain]:
         """Every defense chain the specs name, in order, without repeats; DP-SGD on the training's schedule."""
@@ -154,15 +167,19 @@ def plan(config: SweepConfig) -> list[dict[str, Any]]:
     if bad or not config.attacks:
         raise MedPFLError(f"--attacks '{','.join(bad or config.attacks)}' names no known attack; "
                           f"choose from: {', '.join(ATTACKS)}.")
-    if config.n_images < 1 or config.seeds < 1:
+    if config.n_images < 1 or not config.seed_list:
         raise MedPFLError(f"--n-images ({config.n_images}) and --seeds ({config.seeds}) must be 1 or more.")
     if config.privacy not in PRIVACY_MODES:
         raise MedPFLError(f"--privacy must be one of {', '.join(PRIVACY_MODES)}, got '{config.privacy}'.")
+    if config.privacy == "federation" and (config.models or config.batch_size != 1 or config.labels or config.bn_mode):
+        raise MedPFLError("models, batch_size, labels and bn_mode set the paper's protocol (--privacy paper); a "
+                          "federation's attack takes its model (--model), images per update (--site-images) and "
+                          "its attacks' own threat.")
     chains = config.chains()
     if config.privacy == "federation":
         _check_attackable(config, chains)
     jobs = []
-    for seed in range(config.seeds):
+    for seed in config.seed_list:
         if config.utility:
             for label in dict.fromkeys(_trained_label(c) for c in chains):
                 jobs.append({"kind": "utility", "defense": label, "seed": seed})
@@ -215,8 +232,8 @@ def _privacy(job: dict[str, Any], sweep: SweepConfig, path: Path) -> dict[str, A
 
 
 _PRIVACY_FIELDS = ("n_images", "images_per_update", "asr", "asr_chance", "success_ssim", "mean_ssim", "median_ssim",
-                   "mean_psnr", "mean_mse", "label_accuracy", "reid_rate", "reid_chance", "seconds_per_image",
-                   "epsilon", "model", "num_classes")
+                   "mean_psnr", "mean_mse", "label_accuracy", "label_chance", "reid_rate", "reid_chance",
+                   "seconds_per_image", "epsilon", "model", "num_classes")
 
 
 def _paper_privacy(job: dict[str, Any], sweep: SweepConfig, path: Path) -> dict[str, Any]:
@@ -224,10 +241,11 @@ def _paper_privacy(job: dict[str, Any], sweep: SweepConfig, path: Path) -> dict[
     from medpfl.experiments.attack_run import AttackRunConfig, run_attack
 
     settings = dict(sweep.attack_settings.get(job["attack"], {}))
-    config = AttackRunConfig(attack=job["attack"], data=sweep.data, image_size=sweep.image_size,
+    config = AttackRunConfig(attack=job["attack"], data=sweep.data, model=sweep.models.get(job["attack"]),
+                             image_size=sweep.image_size, channels=sweep.channels, batch_size=sweep.batch_size,
                              n_images=sweep.n_images * parse_defense(job["defense"]).sites_per_update,
                              seed=job["seed"], norm=sweep.norm, device=sweep.device, settings=settings,
-                             defense=job["defense"])
+                             labels=sweep.labels, bn_mode=sweep.bn_mode, defense=job["defense"])
     summary = run_attack(config, path)
     chain = parse_defense(job["defense"]).calibrated()
     return {**{k: summary[k] for k in _PRIVACY_FIELDS}, "delta": chain.local.delta if chain.local else None}
@@ -239,6 +257,7 @@ def _federation_privacy(job: dict[str, Any], sweep: SweepConfig, path: Path) -> 
     import statistics
 
     from medpfl.experiments.train_run import ATTACKS_FILE, run_training
+    from medpfl.metrics.chance import pooled_label_chance
     from medpfl.metrics.privacy import SUCCESS_SSIM
 
     config = sweep.federation(job["defense"], job["seed"], job["attack"])
@@ -257,6 +276,8 @@ def _federation_privacy(job: dict[str, Any], sweep: SweepConfig, path: Path) -> 
         "mean_psnr": statistics.fmean(p for a in attacks for p in a["psnr"]),
         "mean_mse": statistics.fmean(m for a in attacks for m in a["mse"]),
         "label_accuracy": sum(hits) / n, "reid_rate": sum(reid) / n, "reid_chance": 1 / gallery,
+        # A random guess of each update's labels, scored as multisets like the attack: 1/K for one image.
+        "label_chance": pooled_label_chance([a["labels"] for a in attacks], _classes(path)),
         "seconds_per_image": sum(a["seconds"] for a in attacks) / n, "epsilon": summary["epsilon"],
         "model": config.model, "num_classes": _classes(path),
         "attacked_rounds": config.attack_rounds, "observed": sorted({a["observed"] for a in attacks}),
@@ -279,29 +300,25 @@ def _reidentification(sweep: SweepConfig, path: Path, attacks: list[dict[str, An
     SSIM to another gallery image at random, the ASR an attacker answering at random would reach."""
     import torch
 
-    from medpfl.data import ImageDataset, open_source, sample_items
+    from medpfl.data import ImageDataset, open_verified, sample_items
     from medpfl.experiments.attack_run import _random_guess_ssim
     from medpfl.metrics.privacy import reidentified
     from medpfl.report.images import load_png
+    from medpfl.report.runs import attacked_png
 
-    source = open_source(sweep.data)
+    source = open_verified(sweep.data)[0]
     attacked = [i for a in attacks for i in a["items"]]
     unique = list(dict.fromkeys(attacked))  # an image attacked in the first and last round is one patient
     others = [it for it in source.items if it.item_id not in set(unique)]
     extra = sample_items(others, min(max(_REID_GALLERY - len(unique), 0), len(others)), seed + 1)
     by_id = {it.item_id: it for it in source.items}
     gallery_items = [by_id[i] for i in unique] + extra
-    dataset = ImageDataset(source, gallery_items, size=sweep.image_size)
+    dataset = ImageDataset(source, gallery_items, size=sweep.image_size, channels=sweep.channels)
     gallery = torch.stack([dataset.image(i) for i in range(len(gallery_items))])
-    recons = torch.stack([load_png(path / "attacks" / f"round{a['round']:04d}-{_who(a)}-{b}.png", gallery.shape[1])
+    recons = torch.stack([load_png(attacked_png(path / "attacks", a["round"], a["site"], b), gallery.shape[1])
                           for a in attacks for b in range(len(a["items"]))])
     reid = reidentified(recons, torch.tensor([unique.index(i) for i in attacked]), gallery).tolist()
     return reid, len(gallery), _random_guess_ssim(gallery[:len(unique)], gallery, seed)
-
-
-def _who(attack: dict[str, Any]) -> str:
-    """The name train_run gives an attacked update's reconstructions."""
-    return "aggregate" if attack["observed"] == "aggregate" else f"site{attack['site']:03d}"
 
 
 def _utility(job: dict[str, Any], sweep: SweepConfig, path: Path) -> dict[str, Any]:

@@ -19,12 +19,12 @@ from typing import Any, Callable
 import torch
 
 from medpfl.attacks import THREAT_MODELS, ObservedUpdate, ServerPayload, build_attack
-from medpfl.data import ImageDataset, open_source
+from medpfl.data import ImageDataset, Skipped, open_verified
 from medpfl.defenses import Chain, parse_defense
 from medpfl.defenses.training import DefendedFederation
 from medpfl.device import resolve_device
 from medpfl.errors import MedPFLError
-from medpfl.experiments.run_dir import open_run_dir, write_json
+from medpfl.experiments.run_dir import open_run_dir, write_json, write_skipped
 from medpfl.experiments.victim_models import load_model_state
 from medpfl.fl.gradients import functional_model
 from medpfl.fl.local import LocalTraining, local_update
@@ -36,6 +36,7 @@ from medpfl.metrics.intervals import rate_interval, wilson
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score
 from medpfl.models.registry import build_model
 from medpfl.report.images import save_png
+from medpfl.report.runs import attacked_png
 from medpfl.seeds import ATTACK, model_seed, site_order, torch_seed
 
 ENGINES = ("inprocess", "flower")
@@ -274,9 +275,8 @@ class CuriousServer:
             facts = seen.facts
             recon = result.images[j].cpu()
             score = match_and_score(images.cpu(), labels.cpu(), recon, result.labels[j].cpu())
-            who = "aggregate" if facts.site == AGGREGATE else f"site{facts.site:03d}"
             for b in range(len(labels)):
-                save_png(recon[score.order[b]], folder / f"round{facts.round:04d}-{who}-{b}.png")
+                save_png(recon[score.order[b]], attacked_png(folder, facts.round, facts.site, b))
             results.append({
                 "round": facts.round, "site": facts.site, "victim": facts.site, "observed": observed,
                 "items": self._items_behind(facts)[:len(labels)],
@@ -357,23 +357,28 @@ def _prepare_dir(out: Path, record: dict[str, Any], resume: bool) -> tuple[Path,
 
 def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
                  progress: Callable[[int, int], None] | None = None,
-                 defenses: RoundHooks | None = None) -> dict[str, Any]:
+                 defenses: RoundHooks | None = None, strict: bool = False,
+                 checking: Callable[[int, int], None] | None = None,
+                 on_skipped: Callable[[list[Skipped]], None] | None = None) -> dict[str, Any]:
     """Train (or resume) the federation described by `config` into `out`; returns the summary.
 
     `defenses` supplies the site transform and aggregator of every round (default: none, FedAvg); the
     curious server's observer is added to its observers. What it does must be recorded in `config`.
+    Broken files of the source are left out of every site and the test set, as `medpfl attack` does
+    (`data.open_verified`): named to `on_skipped`, listed in skipped.json, or refused with `strict`.
     """
     _check(config)
     if defenses is not None and config.defense != "none":
         raise ValueError("Give the defense either as config.defense or as `defenses` hooks, not both.")
     device = resolve_device(config.device)
-    source = open_source(config.data)
+    source, skipped = open_verified(config.data, strict, checking, on_skipped)
     federation = keep_per_site(federate(source, config.sites, config.partition, config.seed), config.site_images,
                                config.seed)
     num_classes = len(federation.classes)
     _check_attackable(config, federation.n_images)
     record = asdict(config)
     path, done, weights = _prepare_dir(Path(out), record, resume)
+    write_skipped(path, skipped)
     write_json(path / "federation.json", {"classes": list(federation.classes), "n_images": federation.n_images,
                                           "label_counts": federation.label_counts(), "n_test": len(federation.test),
                                           "device_used": str(device)})

@@ -45,6 +45,13 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def attacked_png(folder: Path, round_: int, site: int, slot: int) -> Path:
+    """Where a training run keeps the reconstruction of image `slot` behind the update of `site` at `round_`;
+    a negative site is the aggregate of every site (fl.rounds.AGGREGATE), all a securely aggregating server sees."""
+    who = "aggregate" if site < 0 else f"site{site:03d}"
+    return folder / f"round{round_:04d}-{who}-{slot}.png"
+
+
 @dataclass
 class ImageResult:
     """One attacked image: how well it was reconstructed, and where its reconstruction lies."""
@@ -125,7 +132,7 @@ class TrainRun(Run):
         rows = []
         for a in sorted(self.attacks, key=lambda a: (a["round"], a["site"])):
             def where(b: int, a=a) -> Path:
-                return self.path / "attacks" / f"round{a['round']:04d}-site{a['site']:03d}-{b}.png"
+                return attacked_png(self.path / "attacks", a["round"], a["site"], b)
             rows += _image_rows(self.name, self.attack, self.defense, a, where, a["round"], a["site"])
         return rows
 

@@ -9,10 +9,11 @@ import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from PIL import Image
 
+from medpfl.metrics.chance import pooled_label_chance
 from medpfl.report import plots
 from medpfl.report.html import Section, esc, img, img_file, table
 from medpfl.report.runs import AttackRun, ImageResult, Run, SweepRun, TrainRun
@@ -113,6 +114,7 @@ class RunStats:
     mean_ssim_chance: float | None = None
     reid_gallery: int | None = None
     num_classes: int | None = None
+    label_chance: float | None = None  # a random guess of each update's labels, scored as the attack is
     epsilon: float | None = None
 
     @property
@@ -127,11 +129,6 @@ class RunStats:
     def reid_chance(self) -> float | None:
         """Re-identification by naming an image of the gallery at random."""
         return 1 / self.reid_gallery if self.reid_gallery else None
-
-    @property
-    def label_chance(self) -> float | None:
-        """Label accuracy by guessing a class at random."""
-        return 1 / self.num_classes if self.num_classes else None
 
 
 @dataclass
@@ -170,6 +167,9 @@ def run_stats(run: AttackRun | TrainRun) -> RunStats:
     labels = [r.label_correct for r in rows if r.label_correct is not None]
     reid = [r.reidentified for r in rows if r.reidentified is not None]
     gallery = summary.get("reid_gallery_size")
+    num_classes = summary.get("num_classes") or ((run.federation or {}).get("classes") and
+                                                 len(run.federation["classes"]) if isinstance(run, TrainRun) else None)
+    records = run.results if isinstance(run, AttackRun) else run.attacks
     return RunStats(
         n=len(rows),
         asr=sum(r.ssim >= threshold for r in rows) / len(rows),
@@ -184,9 +184,9 @@ def run_stats(run: AttackRun | TrainRun) -> RunStats:
         asr_chance=summary.get("asr_chance"),
         mean_ssim_chance=summary.get("mean_ssim_chance"),
         reid_gallery=int(gallery) if gallery else None,
-        num_classes=summary.get("num_classes") or ((run.federation or {}).get("classes") and
-                                                   len(run.federation["classes"]) if isinstance(run, TrainRun)
-                                                   else None),
+        num_classes=num_classes,
+        label_chance=pooled_label_chance([r["labels"] for r in records if r.get("labels")], num_classes)
+        if num_classes else None,
         epsilon=summary.get("epsilon"),
     )
 
@@ -238,8 +238,9 @@ def plain_findings(run: AttackRun | TrainRun, stats: RunStats) -> list[str]:
         hits = round(stats.label_accuracy * stats.n)
         line = f"Label accuracy {stats.label_accuracy:.2f}{_interval(stats.interval('label_accuracy'))}: the " \
                f"attacker learned the class (diagnosis or modality) of {hits} of {stats.n} images"
-        if stats.num_classes:
-            line += f"; guessing would get 1 in {stats.num_classes}"
+        if stats.label_chance is not None:
+            line += (f"; guessing each update's labels at random among {stats.num_classes} classes would get "
+                     f"{stats.label_chance:.2f}")
         lines.append(line + ".")
     lines.append(f"Mean SSIM {stats.mean_ssim:.3f} (1 is a perfect copy"
                  + (f", a random image of the data scores {stats.mean_ssim_chance:.3f}" if stats.mean_ssim_chance
@@ -303,12 +304,16 @@ def section_threat_model(ctx: Context) -> Section | None:
             context = f"one update per victim, {model_note}"
         else:
             granted = cfg.get("attack") == "invgrad"
-            batch = cfg.get("attack_batch") or cfg.get("local_batch")
+            # The images behind each attacked update as recorded: a probe's K, a whole update's every image
+            # the site trained on that round, an aggregate's images of all sites (not the local batch).
+            sizes = sorted({len(a["ssim"]) for a in run.attacks})
+            batch = "-".join(map(str, dict.fromkeys((sizes[0], sizes[-1])))) if sizes else "?"
             bn, norm = "train", cfg.get("norm", "group")
             rounds = ", ".join(map(str, cfg.get("attack_rounds", []))) or "?"
-            sites = ", ".join(map(str, cfg.get("attack_sites", []))) or "?"
+            sites = ("the secure aggregate of all sites" if any(a["site"] < 0 for a in run.attacks) else
+                     "sites " + (", ".join(map(str, cfg.get("attack_sites", []))) or "?"))
             context = (f"{cfg.get('protocol', '?')} training of {cfg.get('sites', '?')} sites for "
-                       f"{cfg.get('rounds', '?')} rounds; updates of sites {sites} attacked at rounds {rounds}")
+                       f"{cfg.get('rounds', '?')} rounds; updates of {sites} attacked at rounds {rounds}")
         labels = ("handed the true labels (a stronger adversary than usual)" if granted else
                   "recovered by the attacker from the update itself")
         if norm != "batch":
@@ -326,7 +331,9 @@ def section_threat_model(ctx: Context) -> Section | None:
     parts.append("<p>How the attacks work:</p><ul>" + "".join(
         f"<li><strong>{esc(attack_name(a))}</strong> {esc(ATTACK_PLAIN.get(a, ''))}.</li>" for a in attacks) + "</ul>")
     parts.append("<p class=note>Images per update: how many of a hospital's images stand behind one shared "
-                 "update. More images per update blend into one another and are harder to separate.</p>")
+                 "update (in training: every image a site trained on in the round, all sites' under secure "
+                 "aggregation, or a probe's few). More images per update blend into one another and are harder "
+                 "to separate.</p>")
     return Section("threat-model", "Threat model: who sees what", "".join(parts))
 
 
@@ -389,7 +396,8 @@ def section_results(ctx: Context) -> Section | None:
                 + (f" (chance 1/{s.reid_gallery})" if s.reid_gallery and s.reid_rate is not None else ""))
         label = (_fmt(s.label_accuracy) + (_interval(s.interval("label_accuracy")) if s.label_accuracy is not None
                                            else "")
-                 + (f" (chance 1/{s.num_classes})" if s.num_classes and s.label_accuracy is not None else ""))
+                 + (f" (chance {s.label_chance:.2f})" if s.label_chance is not None and s.label_accuracy is not None
+                    else ""))
         row = [run.name] + ([sources[run.name]] if many_sources else []) + [
             attack_name(run.attack), run.config.get("model", "?"), run.defense]
         if has_eps:
@@ -412,7 +420,11 @@ def section_results(ctx: Context) -> Section | None:
                  "(higher is closer) compare each reconstruction with its original, both clamped to [0,1]. "
                  "Re-identified: the reconstruction is more similar to its own image than to any other image of "
                  "the data. Chance levels: what an attacker would score by answering with a random image of the "
-                 "data, or a random label. Time: wall time of the attack alone.</p>")
+                 "data, or a random label per image. Labels are scored as a set per update (the attack learns "
+                 "which labels, not whose), so with several images per update a random guess scores above "
+                 "1/classes. Time: wall time of the attack alone.</p>")
+    if _has_client_dp(run.defense for run in attacked):
+        parts.append(f"<p class=note><strong>{esc(CLIENT_DP_NOTE)}.</strong></p>")
     for run in attacked:
         parts.append(f"<h3>{esc(_label(run))} ({esc(run.name)})</h3><ul class=findings>"
                      + "".join(f"<li>{esc(line)}</li>" for line in plain_findings(run, run_stats(run))) + "</ul>")
@@ -457,6 +469,16 @@ def attack_table(ctx: Context) -> list[dict[str, Any]]:
     return rows
 
 
+CLIENT_DP_NOTE = ("cdp (client-level DP) does not protect against the server: the server adds the noise to the "
+                  "aggregate after it has seen each site's clipped update, which is what the attack here inverted; "
+                  "its epsilon covers a site's participation only towards those who see the noisy aggregate or the "
+                  "trained model")
+
+
+def _has_client_dp(defenses: Iterable[str]) -> bool:
+    return any(part.startswith("cdp") for d in defenses for part in str(d).split("+"))
+
+
 def _with_chance(value: float | None, chance: float | None, digits: int, fraction: bool = False,
                  row: dict[str, Any] | None = None, key: str = "") -> str:
     """A rate, its 95% interval where `row` holds KEY_low/KEY_high, and its chance level (1/N: one in N choices)."""
@@ -477,7 +499,7 @@ def _attack_table_html(rows: list[dict[str, Any]]) -> str:
     cells = [[r["data"], r["attack_name"], r["model"], r["seeds"], r["n_images"],
               _with_chance(r["asr"], r["asr_chance"], 2, row=r, key="asr"), _fmt(r["mean_ssim"], 3),
               _fmt(r["mean_mse"], 4), _fmt(r["mean_psnr"], 1, " dB"), _fmt(r["seconds_per_image"], 2),
-              _with_chance(r["label_accuracy"], r["label_chance"], 2, fraction=True, row=r, key="label_accuracy"),
+              _with_chance(r["label_accuracy"], r["label_chance"], 2, row=r, key="label_accuracy"),
               _with_chance(r["reid_rate"], r["reid_chance"], 2, fraction=True, row=r, key="reid_rate")]
              for r in rows]
     return table(header, cells, numeric=list(range(3, len(header))),
@@ -746,7 +768,7 @@ _DEFENSE_COLUMNS = (
     ("images", "n_images", 0, None, False), ("ASR", "asr", 2, "asr_chance", False),
     ("mean SSIM", "mean_ssim", 3, None, False), ("mean PSNR dB", "mean_psnr", 1, None, False),
     ("mean MSE", "mean_mse", 4, None, False), ("re-identified", "reid_rate", 2, "reid_chance", True),
-    ("label accuracy", "label_accuracy", 2, "label_chance", True),
+    ("label accuracy", "label_accuracy", 2, "label_chance", False),
     ("test accuracy", "accuracy", 3, "accuracy_chance", False),
     ("balanced accuracy", "balanced_accuracy", 3, "balanced_accuracy_chance", True),
     ("AUC", "auc", 3, 0.5, False), ("epsilon", "epsilon", 2, None, False),
@@ -773,7 +795,9 @@ def _defense_table_html(cells: list[dict[str, Any]]) -> str:
                  numeric=list(range(2, 3 + len(columns))),
                  caption="Each row: privacy (leak) and utility (the trained model's quality on held-out images) of "
                          "one defense setting, averaged over seeds; in brackets, the 95% interval (Wilson) of a rate "
-                         "over the images scored; " + "; ".join(notes) + ".")
+                         "over the images scored; " + "; ".join(notes) + ".") + (
+        f"<p class=note><strong>{esc(CLIENT_DP_NOTE)}.</strong></p>"
+        if _has_client_dp(c["defense"] for c in cells) else "")
 
 
 def section_provenance(ctx: Context) -> Section | None:

@@ -37,8 +37,8 @@ def _mean(values: list[Any]) -> float | None:
 
 def _privacy_value(cell: dict[str, Any], key: str) -> Any:
     """A privacy cell's `key`; None where an older sweep did not record it."""
-    if key == "label_chance":  # a guessed label is right once in K classes
-        return 1 / cell["num_classes"] if cell.get("num_classes") else None
+    if key == "label_chance" and cell.get(key) is None:  # older sweeps: 1/K holds for one image per update only
+        return 1 / cell["num_classes"] if cell.get("num_classes") and cell.get("images_per_update", 1) == 1 else None
     return cell.get(key)
 
 

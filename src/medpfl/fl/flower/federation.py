@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medpfl.data import ImageDataset, open_source
+from medpfl.data import ImageDataset, open_verified
 from medpfl.fl.local import LocalTraining
 from medpfl.fl.partition import federate, keep_per_site
 from medpfl.fl.rounds import AGGREGATE  # noqa: F401  (where Flower's modules look for it)
@@ -88,7 +88,7 @@ class FederationData:
 def federation_data(spec: FederationSpec) -> FederationData:
     """Every site's images and the test set, partitioned as the in-process engine does; cached per process."""
     spec.training  # noqa: B018  (refuses bad local-training settings in one sentence)
-    source = open_source(spec.data or None)
+    source, _ = open_verified(spec.data or None)  # broken files left out, as the driver's run did
     federation = federate(source, spec.sites, spec.partition, spec.seed)
 
     def load(items) -> tuple[torch.Tensor, torch.Tensor]:
