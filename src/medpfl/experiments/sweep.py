@@ -86,8 +86,10 @@ class SweepConfig:
         from medpfl.experiments.train_run import TrainRunConfig
 
         secure = parse_defense(defense).channel is not None
+        # "paper": `norm` is the attacked paper models'; the federation keeps medpfl train's (GroupNorm).
+        norm = self.norm if self.privacy == "federation" else TrainRunConfig.norm
         return TrainRunConfig(
-            data=self.data, model=self.model, norm=self.norm, image_size=self.image_size, channels=self.channels,
+            data=self.data, model=self.model, norm=norm, image_size=self.image_size, channels=self.channels,
             sites=self.sites,
             site_images=self.site_images, rounds=self.rounds, protocol=self.protocol, local_epochs=self.local_epochs,
             local_batch=self.local_batch, lr=self.lr, momentum=self.momentum, attack=attack,
