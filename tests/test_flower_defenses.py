@@ -12,7 +12,7 @@ pytest.importorskip("flwr", reason="the Flower engine is an optional extra: pip 
 from medpfl.defenses import parse_defense  # noqa: E402
 from medpfl.defenses.training import DefendedFederation  # noqa: E402
 from medpfl.errors import MedPFLError  # noqa: E402
-from medpfl.fl.flower.defenses import SERVER, flower_defense, numpy_seed  # noqa: E402
+from medpfl.defenses.flower import SERVER, flower_defense, flower_parts, numpy_seed  # noqa: E402
 from medpfl.fl.flower.federation import FederationSpec, federation_data, global_model  # noqa: E402
 from medpfl.fl.gradients import functional_model  # noqa: E402
 from medpfl.fl.rounds import RoundHooks, SiteObservation  # noqa: E402
@@ -49,7 +49,10 @@ def on_flower(spec: FederationSpec):
     from medpfl.fl.flower.simulation import run_simulation
 
     seen = Seen()
-    return seen.updates, run_simulation(spec, RoundHooks(observers=[seen])).weights
+    parts = flower_parts(parse_defense(spec.defense), spec.seed, spec.sites)
+    hooks = RoundHooks(observers=[seen], **({"aggregate": parts.aggregate} if parts.aggregate else {}))
+    run = run_simulation(spec, hooks, client_mods=parts.client_mods, wrap_strategy=parts.wrap_strategy)
+    return seen.updates, run.weights
 
 
 def seeded_normal(seed: int, site: int, std: float, shapes) -> list[np.ndarray]:

@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     attack.add_argument("--restarts", type=int,
                         help="Inverting Gradients: restarts (paper: 8); L-BFGS attacks: fresh starts for failed "
                              "victims (default 7; the paper: 0)")
+    attack.add_argument("--bins", type=int, help="imprint: the malicious server's bins (default: 4 x the images "
+                        "behind each update)")
     attack.add_argument("--paper", action="store_true",
                         help="the paper's optimisation procedure: one start per image for DLG/iDLG/CPL "
                              "(300 L-BFGS steps, no restarts); 24000 steps and 8 restarts for invgrad")
@@ -209,6 +211,8 @@ def cmd_attack(args: argparse.Namespace) -> None:
         settings["steps"] = args.steps
     if args.restarts is not None:
         settings["restarts"] = args.restarts
+    if args.bins is not None:
+        settings["bins"] = args.bins
     config = AttackRunConfig(attack=args.attack, data=args.data, model=args.model,
                              model_kwargs=parse_model_kwargs(args.model_kwargs), image_size=args.image_size,
                              channels=args.channels, batch_size=args.batch_size, n_images=args.n_images,
@@ -242,6 +246,10 @@ def cmd_attack(args: argparse.Namespace) -> None:
               f"right {summary['reid_chance']:.2g} of the time.")
     out.print(f"ASR (SSIM >= {summary['success_ssim']:g}): "
               + observed_rate_sentence("reconstructed", rate_interval(summary["asr"], summary["n_images"])))
+    if "site_check_refused" in summary:
+        out.print(f"The server sent a model of its own making; sites that check the model they receive would have "
+                  f"refused {summary['site_check_refused']} of {summary['n_victims']}: "
+                  f"{summary['site_check_reason'] or 'none refused'}", soft_wrap=True, highlight=False)
     report = _report(run, args.quiet)
     out.print(f"Results in {run}/ (summary.json, results.jsonl, reconstructions.png"
               + (f", {report.name}" if report else "") + ")")

@@ -23,8 +23,9 @@ DEFENSE_NOISE = 2  # a defense's randomness on the sites' side (noise, stochasti
 PRETRAIN_MINIBATCHES = 2
 
 # Purposes of a federated run: the partition, the global model's initial weights, each site's image order in
-# each round, each site's own randomness (e.g. a defense's noise) in each round, and the attacker's.
-PARTITION, MODEL_INIT, SHUFFLE, SITE_NOISE, ATTACK = range(5)
+# each round, each site's own randomness (e.g. a defense's noise) in each round, the attacker's, and SecAgg+'s
+# stochastic rounding of each site's reply in each round (Flower's, from numpy's global generator).
+PARTITION, MODEL_INIT, SHUFFLE, SITE_NOISE, ATTACK, SECAGG_ROUNDING = range(6)
 
 
 def seed_sequence(seed: int, *key: int) -> np.random.SeedSequence:
@@ -53,6 +54,11 @@ def stream(seed: int, *key: int) -> torch.Generator:
 def torch_seed(seed: int, purpose: int, *keys: int) -> int:
     """A 63-bit seed for torch.Generator / build_model on a federated run's stream (its state's high 63 bits)."""
     return int(_state(seed, purpose, *keys) >> np.uint64(1))
+
+
+def numpy_global_seed(seed: int, purpose: int, *keys: int) -> int:
+    """A 32-bit seed for numpy's legacy global generator (np.random.seed), which Flower's own parts draw from."""
+    return torch_seed(seed, purpose, *keys) % 2**32
 
 
 def rng(seed: int, purpose: int, *keys: int) -> np.random.Generator:

@@ -14,17 +14,23 @@ ATTACKS = {
     "invgrad": "Inverting Gradients: cosine distance, TV, signed Adam, restarts (Geiping et al. 2020)",
     "update-inversion": "FedAvg weight changes: the site's local steps unrolled on candidate images, then "
                         "Inverting Gradients (Geiping et al. 2020 sec. 6; Dimitrov et al. 2022)",
+    "imprint": "Robbing the Fed: a malicious server sends the model behind an imprint module and reads images "
+               "alone in their brightness bin off the update (Fowl et al. 2022)",
+    "trap": "Trap weights: a malicious server scales the negative weights of the first fully connected layer so "
+            "that few images fire each unit, and reads images that fired a unit alone (Boenisch et al. 2023)",
 }
 # The model each attack was run on in the paper, used when no --model is given; update-inversion gets
 # the ConvNet that `medpfl train` trains by default.
 DEFAULT_MODELS = {"dlg": "lenet-dlg", "idlg": "lenet-idlg", "cpl": "lenet-cpl", "invgrad": "resnet18",
-                  "update-inversion": "convnet"}
+                  "update-inversion": "convnet", "imprint": "lenet-idlg", "trap": "mlp"}
 # The Inverting Gradients paper computed updates with the network in eval mode (BatchNorm on its
 # running statistics); a site's ordinary training step normalises with batch statistics.
 DEFAULT_BN_MODES = {name: "eval" if name == "invgrad" else "train" for name in ATTACKS}
 # The paper hands Inverting Gradients the true labels; the others find them themselves.
 LABEL_ACCESS = ("granted", "recovered")
-THREAT_MODELS = {name: ThreatModel(knows_labels=name == "invgrad") for name in ATTACKS}
+MALICIOUS = ("imprint", "trap")  # the server changes the model it sends
+THREAT_MODELS = {name: ThreatModel(knows_labels=name == "invgrad", modifies_model=name in MALICIOUS)
+                 for name in ATTACKS}
 # The papers' optimisation procedure (SEED.md), which `--paper` sets: one start per image for the L-BFGS
 # attacks, whose default here restarts failed victims; Inverting Gradients' defaults are already the paper's.
 # For the L-BFGS attacks also the plain distance and the absolute tolerances (gradient_matching.PAPER_PROCEDURE).
@@ -46,6 +52,10 @@ def build_attack(name: str, **settings: Any):
         from medpfl.attacks.inverting_gradients import invgrad as factory
     elif name == "update-inversion":
         from medpfl.attacks.update_inversion import update_inversion as factory
+    elif name == "imprint":
+        from medpfl.attacks.imprint import imprint as factory
+    elif name == "trap":
+        from medpfl.attacks.trap import trap as factory
     else:
         from medpfl.attacks import gradient_matching
 

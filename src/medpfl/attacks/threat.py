@@ -24,6 +24,8 @@ class ThreatModel:
 
     knows_labels: bool = False  # Inverting Gradients, as the paper ran it, is handed the true labels
     knows_batch_size: bool = True
+    # A malicious server sends the sites a model of its own making instead of the agreed one (imprint attacks).
+    modifies_model: bool = False
 
 
 @dataclass

@@ -17,6 +17,7 @@ from medpfl.defenses.chain import Chain
 from medpfl.defenses.dpsgd import dp_local_update, dp_schedules
 from medpfl.fl.aggregate import weighted_average
 from medpfl.fl.local import LocalTraining
+from medpfl.fl.model_check import ModelCheck
 from medpfl.fl.rounds import RoundHooks, RoundObserver, SiteRound, Update, ordered
 from medpfl.fl.simulation import InProcessFederation, RoundOutcome
 from medpfl.seeds import SITE_NOISE, torch_seed
@@ -49,7 +50,8 @@ class DefendedFederation:
 
     def __init__(self, chain: Chain, model: nn.Module, sites: list[tuple[torch.Tensor, torch.Tensor]],
                  num_classes: int, training: LocalTraining, rounds: int, seed: int,
-                 observers: tuple[RoundObserver, ...] = (), vectorise: bool = False) -> None:
+                 observers: tuple[RoundObserver, ...] = (), vectorise: bool = False,
+                 model_check: ModelCheck | None = None) -> None:
         self.chain, self.seed, self.n_sites = chain, seed, len(sites)
         self.schedules = dp_schedules([len(y) for _, y in sites], training, rounds)
         self.dp = chain.local.for_sites(self.schedules) if chain.local is not None else None
@@ -59,9 +61,10 @@ class DefendedFederation:
         self._round = 0  # the round in progress (its server noise stream)
         hooks = RoundHooks(self._site_transform, self._aggregate if chain.server else weighted_average,
                            tuple(observers))
-        self.engine = (DPSGDFederation(model, sites, num_classes, training, seed, hooks, vectorise=False, dp=self.dp)
+        self.engine = (DPSGDFederation(model, sites, num_classes, training, seed, hooks, vectorise=False, dp=self.dp,
+                                       model_check=model_check)
                        if self.dp is not None else
-                       InProcessFederation(model, sites, num_classes, training, seed, hooks, vectorise))
+                       InProcessFederation(model, sites, num_classes, training, seed, hooks, vectorise, model_check))
 
     def _site_transform(self, update: Update, facts: SiteRound) -> Update:
         generator = noise_stream(self.seed, facts.round, facts.site, 0, next(iter(update.values())).device)

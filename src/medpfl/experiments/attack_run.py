@@ -25,6 +25,7 @@ from medpfl.errors import MedPFLError
 from medpfl.experiments.run_dir import SKIPPED, append_result, open_run_dir, read_results, write_json, write_skipped
 from medpfl.experiments.victim_models import load_model_state, pretrain, true_class_probability
 from medpfl.fl.gradients import BN_MODES, stack_params
+from medpfl.fl.model_check import ModelCheck, fingerprint
 from medpfl.metrics.chance import pooled_label_chance
 from medpfl.metrics.image import ssim
 from medpfl.metrics.intervals import wilson
@@ -147,6 +148,9 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
 
     n_victims = config.n_images // B
     pretrain_data = _pretrain_data(config, source, items, device)
+    # A malicious server builds the model it sends from images like the sites' (never the attacked ones).
+    malicious = THREAT_MODELS[config.attack].modifies_model
+    public = _unattacked_images(config, source, items, device)[0] if malicious else None
     done = {r["victim"] for r in read_results(path)}
     todo = [v for v in range(n_victims) if v not in done]
     if progress:
@@ -156,6 +160,13 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
         images, labels = zip(*(dataset.load_batch(range(v * B, v * B + B)) for v in victims))
         images, labels = torch.stack(images).to(device), torch.stack(labels).to(device)
         models = [victim_model(config, K, v, pretrain_data) for v in victims]
+        refusals = [None] * len(models)
+        if public is not None:
+            sent = [attack.craft(m, tuple(images.shape[2:]), public.cpu(), B) for m in models]
+            # What a site that checks the model it receives (fl.model_check) would have answered.
+            refusals = [ModelCheck(fingerprint(dict(m.named_parameters()))).verify(dict(c.named_parameters()))
+                        for m, c in zip(models, sent)]
+            models = sent
         params = {n: p.to(device) for n, p in stack_params([dict(m.named_parameters()) for m in models]).items()}
         # The sites' side: what each victim computes, defends and shares. Ground truth stays on this side.
         defense_stream = stream(config.seed, DEFENSE_NOISE, victims[0])
@@ -174,7 +185,8 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
                                     **({"checkpoint": checkpoint} if attack.takes_checkpoints else {}))
         for j, v in enumerate(victims):
             scored = _score(path, dataset, v, B, images[j], labels[j], result, j, len(victims))
-            append_result(path, {**scored, "update_norm": update_norms[j], "p_true": p_true[j]})
+            append_result(path, {**scored, "update_norm": update_norms[j], "p_true": p_true[j],
+                                 **({"site_check": refusals[j]} if public is not None else {})})
         checkpoint.clear()
         if progress:
             progress(len(done) + start + len(victims), n_victims)
@@ -219,10 +231,16 @@ def _pretrain_data(config: AttackRunConfig, source, attacked: list, device: torc
         raise MedPFLError(f"--pretrain-steps {config.pretrain_steps} must be 0 or more.")
     if not config.pretrain_steps:
         return None
+    return _unattacked_images(config, source, attacked, device, "--pretrain-steps")
+
+
+def _unattacked_images(config: AttackRunConfig, source, attacked: list, device: torch.device,
+                       needed_by: str = "--attack imprint") -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to 1024 images and labels of the source that are not attacked (a server's data like the sites')."""
     taken = {it.item_id for it in attacked}
     others = [it for it in source.items if it.item_id not in taken]
     if not others:
-        raise MedPFLError(f"--pretrain-steps needs images besides the {len(attacked)} attacked, but the source holds "
+        raise MedPFLError(f"{needed_by} needs images besides the {len(attacked)} attacked, but the source holds "
                           f"no others; lower --n-images or pass a larger --data.")
     pool = sample_items(others, min(_PRETRAIN_POOL, len(others)), config.seed + 2)
     images, labels = ImageDataset(source, pool, size=config.image_size, channels=config.channels).load_batch(
@@ -316,7 +334,16 @@ def summarise(path: Path, config: AttackRunConfig, dataset: ImageDataset) -> dic
         "evaluations_per_victim": statistics.fmean(r["evaluations"] for r in results),
         "seed": config.seed,
         "skipped_files": skipped,
+        **_site_check_summary(results),
     }
+
+
+def _site_check_summary(results: list[dict]) -> dict[str, Any]:
+    """For a malicious server: how many victims' sites would have refused the model it sent, and why."""
+    if not any("site_check" in r for r in results):
+        return {}
+    reasons = [r["site_check"] for r in results if r.get("site_check")]
+    return {"site_check_refused": len(reasons), "site_check_reason": reasons[0] if reasons else None}
 
 
 def _reidentification(config: AttackRunConfig, dataset: ImageDataset, results: list[dict],

@@ -30,6 +30,7 @@ from medpfl.fl.gradients import functional_model
 from medpfl.fl.local import LocalTraining, local_update
 from medpfl.fl.partition import Federation, federate, keep_per_site
 from medpfl.fl.rounds import AGGREGATE, RoundHooks, SiteObservation, SiteRound, ordered
+from medpfl.fl.model_check import ModelCheck, fingerprint
 from medpfl.fl.simulation import InProcessFederation
 from medpfl.fl.utility import chance_levels, evaluate
 from medpfl.metrics.intervals import rate_interval, wilson
@@ -131,6 +132,9 @@ def _check(config: TrainRunConfig) -> None:
     if config.attack is None:
         return
     build_attack(config.attack, **config.attack_settings)  # an unknown attack or setting is named here
+    if THREAT_MODELS[config.attack].modifies_model:
+        raise MedPFLError(f"--attack {config.attack} needs a malicious server that changes the model it sends; "
+                          "medpfl train runs a curious one that follows the protocol: use medpfl attack.")
     bad_rounds = [r for r in config.attack_rounds if not 1 <= r <= config.rounds]
     bad_sites = [s for s in config.attack_sites if not 0 <= s < config.sites]
     if not config.attack_rounds or bad_rounds:
@@ -153,7 +157,7 @@ def _check_defense(config: TrainRunConfig) -> Chain:
         return chain
     if config.engine == "flower":
         _require_flower()
-        from medpfl.fl.flower.defenses import flower_defense
+        from medpfl.defenses.flower import flower_defense
 
         flower_defense(config.defense, config.protocol)  # what Flower's own parts cannot run is named
     if config.engine == "flower" and chain.channel is not None and len(chain.defenses) > 1:
@@ -416,10 +420,12 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
     elif done < config.rounds:
         vectorise = config.vectorise == "on" or (config.vectorise == "auto" and device.type != "cpu")
         chain = parse_defense(config.defense)
+        # The sites verify every model they receive against the architecture they built themselves.
+        check = ModelCheck(fingerprint(dict(model.named_parameters())))
         defended = (DefendedFederation(chain, model, sites, num_classes, config.training, config.rounds, config.seed,
-                                       tuple(hooks.observers), vectorise) if chain.defenses else None)
+                                       tuple(hooks.observers), vectorise, check) if chain.defenses else None)
         engine = defended or InProcessFederation(model, sites, num_classes, config.training, config.seed, hooks,
-                                                 vectorise)
+                                                 vectorise, model_check=check)
         if defended:
             defended.resume(done)
         for round_index in range(done + 1, config.rounds + 1):
@@ -439,6 +445,7 @@ def _train_on_flower(config: TrainRunConfig, hooks: RoundHooks, weights: dict[st
                      ) -> dict[str, torch.Tensor]:
     """Rounds done+1.. on Flower's simulation runtime (the optional extra), with the same sites, seed and hooks."""
     _require_flower()
+    from medpfl.defenses.flower import flower_parts
     from medpfl.fl.flower.federation import FederationSpec
     from medpfl.fl.flower.simulation import run_simulation
 
@@ -449,11 +456,15 @@ def _train_on_flower(config: TrainRunConfig, hooks: RoundHooks, weights: dict[st
         raise MedPFLError(f"A secure-aggregation run on Flower starts at round 1 and cannot resume after round {done}; "
                           "rerun with --fresh.")
     start = None if secure else {n: w.cpu() for n, w in weights.items()}  # SecAgg+: the run's initial model
+    parts = flower_parts(parse_defense(config.defense), config.seed, config.sites)
+    if parts.aggregate is not None:
+        hooks = RoundHooks(hooks.site_transform, parts.aggregate, hooks.observers)
     result = run_simulation(FederationSpec.of(config), hooks, start, done + 1,
                             lambda record, new: finished(record["round"], new,
                                                          {**{k: record[k] for k in keys if k in record},
                                                           **_flower_privacy(config, record["round"])}),
-                            secure_aggregation=secure)
+                            secure_aggregation=secure, client_mods=parts.client_mods,
+                            wrap_strategy=parts.wrap_strategy)
     return result.weights
 
 

@@ -20,6 +20,7 @@ from torch.func import vmap
 
 from medpfl.fl.aggregate import apply_update
 from medpfl.fl.local import LocalTraining, local_update
+from medpfl.fl.model_check import ModelCheck
 from medpfl.fl.rounds import RoundHooks, SiteRound, Update, ordered, site_update, update_norm
 
 
@@ -37,9 +38,12 @@ class InProcessFederation:
     """Sites' data held in memory and a round function; the caller owns the loop (and checkpoints)."""
 
     def __init__(self, model: nn.Module, sites: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
-                 training: LocalTraining, seed: int, hooks: RoundHooks | None = None, vectorise: bool = True):
-        """`model` must be fit for torch.func (fl.gradients.functional_model); `sites` are (images, labels)."""
+                 training: LocalTraining, seed: int, hooks: RoundHooks | None = None, vectorise: bool = True,
+                 model_check: ModelCheck | None = None):
+        """`model` must be fit for torch.func (fl.gradients.functional_model); `sites` are (images, labels).
+        With `model_check` every site verifies the weights it receives before it trains (fl.model_check)."""
         self.model, self.sites, self.num_classes = model, sites, num_classes
+        self.model_check = model_check
         self.training, self.seed, self.vectorise = training, seed, vectorise
         self.hooks = hooks or RoundHooks()
         groups: dict[int, list[int]] = defaultdict(list)
@@ -67,6 +71,8 @@ class InProcessFederation:
     def run_round(self, weights: Update, round_index: int) -> RoundOutcome:
         """Round `round_index` (1-based) from the global `weights`: train, transform, observe, aggregate."""
         start = time.perf_counter()
+        if self.model_check is not None:
+            self.model_check.require(weights)  # the sites run one check; it refuses for all of them
         sent, n_images = [], [len(labels) for _, labels in self.sites]
         for s, update in enumerate(self._raw_updates(weights, round_index)):
             facts = SiteRound(round_index, s, n_images[s], self.training, self.seed)

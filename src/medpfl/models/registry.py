@@ -14,6 +14,7 @@ from medpfl.errors import MedPFLError
 from medpfl.models.convnet import ConvNet
 from medpfl.models.init import INIT_SCHEMES, init_weights
 from medpfl.models.lenet import LeNet, lenet_feature_size
+from medpfl.models.mlp import MLP
 from medpfl.models.norms import NORMS
 from medpfl.models.resnet import ResNet18
 
@@ -25,6 +26,7 @@ MODELS: dict[str, str] = {
     "convnet": "small ConvNet 32/64/128, conv3x3 + norm + ReLU + max-pool, global average pool, Linear",
     "resnet18": "ResNet-18 with a CIFAR stem (3x3 conv, no max-pool), for small images",
     "resnet18-imagenet": "ResNet-18 with the ImageNet stem (7x7 stride-2 conv + max-pool), for 224x224 images",
+    "mlp": "fully connected net: Linear C*H*W->1000 + ReLU, Linear 1000->K (trap weights go in its first layer)",
 }
 
 # Smallest input side each model accepts; the LeNets check theirs from their layer arithmetic.
@@ -37,6 +39,7 @@ _BUILDERS: dict[str, Callable[[int, int, int, str], nn.Module]] = {
     "convnet": lambda k, c, n, norm: ConvNet(k, c, norm=norm),
     "resnet18": lambda k, c, n, norm: ResNet18(k, c, stem="cifar", norm=norm),
     "resnet18-imagenet": lambda k, c, n, norm: ResNet18(k, c, stem="imagenet", norm=norm),
+    "mlp": lambda k, c, n, norm: MLP(k, c, n),
 }
 
 
@@ -156,9 +159,9 @@ def build_model(
 ) -> nn.Module:
     """Build model `name` for square `image_size` inputs; the same arguments always give identical weights.
 
-    `init` defaults to 'uniform' for the LeNets (as in the papers) and 'default' otherwise; LeNets ignore `norm`.
-    A user's `module:callable` is built with `model_kwargs` and keeps its own initialisation unless `init` is
-    given; `norm` does not apply to it.
+    `init` defaults to 'uniform' for the LeNets (as in the papers) and 'default' otherwise; LeNets and the MLP
+    ignore `norm`. A user's `module:callable` is built with `model_kwargs` and keeps its own initialisation
+    unless `init` is given; `norm` does not apply to it.
     """
     if is_user_model(name):
         model = build_user_model(check_model_name(name), model_kwargs or {}, num_classes, in_channels, image_size,

@@ -10,15 +10,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from medpfl.fl.flower.defenses import defense_mod
 from medpfl.fl.flower.federation import FederationSpec, federation_data, global_model
+from medpfl.fl.flower.model_check_mod import model_check_mod
 from medpfl.fl.gradients import functional_model
 from medpfl.fl.rounds import site_update
 from medpfl.fl.utility import evaluate as score
 
 ROUND_KEY = "medpfl-round"  # the run's round index (Flower's own count restarts at 1 when a run resumes)
-
-app = ClientApp(mods=[defense_mod])  # the run's defense, if any, by Flower's own mods
 
 
 def tensors(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -35,7 +33,6 @@ def _site(context: Context) -> int:
     return int(context.node_config["partition-id"])
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round at one site: the update of its local training on its own images, and how many it used."""
     config: ConfigRecord = msg.content["config"]
@@ -50,7 +47,6 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"arrays": array_record(update), "metrics": metrics}), reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """The global model's utility on this site's own images (the server scores the held-out test set itself)."""
     spec = FederationSpec.from_config(msg.content["config"])
@@ -60,3 +56,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     scores = score(model, tensors(msg.content["arrays"]), *data.sites[site])
     metrics = MetricRecord({**scores, "num-examples": len(data.sites[site][1]), "site": site})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def client_app(mods=()) -> ClientApp:
+    """A ClientApp running `train` and `evaluate`: every site first checks the model it receives before its
+    data meets it (fl.model_check), then runs `mods` (e.g. a defense's, by Flower's own mods: defenses.flower)."""
+    client = ClientApp(mods=[model_check_mod, *mods])
+    client.train()(train)
+    client.evaluate()(evaluate)
+    return client
+
+
+app = client_app()  # what deployments start (fl.flower.deploy): the undefended site

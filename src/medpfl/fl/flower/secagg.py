@@ -32,6 +32,7 @@ from medpfl.fl.flower.server_app import FlowerRun, RoundCallback, deployment_set
 from medpfl.fl.gradients import functional_model
 from medpfl.fl.rounds import RoundHooks, SiteRound, Update, site_update
 from medpfl.fl.utility import evaluate
+from medpfl.seeds import SECAGG_ROUNDING, numpy_global_seed
 
 # What the protocol's integer arithmetic can carry: updates are clipped to +-CLIPPING_RANGE (weight changes
 # and gradients of the zoo's models stay far inside it) and quantized to 2**22 levels over that range.
@@ -63,6 +64,9 @@ def train(msg: Message, context: Context) -> Message:
     update = site_update(model, _to_tensors(names, fitins.parameters), images, labels, data.num_classes,
                          spec.training, spec.seed, int(fitins.config[ROUND_KEY]), site)
     fitres = FitRes(Status(Code.OK, ""), _to_parameters(names, update), len(labels), {"site": site})
+    # secaggplus_mod quantizes this reply with stochastic rounding from numpy's global generator: seeded, a
+    # run repeats (a separate stream from the defenses' noise).
+    np.random.seed(numpy_global_seed(spec.seed, SECAGG_ROUNDING, int(fitins.config[ROUND_KEY]), site))
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,6 @@ from flwr.serverapp.strategy import FedAvg
 
 from medpfl.fl.aggregate import apply_update
 from medpfl.fl.flower.client_app import ROUND_KEY, array_record, tensors
-from medpfl.fl.flower.defenses import flower_defense, server_strategy, unweighted_mean
 from medpfl.fl.flower.federation import AGGREGATE, FederationSpec, federation_data, global_model
 from medpfl.fl.gradients import functional_model
 from medpfl.fl.rounds import RoundHooks, SiteObservation, SiteRound, Update, update_norm
@@ -84,11 +84,12 @@ class FlowerRun:
 
 
 RoundCallback = Callable[[dict, Update], None]  # (the round's record, its new global weights)
+StrategyWrapper = Callable[[FedAvg], Any]  # the auditor -> the strategy the ServerApp runs (a defense's wrapper)
 
 
 def run_federation(grid: Grid, spec: FederationSpec, hooks: RoundHooks | None = None,
                    weights: Update | None = None, first_round: int = 1, on_round: RoundCallback | None = None,
-                   result: FlowerRun | None = None) -> FlowerRun:
+                   result: FlowerRun | None = None, wrap_strategy: StrategyWrapper | None = None) -> FlowerRun:
     """Rounds `first_round`..`spec.rounds` of FedAvg over the grid's nodes (one per site) from `weights`
     (default: the run's initial model), scoring the global model on the test set after each round."""
     result = result if result is not None else FlowerRun()
@@ -96,12 +97,9 @@ def run_federation(grid: Grid, spec: FederationSpec, hooks: RoundHooks | None = 
     model = functional_model(global_model(spec, data.num_classes))
     if weights is None:
         weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    chain = flower_defense(spec.defense, spec.protocol)
-    if chain.server is not None:  # Flower's DP wrapper noises the plain mean of the clipped updates
-        hooks = RoundHooks((hooks or RoundHooks()).site_transform, unweighted_mean, (hooks or RoundHooks()).observers)
     strategy = AuditorFedAvg(spec, hooks, first_round, fraction_evaluate=0.0, min_train_nodes=spec.sites,
                              min_available_nodes=spec.sites)
-    running = server_strategy(chain, strategy, spec.seed, spec.sites)
+    running = wrap_strategy(strategy) if wrap_strategy else strategy  # e.g. Flower's DP wrapper
     clock = [time.perf_counter()]
 
     def score(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -125,14 +123,14 @@ def run_federation(grid: Grid, spec: FederationSpec, hooks: RoundHooks | None = 
 
 
 def server_app(spec: FederationSpec, hooks: RoundHooks | None = None, weights: Update | None = None,
-               first_round: int = 1, on_round: RoundCallback | None = None, result: FlowerRun | None = None
-               ) -> ServerApp:
+               first_round: int = 1, on_round: RoundCallback | None = None, result: FlowerRun | None = None,
+               wrap_strategy: StrategyWrapper | None = None) -> ServerApp:
     """A ServerApp for an in-Python run (simulation): `result` receives the final weights and per-round records."""
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, spec, hooks, weights, first_round, on_round, result)
+        run_federation(grid, spec, hooks, weights, first_round, on_round, result, wrap_strategy)
 
     return server
 

@@ -7,7 +7,7 @@ import os
 import warnings
 
 from medpfl.fl.flower.federation import FederationSpec
-from medpfl.fl.flower.server_app import FlowerRun, RoundCallback, server_app
+from medpfl.fl.flower.server_app import FlowerRun, RoundCallback, StrategyWrapper, server_app
 from medpfl.errors import MedPFLError
 from medpfl.fl.aggregate import weighted_average
 from medpfl.fl.rounds import RoundHooks, Update, send_as_is
@@ -15,11 +15,14 @@ from medpfl.fl.rounds import RoundHooks, Update, send_as_is
 
 def run_simulation(spec: FederationSpec, hooks: RoundHooks | None = None, weights: Update | None = None,
                    first_round: int = 1, on_round: RoundCallback | None = None, cpus: int | None = None,
-                   secure_aggregation: bool = False) -> FlowerRun:
+                   secure_aggregation: bool = False, client_mods=(),
+                   wrap_strategy: StrategyWrapper | None = None) -> FlowerRun:
     """Train `spec` (rounds `first_round`..`spec.rounds`) with one simulated SuperNode per site.
 
-    With `secure_aggregation`, the sites run Flower's SecAgg+ and observers receive only the aggregate
-    (fl.flower.secagg; a fresh run only: SecAgg+ runs in Flower's legacy API, which starts at round 1).
+    `client_mods` run around every site's training and `wrap_strategy` wraps the server's strategy: a
+    defense's parts, Flower's own (defenses.flower). With `secure_aggregation`, the sites run Flower's
+    SecAgg+ and observers receive only the aggregate (fl.flower.secagg; a fresh run only: SecAgg+ runs in
+    Flower's legacy API, which starts at round 1).
 
     Flower's `run_simulation` is its in-Python entry to the simulation runtime: the ServerApp runs in
     this process, so observers (an attack) receive the sites' replies as Python objects. `flwr run`,
@@ -28,8 +31,8 @@ def run_simulation(spec: FederationSpec, hooks: RoundHooks | None = None, weight
     hooks = hooks or RoundHooks()
     if hooks.site_transform is not send_as_is:
         # A defense must run on the site, in the ClientApp, which a callable in this process cannot reach.
-        raise MedPFLError("Defenses inside training are not available on the Flower engine yet; "
-                          "use --engine inprocess.")
+        raise MedPFLError("On the Flower engine a site's defense runs as a ClientApp mod (client_mods), not as "
+                          "a site transform in this process.")
     if secure_aggregation and hooks.aggregate is not weighted_average:
         raise MedPFLError("Under secure aggregation the sites' sample-weighted mean is all the server can form; "
                           "drop the custom aggregator.")
@@ -41,7 +44,9 @@ def run_simulation(spec: FederationSpec, hooks: RoundHooks | None = None, weight
         from medpfl.fl.flower.secagg import app as client_app
         from medpfl.fl.flower.secagg import secure_server_app
     else:
-        from medpfl.fl.flower.client_app import app as client_app
+        from medpfl.fl.flower.client_app import client_app as make_client_app
+
+        client_app = make_client_app(client_mods)
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no calls home from a hospital's machine
     backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
@@ -51,7 +56,7 @@ def run_simulation(spec: FederationSpec, hooks: RoundHooks | None = None, weight
     if secure_aggregation:
         server = secure_server_app(spec, hooks, on_round, result)
     else:
-        server = server_app(spec, hooks, weights, first_round, on_round, result)
+        server = server_app(spec, hooks, weights, first_round, on_round, result, wrap_strategy)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # run_simulation's deprecation notice points to `flwr run`, see above
         flower_run_simulation(server_app=server, client_app=client_app, num_supernodes=spec.sites,

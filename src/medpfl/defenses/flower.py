@@ -1,5 +1,8 @@
 """Defenses on the Flower engine, run by Flower's own parts, so a Flower user audits what Flower deploys.
 
+The Flower engine (fl.flower) takes these parts from outside: `client_mods` for the ClientApp and
+`wrap_strategy` for the ServerApp's strategy (flwr is imported only when a Flower run asks for them).
+
 - `clip:norm=C` and/or `gaussian:sigma=S` at every site: Flower's LocalDpMod (clip the update to C, add
   N(0, S^2) to every entry). LocalDpMod is parameterised by (sensitivity, epsilon, delta) and draws std
   sensitivity x sqrt(2 ln(1.25/delta)) / epsilon; the spec's S is turned into those numbers.
@@ -17,6 +20,8 @@ the same seed gives the same run on either side.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,13 +29,17 @@ from flwr.app import ArrayRecord, Context, Message, MessageType
 from flwr.clientapp.mod import LocalDpMod, fixedclipping_mod
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
 
-from medpfl.defenses import Chain, parse_defense
+from medpfl.defenses.chain import Chain
+from medpfl.defenses.spec import parse_defense
 from medpfl.errors import MedPFLError
-from medpfl.seeds import DEFENSE_NOISE, torch_seed
+from medpfl.fl.flower.client_app import ROUND_KEY, array_record, tensors
+from medpfl.fl.flower.federation import FederationSpec
+from medpfl.seeds import SITE_NOISE, numpy_global_seed
 
 FLOWER_DEFENSES = ("clip", "gaussian", "cdp", "secagg")
 _DELTA = 1e-5  # LocalDpMod's delta; with sensitivity C it fixes the epsilon that gives the spec's sigma
 SERVER = -1  # the "site" of the server's own noise stream
+FLOWER_DRAWS = 2  # the key of Flower's numpy draws in a site's noise stream (the in-process engine uses 0 and 1)
 
 
 def flower_defense(spec_defense: str, protocol: str) -> Chain:
@@ -50,8 +59,9 @@ def flower_defense(spec_defense: str, protocol: str) -> Chain:
 
 
 def numpy_seed(seed: int, round_index: int, site: int) -> int:
-    """A 32-bit seed for numpy's global generator, from the run's defense-noise stream of one site and round."""
-    return torch_seed(seed, DEFENSE_NOISE, round_index, site + 1) % 2**32
+    """The seed of numpy's global generator before Flower draws a site's (or the SERVER's) noise in a round: the
+    site's own noise stream of that round (as the in-process engine's, under a key of its own)."""
+    return numpy_global_seed(seed, SITE_NOISE, round_index, site + 1, FLOWER_DRAWS)
 
 
 def local_dp_mod(chain: Chain) -> LocalDpMod | None:
@@ -70,9 +80,6 @@ def local_dp_mod(chain: Chain) -> LocalDpMod | None:
 
 def defense_mod(msg: Message, context: Context, call_next):
     """ClientApp mod: the run's defense (named in the message's config) by Flower's mods, on this site's update."""
-    from medpfl.fl.flower.client_app import ROUND_KEY, array_record, tensors
-    from medpfl.fl.flower.federation import FederationSpec
-
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
     config = msg.content["config"]
@@ -109,12 +116,25 @@ class SeededClientSideFixedClipping(DifferentialPrivacyClientSideFixedClipping):
         return super().aggregate_train(server_round, replies)
 
 
-def server_strategy(chain: Chain, auditor, seed: int, sites: int) -> Strategy:
-    """The strategy the ServerApp runs: the auditor itself, or Flower's DP wrapper around it for cdp."""
-    if chain.server is None:
-        return auditor
-    return SeededClientSideFixedClipping(auditor, seed, auditor.run_round, noise_multiplier=chain.server.noise_multiplier,
-                                         clipping_norm=chain.server.clip, num_sampled_clients=sites)
+@dataclass
+class FlowerParts:
+    """What the Flower engine runs for a defense: ClientApp mods, a wrapper of the server's strategy, and the
+    aggregator the auditor applies before the wrapper (None: the engine's own)."""
+
+    client_mods: tuple = ()
+    wrap_strategy: Callable[[Strategy], Strategy] | None = None
+    aggregate: Callable | None = None
+
+
+def flower_parts(chain: Chain, seed: int, sites: int) -> FlowerParts:
+    """The Flower parts that run `chain` (secure aggregation aside, which fl.flower.secagg runs)."""
+    if chain.server is not None:
+        def wrap(auditor: Strategy) -> Strategy:
+            return SeededClientSideFixedClipping(auditor, seed, auditor.run_round,
+                                                 noise_multiplier=chain.server.noise_multiplier,
+                                                 clipping_norm=chain.server.clip, num_sampled_clients=sites)
+        return FlowerParts((defense_mod,), wrap, unweighted_mean)
+    return FlowerParts((defense_mod,) if local_dp_mod(chain) is not None else ())
 
 
 def unweighted_mean(stacked: dict[str, torch.Tensor], n_images) -> dict[str, torch.Tensor]:
