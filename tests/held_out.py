@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -21,10 +22,13 @@ def accuracy_of(net: torch.nn.Module, weights: dict[str, torch.Tensor], images: 
 
 
 def utility_cell_accuracy(cell: Path, sites: int, seed: int, image_size: int, data: str | None = None) -> float:
-    """A sweep's utility cell: its final weights on the held-out images of its federation (IID sites of the
-    default GroupNorm ConvNet, as the sweep trains)."""
+    """A sweep's utility cell: its final model (model.pt) on the held-out images of its federation (IID sites),
+    built as the model, norm and channels its config.json names."""
+    config = json.loads((cell / "config.json").read_text())["config"]
     source = open_source(data)
     federation = federate(source, sites, "iid", seed)
-    images, labels = ImageDataset(source, federation.test, size=image_size).load_batch(range(len(federation.test)))
-    net = build_model("convnet", len(federation.classes), 3, image_size, norm="group")
-    return accuracy_of(net, torch.load(cell / "final.pt", weights_only=True), images, labels)
+    channels = config.get("channels", 3)
+    images, labels = ImageDataset(source, federation.test, size=image_size, channels=channels).load_batch(
+        range(len(federation.test)))
+    net = build_model(config["model"], len(federation.classes), channels, image_size, norm=config["norm"])
+    return accuracy_of(net, torch.load(cell / "model.pt", weights_only=True), images, labels)

@@ -82,7 +82,7 @@ def test_audit_defense_grid_measures_privacy_and_utility_per_laplace_level(audit
     assert all(c["n_images"] == 2 and c["mean_mse"] > 0 for c in privacy.values())
     # The noise is in the attacked update and in every round of the federation, not only in the attacker's copy.
     assert privacy[("idlg", "laplace:b=0.01")]["mean_ssim"] != privacy[("idlg", "none")]["mean_ssim"]
-    trained = {d: torch.load(grid / "cells" / f"utility-{d.replace(':', '-')}-seed0" / "final.pt", weights_only=True)
+    trained = {d: torch.load(grid / "cells" / f"utility-{d.replace(':', '-')}-seed0" / "model.pt", weights_only=True)
                for d in utility}
     assert any(not torch.equal(trained["none"][n], trained["laplace:b=0.01"][n]) for n in trained["none"])
     rows = {(r["attack"], r["defense"]): r for r in csv.DictReader(open(grid / "tradeoff.csv"))}

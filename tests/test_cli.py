@@ -71,6 +71,26 @@ def test_attack_writes_results_summary_config_and_grid(tmp_path, capsys):
 
 
 
+def test_every_rate_of_an_attack_comes_with_its_95_percent_interval_and_an_observed_verdict(tmp_path, capsys):
+    from scipy.stats import binomtest
+
+    out = tmp_path / "run"
+    assert run(["attack", "--attack", "idlg", "--n-images", "4", "--out", str(out), *QUICK]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    hits = {"asr": sum(s >= 0.9 for r in lines for s in r["ssim"]),
+            "label_accuracy": sum(h for r in lines for h in r["label_correct"]), "reid_rate": sum(summary["reidentified"])}
+    for key, k in hits.items():  # labels and re-identification are scored per image, like ASR
+        wilson = binomtest(k, 4).proportion_ci(confidence_level=0.95, method="wilson")
+        assert summary[f"{key}_n"] == 4
+        assert (summary[f"{key}_low"], summary[f"{key}_high"]) == pytest.approx((wilson.low, wilson.high), abs=1e-9)
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"{summary['asr_low']:.2f}-{summary['asr_high']:.2f}" in printed  # beside the ASR in the table
+    if hits["asr"] == 0:  # 3 L-BFGS steps reconstruct nothing: what was observed, and how high the rate may be
+        assert "no attack tried reconstructed any of 4 images" in printed and "may be up to 0.49" in printed
+    assert "safe" not in printed.lower()
+
+
 def test_same_seed_same_results(tmp_path):
     for name in ("a", "b"):
         assert run(["attack", "--attack", "cpl", "--n-images", "2", "--out", str(tmp_path / name), *QUICK]) == 0

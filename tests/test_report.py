@@ -44,9 +44,18 @@ def test_attack_writes_a_self_contained_report(audit_dir):
     assert not re.search(r'(src|href)\s*=\s*"(?!data:|#)', html)
     assert "http://" not in html and "https://" not in html and "<script" not in html
     # The numbers a reader relies on, with their meaning and chance level.
+    # A rate of 4 images is worded as what was observed, with how far the true rate may lie (Wilson, 95%).
+    from scipy.stats import binomtest
+
     recognised = round(summary["asr"] * 4)
-    verb = "was" if recognised == 1 else "were"
-    assert f"ASR {summary['asr']:.2f}: {recognised} of 4 images {verb} reconstructed recognisably" in html
+    wilson = binomtest(recognised, 4).proportion_ci(confidence_level=0.95, method="wilson")
+    if recognised == 0:
+        assert ("no attack tried reconstructed any of 4 images; with 4 images the true rate may be up to "
+                f"{wilson.high:.2f}") in html
+    else:
+        assert f"reconstructed {recognised} of 4 images ({summary['asr']:.2f}; 95% interval {wilson.low:.2f}-" in html
+    assert f"{summary['asr']:.2f} [{wilson.low:.2f}-{wilson.high:.2f}]" in html  # beside the ASR in the table
+    assert not re.search(r"\bsafe\b", html, re.IGNORECASE)  # a verdict says what was observed
     assert f"1 in {summary['reid_gallery_size']}" in html and summary["reid_gallery_size"] > 4
     for heading in ("Threat model", "Results per attack", "Originals beside reconstructions", "Per-image risk ranking",
                     "Provenance"):

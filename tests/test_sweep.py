@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,9 @@ import torch
 
 from medpfl.cli import main
 from medpfl.defenses import epsilon_spent, parse_defense
-from medpfl.experiments.defended_training import train_with_defense
-from medpfl.experiments.sweep import SweepConfig, cell_name
+from medpfl.experiments.sweep import SweepConfig, cell_name, run_cell
+from medpfl.models.registry import build_model
+from medpfl.seeds import model_seed
 from medpfl.report.tradeoff import pareto_front
 
 from held_out import utility_cell_accuracy
@@ -27,15 +29,66 @@ TINY = ["--attacks", "idlg", "--n-images", "1", "--image-size", "16", "--set", "
 
 
 def test_defense_acts_inside_training_not_only_on_the_attackers_copy(tmp_path):
-    sweep = SweepConfig(image_size=16, rounds=1, sites=2)
-    plain = train_with_defense(parse_defense("none"), sweep, 0, tmp_path / "none")
-    clipped = train_with_defense(parse_defense("clip:norm=1e-6"), sweep, 0, tmp_path / "clip")
-    start, moved, held = (torch.load(tmp_path / name, weights_only=True)
-                          for name in ("none/initial.pt", "none/final.pt", "clip/final.pt"))
+    sweep = SweepConfig(image_size=16, rounds=1, sites=2, site_images=2)
+    plain = run_cell({"kind": "utility", "defense": "none", "seed": 0, "cell": "none"}, asdict(sweep), str(tmp_path))
+    clipped = run_cell({"kind": "utility", "defense": "clip:norm=1e-6", "seed": 0, "cell": "clip"}, asdict(sweep),
+                       str(tmp_path))
+    start = build_model(sweep.model, 6, 3, 16, norm=sweep.norm, seed=model_seed(0)).state_dict()
+    moved, held = (torch.load(tmp_path / "cells" / name / "model.pt", weights_only=True) for name in ("none", "clip"))
     change = lambda w: sum((w[n] - start[n]).pow(2).sum() for n in start).sqrt().item()  # noqa: E731
-    assert change(moved) > 0.1  # an undefended round moves the global model
+    assert change(moved) > 0.01  # an undefended round moves the global model
     assert change(held) <= 1e-6 + 1e-7  # each site's update clipped to 1e-6: the average moves at most that
     assert plain["accuracy_chance"] > 0 and "accuracy" in clipped
+
+
+def test_privacy_attacks_the_same_defended_federation_whose_utility_is_reported(tmp_path):
+    out = tmp_path / "sweep"
+    assert main(["sweep", *TINY, "--rounds", "2", "--workers", "1", "--defenses", "none", "gaussian:sigma=0.01",
+                 "--out", str(out)]) == 0
+    for defense in ("none", "gaussian:sigma=0.01"):
+        privacy, utility = (out / "cells" / cell_name(kind, defense, 0, attack)
+                            for kind, attack in (("privacy", "idlg"), ("utility", None)))
+        attacked_model = next(json.loads(line)["model"] for line in (out / "results.jsonl").read_text().splitlines()
+                              if json.loads(line)["cell"] == privacy.name)
+        assert attacked_model == json.loads((utility / "config.json").read_text())["config"]["model"]
+        # The same noise draws: every site's update, as sent, had the same norm in both runs of the federation.
+        norms = [[r["update_norms"] for r in map(json.loads, (d / "rounds.jsonl").read_text().splitlines())]
+                 for d in (privacy, utility)]
+        assert norms[0] == norms[1]
+        attacked = [json.loads(line) for line in (privacy / "attacks.jsonl").read_text().splitlines()]
+        assert {(a["round"], a["site"]) for a in attacked} == {(1, 0), (1, 1), (2, 0), (2, 1)}  # first, last round
+    plain, defended = (json.loads((out / "cells" / cell_name("utility", d, 0) / "rounds.jsonl").read_text()
+                                  .splitlines()[0]) for d in ("none", "gaussian:sigma=0.01"))
+    assert plain["update_norms"] != defended["update_norms"]  # the noise is inside what the sites sent
+    rows = list(csv.DictReader(open(out / "tradeoff.csv")))
+    assert [r["defense"] for r in rows] == ["none", "gaussian:sigma=0.01"]
+    assert all(r["model"] == r["trained_model"] == "lenet-idlg" for r in rows)
+    assert json.loads((out / "config.json").read_text())["config"]["privacy"] == "federation"
+
+
+def test_every_rate_of_a_sweep_comes_with_its_95_percent_interval_over_the_images_scored(tmp_path):
+    from scipy.stats import binomtest
+
+    from medpfl.report import build_report
+
+    out = tmp_path / "sweep"
+    assert main(["sweep", *TINY, "--rounds", "2", "--no-utility", "--workers", "1", "--defenses", "none",
+                 "--out", str(out)]) == 0
+    (row,) = csv.DictReader(open(out / "tradeoff.csv"))
+    cell = out / "cells" / cell_name("privacy", "none", 0, "idlg")
+    attacked = [json.loads(line) for line in (cell / "attacks.jsonl").read_text().splitlines()]
+    ssims = [s for a in attacked for s in a["ssim"]]
+    labels = [h for a in attacked for h in a["label_correct"]]
+    assert int(row["asr_n"]) == int(row["label_accuracy_n"]) == len(ssims) == 4  # 2 sites x 1 image x 2 rounds
+    for key, k in (("asr", sum(s >= 0.9 for s in ssims)), ("label_accuracy", sum(labels))):
+        wilson = binomtest(k, len(ssims)).proportion_ci(confidence_level=0.95, method="wilson")
+        assert (float(row[f"{key}_low"]), float(row[f"{key}_high"])) == pytest.approx((wilson.low, wilson.high))
+    # `medpfl train`'s summary, per attacked update: the images behind that update alone.
+    for a in json.loads((cell / "summary.json").read_text())["attacks"]:
+        wilson = binomtest(round(a["asr"] * a["images"]), a["images"]).proportion_ci(method="wilson")
+        assert (a["asr_n"], a["asr_high"]) == (1, pytest.approx(wilson.high))
+    html = " ".join(build_report(out).read_text().split())
+    assert f"[{float(row['asr_low']):.2f}-{float(row['asr_high']):.2f}]" in html and "95% interval" in html
 
 
 def test_a_killed_sweep_finishes_its_grid_without_repeating_a_finished_cell(tmp_path):
@@ -75,7 +128,12 @@ def test_sweep_measures_utility_and_epsilon_per_defense_in_worker_processes(tmp_
         cell = out / "cells" / cell_name("utility", rows[defense]["defense"], 0)
         assert float(rows[defense]["accuracy"]) == pytest.approx(utility_cell_accuracy(cell, 2, 0, 16), abs=1e-12)
     assert float(rows["dpsgd:epsilon=8"]["epsilon"]) == pytest.approx(8, rel=0.05)
-    assert rows["secagg:k=2"]["accuracy"] == rows["none"]["accuracy"]  # the same aggregate, the same training
+    # Secure aggregation's row shows the undefended federation's utility. Its privacy cell trained the federation
+    # again, through Flower's SecAgg+ (masked updates, quantized sums): it must reach the same model.
+    secure = torch.load(out / "cells" / cell_name("privacy", "secagg:k=2", 0, "idlg") / "model.pt", weights_only=True)
+    plain = torch.load(out / "cells" / cell_name("utility", "none", 0) / "model.pt", weights_only=True)
+    assert max((secure[n] - plain[n]).abs().max().item() for n in plain) < 1e-4
+    assert any((secure[n] != plain[n]).any() for n in plain)  # Flower's own arithmetic, not a copy
     assert rows["none"]["epsilon"] == ""
     utility = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()
                if json.loads(line)["kind"] == "utility"]
@@ -113,3 +171,18 @@ def test_a_config_with_an_unknown_key_is_refused_naming_it(tmp_path, capsys):
     bad.write_text("attacks: [idlg]\nnoise: 3\n")
     assert main(["sweep", "--config", str(bad), "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert "unknown key 'noise'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"protocol": "fedavg", "local_epochs": 2}, "update-inversion"),  # several local steps: not a gradient
+    ({"defenses": ["secagg:k=2"]}, "secagg:k=5"),  # SecAgg+ runs over all 5 sites of a round
+    ({"privacy": "both"}, "--privacy must be one of"),
+])
+def test_a_federation_the_attacks_cannot_take_as_sent_is_refused_before_anything_runs(changes, words):
+    from medpfl.errors import MedPFLError
+    from medpfl.experiments.sweep import plan
+
+    with pytest.raises(MedPFLError, match=words):
+        plan(SweepConfig(**{"attacks": ["idlg"], **changes}))
+    if "protocol" in changes:  # the attack that unrolls the sites' local training takes it
+        assert plan(SweepConfig(**{"attacks": ["update-inversion"], **changes}))

@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
+from rich import box
 from rich.table import Table
 
 from medpfl.errors import MedPFLError
@@ -117,11 +118,22 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--defenses", nargs="+", metavar="SPEC",
                        help="defense specs, each with a list of strengths, e.g. none laplace:b=0.01,0.005 "
                             "gaussian:sigma=0.01 dpsgd:epsilon=1,4,16 topk:prune=0.9,0.99 quant:bits=4,8 secagg:k=2,4,8")
-    sweep.add_argument("--n-images", type=int, help="images attacked per cell (default: 16)")
+    sweep.add_argument("--privacy", choices=("federation", "paper"),
+                       help="federation (default): attack what the cell's defended federation's sites sent at its "
+                            "first and last round; paper: the paper's protocol, one image's gradient on a fresh "
+                            "paper LeNet per victim")
+    sweep.add_argument("--n-images", type=int, help="--privacy paper: images attacked per cell (default: 16)")
     sweep.add_argument("--seeds", type=int, help="seeds per cell (default: 1)")
     sweep.add_argument("--image-size", type=int, help="default: 32")
-    sweep.add_argument("--rounds", type=int, help="federated rounds behind each utility measurement (default: 20)")
+    sweep.add_argument("--rounds", type=int, help="federated rounds of each cell's federation (default: 20)")
     sweep.add_argument("--sites", type=int, help="sites of that federation (default: 5)")
+    sweep.add_argument("--site-images", type=int, metavar="N",
+                       help="images per site, so per attacked update (default: 1; 0: all of its share)")
+    sweep.add_argument("--model", help="the federation's model (default: lenet-idlg)")
+    sweep.add_argument("--protocol", choices=("fedsgd", "fedavg"), help="default: fedsgd (the update is a gradient)")
+    sweep.add_argument("--local-epochs", type=int, help="FedAvg: passes over a site's images (default: 1)")
+    sweep.add_argument("--local-batch", type=int, help="FedAvg: images per local step (default: 16)")
+    sweep.add_argument("--lr", type=float, help="local (FedAvg) or server (FedSGD) learning rate (default: 0.1)")
     sweep.add_argument("--no-utility", action="store_true", help="measure privacy only (no federated training)")
     sweep.add_argument("--set", action="append", default=[], metavar="ATTACK.KEY=VALUE",
                        help="an attack setting for one attack, e.g. --set invgrad.steps=200 (repeatable)")
@@ -191,6 +203,7 @@ def cmd_data_sample(args: argparse.Namespace) -> None:
 
 def cmd_attack(args: argparse.Namespace) -> None:
     from medpfl.experiments.attack_run import AttackRunConfig, run_attack
+    from medpfl.metrics.intervals import observed_rate_sentence, rate_interval
     from medpfl.models.registry import parse_model_kwargs
 
     settings = dict(_parse_setting(s) for s in args.set)
@@ -218,18 +231,21 @@ def cmd_attack(args: argparse.Namespace) -> None:
     defended = "" if summary["defense"] == "none" else f", defense {summary['defense']}"
     table = Table(title=f"{summary['attack']} on {summary['model']}, {summary['n_images']} images of "
                         f"{summary['data']}{defended}")
-    for column in ("ASR", "mean SSIM", "mean PSNR", "mean MSE", "label acc.", "label chance", "re-id", "re-id chance",
-                   "s / image"):
-        table.add_column(column, justify="right")
-    table.add_row(f"{summary['asr']:.2f}", f"{summary['mean_ssim']:.3f}", f"{summary['mean_psnr']:.1f} dB",
-                  f"{summary['mean_mse']:.4f}", f"{summary['label_accuracy']:.2f}", f"{summary['label_chance']:.2f}",
-                  f"{summary['reid_rate']:.2f}", f"{summary['reid_chance']:.2g}", f"{summary['seconds_per_image']:.2f}")
+    for column in ("", "observed", "95% interval", "chance"):
+        table.add_column(column, justify="left" if not column else "right")
+    n = summary["n_images"]
+    for name, key, chance in ((f"ASR (SSIM >= {summary['success_ssim']:g})", "asr", f"{summary['asr_chance']:.2f}"),
+                              ("label accuracy", "label_accuracy", f"{summary['label_chance']:.2f}"),
+                              ("re-identified", "reid_rate", f"{summary['reid_chance']:.2g}")):
+        table.add_row(name, f"{summary[key]:.2f} ({round(summary[key] * n)} of {n})",
+                      f"{summary[key + '_low']:.2f}-{summary[key + '_high']:.2f}", chance)
     out.print(table)
+    out.print(f"Mean SSIM {summary['mean_ssim']:.3f}, PSNR {summary['mean_psnr']:.1f} dB, MSE "
+              f"{summary['mean_mse']:.4f}; {summary['seconds_per_image']:.2f} s of attack per image.")
     out.print(f"Re-identification: nearest of {summary['reid_gallery_size']} images by SSIM; a random guess is "
               f"right {summary['reid_chance']:.2g} of the time.")
-    recognised = round(summary["asr"] * summary["n_images"])
-    out.print(f"ASR {summary['asr']:.2f}: {recognised} of {summary['n_images']} images were reconstructed "
-              f"recognisably (SSIM >= {summary['success_ssim']:g}).")
+    out.print(f"ASR (SSIM >= {summary['success_ssim']:g}): "
+              + observed_rate_sentence("reconstructed", rate_interval(summary["asr"], summary["n_images"])))
     if "site_check_refused" in summary:
         out.print(f"The server sent a model of its own making; sites that check the model they receive would have "
                   f"refused {summary['site_check_refused']} of {summary['n_victims']}: "
@@ -346,7 +362,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     for a in summary["attacks"]:
         who = "all sites" if a["observed"] == "aggregate" else f"site {a['site']}"
         out.print(f"round {a['round']} {who} ({a['observed']} update, {a['images']} images): "
-                  f"ASR {a['asr']:.2f}, SSIM {a['mean_ssim']:.3f}, PSNR {a['mean_psnr']:.1f} dB")
+                  f"ASR {_with_interval(a, 'asr')}, label acc. {_with_interval(a, 'label_accuracy')} (95% "
+                  f"intervals in brackets), SSIM {a['mean_ssim']:.3f}, PSNR {a['mean_psnr']:.1f} dB")
     report = _report(run, args.quiet)
     out.print(f"Results in {run}/ (rounds.jsonl, attacks.jsonl, model.pt, summary.json"
               + (f", {report.name}" if report else "") + ")")
@@ -362,6 +379,13 @@ def _print_audit(audit: dict) -> None:
         console.print(f"[bold red]warning:[/bold red] the measured epsilon {audit['epsilon_lower']:.2f} exceeds the "
                       f"accountant's {audit['epsilon_upper']:.2f}: the DP mechanism or its accounting is broken, "
                       "and the run's privacy guarantee does not hold.")
+
+
+def _with_interval(row: dict, key: str) -> str:
+    """A rate and its 95% interval, e.g. '0.00 [0.00-0.49]'."""
+    if row.get(key) is None:
+        return ""
+    return f"{row[key]:.2f} [{row[key + '_low']:.2f}-{row[key + '_high']:.2f}]"
 
 
 def _report(run: Path, quiet: bool) -> Path | None:
@@ -441,6 +465,8 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     fields = load_sweep_config(args.config) if args.config else {}
     given = {"data": args.data, "n_images": args.n_images, "seeds": args.seeds, "image_size": args.image_size,
              "rounds": args.rounds, "sites": args.sites, "device": args.device, "defenses": args.defenses,
+             "privacy": args.privacy, "site_images": args.site_images, "model": args.model, "protocol": args.protocol,
+             "local_epochs": args.local_epochs, "local_batch": args.local_batch, "lr": args.lr,
              "attacks": args.attacks and [a.strip() for a in args.attacks.split(",") if a.strip()]}
     fields.update({k: v for k, v in given.items() if v is not None})
     if args.no_utility:
@@ -456,14 +482,21 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     bar, (update,) = _progress(args.quiet, "sweep cells")
     with bar or nullcontext():
         rows = run_sweep(config, args.out, workers=args.workers, ray_address=args.ray, progress=update)
-    table = Table(title=f"Privacy and utility per defense ({args.out}/tradeoff.csv)")
-    for column in ("attack", "defense", "ASR", "mean SSIM", "label acc.", "accuracy", "epsilon"):
-        table.add_column(column, justify="right")
-    for r in rows:
-        table.add_row(r["attack"], r["defense"], f"{r['asr']:.2f}", f"{r['mean_ssim']:.3f}",
-                      f"{r['label_accuracy']:.2f}", "pending" if r["accuracy"] is None else f"{r['accuracy']:.3f}",
+    table = Table(title=f"Privacy and utility per defense ({args.out}/tradeoff.csv)", box=box.SIMPLE_HEAD,
+                  padding=(0, 1), pad_edge=False, collapse_padding=True)
+    for column in ("attack", "defense", "images", "ASR", "label acc.", "re-id", "acc.", "epsilon"):
+        table.add_column(column, justify="right", overflow="fold" if column == "defense" else "ellipsis",
+                         min_width=9 if column in ("ASR", "label acc.", "re-id") else None)  # a whole interval
+    for r in rows:  # each rate over its 95% interval, so that the table fits a terminal
+        table.add_row(r["attack"], r["defense"], str(r["n_images"]),
+                      *(f"{r[key]:.2f}\n{r[key + '_low']:.2f}-{r[key + '_high']:.2f}"
+                        for key in ("asr", "label_accuracy", "reid_rate")),
+                      "pending" if r["accuracy"] is None else f"{r['accuracy']:.3f}",
                       "" if r["epsilon"] is None else f"{r['epsilon']:.2f}")
     out.print(table)
+    privacy = "the paper's protocol (one image's gradient on a fresh paper model per victim)" if \
+        config.privacy == "paper" else "attacks on what each federation's sites sent at its first and last round"
+    out.print(f"Privacy: {privacy}. Under each rate its 95% interval (Wilson) over the images scored.")
     out.print(f"Results in {args.out}/ (results.jsonl, tradeoff.csv, tradeoff.png)")
 
 

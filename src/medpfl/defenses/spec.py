@@ -44,6 +44,14 @@ def _probability(text: str) -> float:
     return value
 
 
+def _rate(text: str) -> float:
+    """A sampling rate: 1 is every example in every step (a FedSGD site's full batch), without amplification."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise ValueError("must be in (0, 1]")
+    return value
+
+
 def _bits(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 16:
@@ -79,7 +87,7 @@ DEFENSES: dict[str, tuple[type, dict[str, tuple[str, Callable[[str], Any]]], tup
     "quant": (Quantize, {"bits": ("bits", _bits), "stochastic": ("stochastic", _bool)}, ("bits",)),
     "dpsgd": (DPSGD, {"epsilon": ("epsilon", _positive(float)), "noise": ("noise_multiplier", _positive(float)),
                       "clip": ("clip", _positive(float)), "delta": ("delta", _probability),
-                      "accountant": ("accountant", _accountant), "rate": ("sample_rate", _probability),
+                      "accountant": ("accountant", _accountant), "rate": ("sample_rate", _rate),
                       "steps": ("steps", _positive(int))}, ()),
     "secagg": (SecureAggregation, {"k": ("k", _sites)}, ("k",)),
     "cdp": (ClientLevelDP, {"noise": ("noise_multiplier", _positive(float)), "clip": ("clip", _positive(float)),

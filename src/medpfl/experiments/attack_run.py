@@ -28,6 +28,7 @@ from medpfl.fl.gradients import BN_MODES, stack_params
 from medpfl.fl.model_check import ModelCheck, fingerprint
 from medpfl.metrics.chance import pooled_label_chance
 from medpfl.metrics.image import ssim
+from medpfl.metrics.intervals import wilson
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score, reidentified
 from medpfl.models.registry import build_model
 from medpfl.report.images import comparison_grid, load_png, save_png
@@ -292,6 +293,7 @@ def summarise(path: Path, config: AttackRunConfig, dataset: ImageDataset) -> dic
     guess = _random_guess_ssim(originals, gallery, config.seed)
     skipped_file = path / SKIPPED
     skipped = len(json.loads(skipped_file.read_text())) if skipped_file.exists() else 0
+    recognised = sum(s >= config.success_ssim for s in ssims)
     return {
         "attack": config.attack,
         "model": config.model_name,
@@ -303,7 +305,9 @@ def summarise(path: Path, config: AttackRunConfig, dataset: ImageDataset) -> dic
         "epsilon": defense.epsilon(),
         "n_images": n,
         "n_victims": len(results),
-        "asr": sum(s >= config.success_ssim for s in ssims) / n,
+        "asr": recognised / n,
+        # 95% intervals of the rates over the n images scored: an ASR of 0 of 4 may still be 0.49.
+        **wilson(recognised, n).as_dict("asr"),
         "success_ssim": config.success_ssim,
         "mean_ssim": statistics.fmean(ssims),
         "median_ssim": statistics.median(ssims),
@@ -312,7 +316,9 @@ def summarise(path: Path, config: AttackRunConfig, dataset: ImageDataset) -> dic
         "label_accuracy": sum(hits) / n,
         # A random guess of each victim's B labels, scored as multisets like the attack: 1/K only for B = 1.
         "label_chance": pooled_label_chance([r["labels"] for r in results], len(dataset.classes)),
+        **wilson(sum(hits), n).as_dict("label_accuracy"),  # labels are scored per image
         "reid_rate": float(reid.float().mean()),
+        **wilson(int(reid.sum()), len(reid)).as_dict("reid_rate"),
         "reidentified": reid.tolist(),  # per image, in the order of results.jsonl's victims and their images
         "reid_gallery_size": len(gallery),
         # What naming a gallery image at random achieves: a re-identification rate means nothing without it.

@@ -83,16 +83,22 @@ def _defenses_job(config: AuditConfig, job: dict[str, Any], out: Path,
                   progress: Callable[[int, int], None] | None, resume: bool) -> dict[str, Any]:
     """medpfl sweep's grid: every defended attack (batch 1, the sweep's conventions) and its utility."""
     from medpfl.experiments.sweep import SweepConfig, run_sweep
+    from medpfl.experiments.train_run import TrainRunConfig
 
     defended = [a for a in config.attacks if a.defended]  # one per name (AuditConfig.check)
-    sweep = SweepConfig(attacks=[a.name for a in defended], defenses=list(config.defenses),
+    # The paper's protocol for privacy (each attack on single images of its own model), as the audit's attack
+    # jobs; utility from `medpfl train`'s federation (FedAvg on every image of each site).
+    train = TrainRunConfig()
+    sweep = SweepConfig(privacy="paper", attacks=[a.name for a in defended], defenses=list(config.defenses),
                         data=config.data[job["data"]], n_images=config.n_images, seeds=list(config.seeds),
                         image_size=config.image_size, channels=config.channels, norm=config.norm,
                         attack_settings={a.name: dict(a.settings) for a in defended},
                         models={a.name: a.model for a in defended if a.model},
                         batch_size=config.threat.batch_size, labels=config.threat.labels,
                         bn_mode=config.threat.bn_mode, utility=config.utility.enabled, rounds=config.utility.rounds,
-                        sites=config.utility.sites, device=config.device)
+                        sites=config.utility.sites, model=train.model, protocol=train.protocol,
+                        site_images=train.site_images, local_epochs=train.local_epochs, local_batch=train.local_batch,
+                        lr=train.lr, momentum=train.momentum, device=config.device)
     rows = run_sweep(sweep, out / job["dir"], workers=1, progress=progress)
     kept = ("attack", "defense", "asr", "mean_ssim", "mean_psnr", "label_accuracy", "reid_rate", "epsilon", "accuracy")
     return {"rows": len(rows), "grid": [{k: row.get(k) for k in kept} for row in rows]}

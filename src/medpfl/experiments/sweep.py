@@ -1,7 +1,13 @@
-"""A grid of attack x defense x strength x seed: privacy from attack runs, utility from federated training.
+"""A grid of attack x defense x strength x seed: privacy and utility of the same defended federation.
+
+Each cell's federation is `medpfl train`'s, with the defense at every site in every round. Utility: its
+final model on held-out images. Privacy (`privacy="federation"`, the default): its curious server attacks
+what the sites of that same federation sent at the first and last round (the same model, the same kind of
+update, the same noise draws), so a defense's strength means the same on both sides. `privacy="paper"`
+reproduces the paper's protocol instead: one image's gradient on a fresh paper LeNet per victim.
 
 Run directory: config.json; results.jsonl (one line per finished cell: kind "privacy" for an attack on
-the defended update, kind "utility" for a federation trained with the defense in every round);
+the defended updates, kind "utility" for the federation trained with the defense in every round);
 cells/<name>/ (each cell's own run directory, which itself resumes); tradeoff.csv and tradeoff.png.
 Cells run in parallel worker processes (or on a Ray cluster); the driver alone writes results.jsonl,
 so a killed sweep loses only unfinished cells, and the same command finishes the grid.
@@ -9,6 +15,7 @@ so a killed sweep loses only unfinished cells, and the same command finishes the
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -20,6 +27,9 @@ from typing import Any, Callable
 from medpfl.defenses import Chain, parse_defense, parse_defenses
 from medpfl.errors import MedPFLError
 from medpfl.experiments.run_dir import append_result, open_run_dir, read_results, write_json
+from medpfl.fl.local import LocalTraining
+
+PRIVACY_MODES = ("federation", "paper")
 
 
 @dataclass
@@ -29,26 +39,73 @@ class SweepConfig:
     attacks: list[str] = field(default_factory=lambda: ["idlg", "invgrad"])
     defenses: list[str] = field(default_factory=lambda: ["none"])  # specs, each with lists of strengths
     data: str | None = None  # None: the embedded real-image set
-    n_images: int = 16  # images attacked per cell, the same images in every cell of a seed
+    # "federation": attack the cell's own federation (below); "paper": the paper's single-image protocol.
+    privacy: str = "federation"
+    n_images: int = 16  # "paper": images attacked per cell, the same images in every cell of a seed
     seeds: int | list[int] = 1  # how many (seeds 0, 1, ...), or which
     image_size: int = 32
     channels: int = 3
     # GroupNorm: DP-SGD needs per-example gradients, which BatchNorm entangles; the LeNets have no norm.
     norm: str = "group"
     attack_settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"invgrad": {"steps": 200}}
-    models: dict[str, str] = field(default_factory=dict)  # the model each attack runs on; default: the paper's
-    # The threat (as medpfl attack's options): images behind each site's update, label access, BatchNorm mode.
+    # "paper": the model each attack runs on (default: the paper's), and the threat (as medpfl attack's
+    # options): images behind each victim's update, label access, BatchNorm mode.
+    models: dict[str, str] = field(default_factory=dict)
     batch_size: int = 1
     labels: str | None = None
     bn_mode: str | None = None
     utility: bool = True  # train a federation per defense and seed (needs medpfl.fl's engine)
     rounds: int = 20
     sites: int = 5
+    # The federation, as `medpfl train` takes it. Defaults where the gradient attacks can work, the paper's
+    # setting inside a federation: FedSGD (the update is a gradient) on sites of one image each, on iDLG's
+    # LeNet. There iDLG recovered every attacked image (SSIM 1.00, embedded set, 16 px); on 4 images per
+    # update it recovers none (README, Batches), and on the GroupNorm ConvNet it kept restarting without an
+    # answer. More images per site buy utility at the attack's expense; FedAvg of several local steps needs
+    # the update-inversion attack.
+    model: str = "lenet-idlg"
+    protocol: str = "fedsgd"
+    site_images: int = 1  # 0: every image of the site's share
+    local_epochs: int = 1
+    local_batch: int = 16
+    lr: float = 0.1
+    momentum: float = 0.0
     device: str = "cpu"
 
     @property
     def seed_list(self) -> list[int]:
         return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
+
+    @property
+    def training(self) -> LocalTraining:
+        return LocalTraining(self.protocol, self.local_epochs, self.local_batch, self.lr, self.momentum)
+
+    def federation(self, defense: str, seed: int, attack: str | None = None):
+        """The `medpfl train` run of one cell: the federation with `defense` inside; with `attack`, its curious
+        server attacks every site's update (the aggregate, under secure aggregation) at the first and last round."""
+        from medpfl.experiments.train_run import TrainRunConfig
+
+        secure = parse_defense(defense).channel is not None
+        # "paper": `norm` is the attacked paper models'; the federation keeps medpfl train's (GroupNorm).
+        norm = self.norm if self.privacy == "federation" else TrainRunConfig.norm
+        return TrainRunConfig(
+            data=self.data, model=self.model, norm=norm, image_size=self.image_size, channels=self.channels,
+            sites=self.sites,
+            site_images=self.site_images, rounds=self.rounds, protocol=self.protocol, local_epochs=self.local_epochs,
+            local_batch=self.local_batch, lr=self.lr, momentum=self.momentum, attack=attack,
+            attack_rounds=sorted({1, self.rounds}) if attack else [],
+            attack_sites=list(range(self.sites)) if attack and not secure else [],
+            attack_settings=dict(self.attack_settings.get(attack, {})) if attack else {},
+            engine="flower" if secure else "inprocess", defense=defense, seed=seed,
+            device=self.device)
+
+    def site_sizes(self) -> list[int]:
+        """Images per site of the sweep's federation (IID; the same for every seed's draw up to one image)."""
+        from medpfl.data import open_verified
+        from medpfl.fl.partition import federate, keep_per_site
+
+        source = open_verified(self.data)[0]  # broken files left out, as every cell's run does
+        return keep_per_site(federate(source, self.sites, "iid", 0), self.site_images, 0).n_images
 
     def chains(self) -> list[Chain]:
         """Every defense chain the specs name, in order, without repeats; DP-SGD on the training's schedule."""
@@ -66,13 +123,9 @@ class SweepConfig:
             chain = Chain(tuple(replace(d, rounds=self.rounds) if d.stage == "server" else d for d in chain.defenses))
         if chain.local is None:
             return chain
-        from medpfl.data import open_verified
         from medpfl.defenses.dpsgd import dp_schedules
-        from medpfl.experiments.defended_training import TRAINING
-        from medpfl.fl.partition import federate
 
-        n_images = federate(open_verified(self.data)[0], self.sites, "iid", 0).n_images
-        worst = chain.local.for_sites(dp_schedules(n_images, TRAINING, self.rounds))
+        worst = chain.local.for_sites(dp_schedules(self.site_sizes(), self.training, self.rounds))
         return Chain(tuple(replace(d, sample_rate=round(worst.sample_rate, 6), steps=worst.steps)
                            if d.stage == "local" else d for d in chain.defenses))
 
@@ -118,7 +171,15 @@ def plan(config: SweepConfig) -> list[dict[str, Any]]:
                           f"choose from: {', '.join(ATTACKS)}.")
     if config.n_images < 1 or not config.seed_list:
         raise MedPFLError(f"--n-images ({config.n_images}) and --seeds ({config.seeds}) must be 1 or more.")
+    if config.privacy not in PRIVACY_MODES:
+        raise MedPFLError(f"--privacy must be one of {', '.join(PRIVACY_MODES)}, got '{config.privacy}'.")
+    if config.privacy == "federation" and (config.models or config.batch_size != 1 or config.labels or config.bn_mode):
+        raise MedPFLError("models, batch_size, labels and bn_mode set the paper's protocol (--privacy paper); a "
+                          "federation's attack takes its model (--model), images per update (--site-images) and "
+                          "its attacks' own threat.")
     chains = config.chains()
+    if config.privacy == "federation":
+        _check_attackable(config, chains)
     jobs = []
     for seed in config.seed_list:
         if config.utility:
@@ -130,6 +191,23 @@ def plan(config: SweepConfig) -> list[dict[str, Any]]:
     for job in jobs:
         job["cell"] = cell_name(job["kind"], job["defense"], job["seed"], job.get("attack"))
     return jobs
+
+
+def _check_attackable(config: SweepConfig, chains: list[Chain]) -> None:
+    """Refuse, before anything runs, a federation whose updates an attack of the grid cannot take as they are."""
+    from medpfl.experiments.train_run import UPDATE_INVERSION
+
+    steps = max(config.training.steps(n) for n in config.site_sizes())
+    gradient_attacks = [a for a in config.attacks if a != UPDATE_INVERSION]
+    if steps > 1 and gradient_attacks:
+        raise MedPFLError(f"--attacks {gradient_attacks[0]} inverts gradients, but the sweep's FedAvg sites take {steps} "
+                          f"local steps per round; attack them with {UPDATE_INVERSION}, or use --protocol fedsgd (or "
+                          "--local-epochs 1 with --site-images at most --local-batch), or --privacy paper.")
+    for chain in chains:
+        if chain.channel is not None and (len(chain.defenses) > 1 or chain.sites_per_update != config.sites):
+            raise MedPFLError(f"--defenses {chain.label()}: a federation runs secure aggregation as Flower's SecAgg+ "
+                              f"over all its sites, alone; write secagg:k={config.sites} (--sites), or measure "
+                              "privacy with --privacy paper.")
 
 
 def _trained_label(chain: Chain) -> str:
@@ -150,6 +228,18 @@ def run_cell(job: dict[str, Any], config: dict[str, Any], out: str) -> dict[str,
 
 
 def _privacy(job: dict[str, Any], sweep: SweepConfig, path: Path) -> dict[str, Any]:
+    if sweep.privacy == "paper":
+        return _paper_privacy(job, sweep, path)
+    return _federation_privacy(job, sweep, path)
+
+
+_PRIVACY_FIELDS = ("n_images", "images_per_update", "asr", "asr_chance", "success_ssim", "mean_ssim", "median_ssim",
+                   "mean_psnr", "mean_mse", "label_accuracy", "label_chance", "reid_rate", "reid_chance",
+                   "seconds_per_image", "epsilon", "model", "num_classes")
+
+
+def _paper_privacy(job: dict[str, Any], sweep: SweepConfig, path: Path) -> dict[str, Any]:
+    """The paper's protocol: each of n_images victims' single-image gradient on a fresh paper model."""
     from medpfl.experiments.attack_run import AttackRunConfig, run_attack
 
     settings = dict(sweep.attack_settings.get(job["attack"], {}))
@@ -159,19 +249,95 @@ def _privacy(job: dict[str, Any], sweep: SweepConfig, path: Path) -> dict[str, A
                              seed=job["seed"], norm=sweep.norm, device=sweep.device, settings=settings,
                              labels=sweep.labels, bn_mode=sweep.bn_mode, defense=job["defense"])
     summary = run_attack(config, path)
-    keys = ("n_images", "images_per_update", "asr", "asr_chance", "success_ssim", "mean_ssim", "median_ssim",
-            "mean_psnr", "mean_mse", "label_accuracy", "label_chance", "reid_rate", "reid_chance", "seconds_per_image",
-            "epsilon", "model", "num_classes")
     chain = parse_defense(job["defense"]).calibrated()
-    return {**{k: summary[k] for k in keys}, "delta": chain.local.delta if chain.local else None}
+    return {**{k: summary[k] for k in _PRIVACY_FIELDS}, "delta": chain.local.delta if chain.local else None}
+
+
+def _federation_privacy(job: dict[str, Any], sweep: SweepConfig, path: Path) -> dict[str, Any]:
+    """The curious server of the cell's own defended federation, attacking every update it received at the
+    first and last round; scored over every image behind them."""
+    import statistics
+
+    from medpfl.experiments.train_run import ATTACKS_FILE, run_training
+    from medpfl.metrics.chance import pooled_label_chance
+    from medpfl.metrics.privacy import SUCCESS_SSIM
+
+    config = sweep.federation(job["defense"], job["seed"], job["attack"])
+    summary = run_training(config, path)
+    attacks = [json.loads(line) for line in (path / ATTACKS_FILE).read_text().splitlines()]
+    ssims = [s for a in attacks for s in a["ssim"]]
+    hits = [h for a in attacks for h in a["label_correct"]]
+    n = len(ssims)
+    reid, gallery, guess = _reidentification(sweep, path, attacks, job["seed"])
+    chain = parse_defense(job["defense"]).calibrated()
+    return {
+        "n_images": n, "images_per_update": n / len(attacks),
+        "asr": sum(s >= SUCCESS_SSIM for s in ssims) / n, "success_ssim": SUCCESS_SSIM,
+        "asr_chance": float((guess >= SUCCESS_SSIM).float().mean()),
+        "mean_ssim": statistics.fmean(ssims), "median_ssim": statistics.median(ssims),
+        "mean_psnr": statistics.fmean(p for a in attacks for p in a["psnr"]),
+        "mean_mse": statistics.fmean(m for a in attacks for m in a["mse"]),
+        "label_accuracy": sum(hits) / n, "reid_rate": sum(reid) / n, "reid_chance": 1 / gallery,
+        # A random guess of each update's labels, scored as multisets like the attack: 1/K for one image.
+        "label_chance": pooled_label_chance([a["labels"] for a in attacks], _classes(path)),
+        "seconds_per_image": sum(a["seconds"] for a in attacks) / n, "epsilon": summary["epsilon"],
+        "model": config.model, "num_classes": _classes(path),
+        "attacked_rounds": config.attack_rounds, "observed": sorted({a["observed"] for a in attacks}),
+        # The federation the attacked updates came from, trained to its end: the utility cell's, recomputed.
+        "federation_accuracy": summary["final"]["accuracy"],
+        "delta": chain.local.delta if chain.local else None,
+    }
+
+
+def _classes(path: Path) -> int:
+    return len(json.loads((path / "federation.json").read_text())["classes"])
+
+
+_REID_GALLERY = 2000  # as `medpfl attack`: at most this many images of the source to re-identify against
+
+
+def _reidentification(sweep: SweepConfig, path: Path, attacks: list[dict[str, Any]], seed: int):
+    """Per attacked image, whether its reconstruction is nearest (SSIM) to its own original among the attacked
+    images and others of the source (as `medpfl attack` scores it); the gallery's size; and each attacked image's
+    SSIM to another gallery image at random, the ASR an attacker answering at random would reach."""
+    import torch
+
+    from medpfl.data import ImageDataset, open_verified, sample_items
+    from medpfl.experiments.attack_run import _random_guess_ssim
+    from medpfl.metrics.privacy import reidentified
+    from medpfl.report.images import load_png
+    from medpfl.report.runs import attacked_png
+
+    source = open_verified(sweep.data)[0]
+    attacked = [i for a in attacks for i in a["items"]]
+    unique = list(dict.fromkeys(attacked))  # an image attacked in the first and last round is one patient
+    others = [it for it in source.items if it.item_id not in set(unique)]
+    extra = sample_items(others, min(max(_REID_GALLERY - len(unique), 0), len(others)), seed + 1)
+    by_id = {it.item_id: it for it in source.items}
+    gallery_items = [by_id[i] for i in unique] + extra
+    dataset = ImageDataset(source, gallery_items, size=sweep.image_size, channels=sweep.channels)
+    gallery = torch.stack([dataset.image(i) for i in range(len(gallery_items))])
+    recons = torch.stack([load_png(attacked_png(path / "attacks", a["round"], a["site"], b), gallery.shape[1])
+                          for a in attacks for b in range(len(a["items"]))])
+    reid = reidentified(recons, torch.tensor([unique.index(i) for i in attacked]), gallery).tolist()
+    return reid, len(gallery), _random_guess_ssim(gallery[:len(unique)], gallery, seed)
 
 
 def _utility(job: dict[str, Any], sweep: SweepConfig, path: Path) -> dict[str, Any]:
-    try:
-        from medpfl.experiments.defended_training import train_with_defense
-    except ImportError:
-        return {"utility": "pending"}
-    return train_with_defense(parse_defense(job["defense"]), sweep, job["seed"], path)
+    """The cell's federation trained with the defense (no attack): its final model on held-out images."""
+    from medpfl.experiments.train_run import run_training
+
+    config = sweep.federation(job["defense"], job["seed"])
+    started = time.perf_counter()
+    summary = run_training(config, path)
+    last = json.loads((path / "rounds.jsonl").read_text().splitlines()[-1])
+    chain = parse_defense(job["defense"]).calibrated()
+    return {**summary["final"], "accuracy_chance": summary["chance"]["accuracy"],
+            "balanced_accuracy_chance": summary["chance"]["balanced_accuracy"], "model": config.model,
+            "train_seconds": time.perf_counter() - started, "epsilon": summary["epsilon"],
+            "noise_multiplier": last.get("noise_multiplier"), "delta": chain.local.delta if chain.local else None,
+            # DP-SGD per site: each site's epsilon, sample rate and noisy steps (the worst-off site's is `epsilon`)
+            **{k: last[k] for k in ("epsilon_per_site", "dp_sample_rate_per_site", "dp_steps_per_site") if k in last}}
 
 
 def _limit_threads(threads: int) -> None:

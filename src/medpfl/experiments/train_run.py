@@ -34,6 +34,7 @@ from medpfl.fl.rounds import AGGREGATE, RoundHooks, SiteObservation, SiteRound, 
 from medpfl.fl.model_check import ModelCheck, fingerprint
 from medpfl.fl.simulation import InProcessFederation
 from medpfl.fl.utility import chance_levels, evaluate
+from medpfl.metrics.intervals import rate_interval, wilson
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score
 from medpfl.models.registry import build_model
 from medpfl.report.images import save_png
@@ -508,7 +509,9 @@ def summarise(path: Path, federation: Federation, test_labels: torch.Tensor, num
         "seconds_per_round": sum(r["seconds"] for r in rounds) / len(rounds),
         "attacks": [{k: a[k] for k in ("round", "site", "observed", "asr")} | {
             "mean_ssim": sum(a["ssim"]) / len(a["ssim"]), "mean_psnr": sum(a["psnr"]) / len(a["psnr"]),
-            "images": len(a["ssim"])} for a in attacks],
+            "images": len(a["ssim"]), **rate_interval(a["asr"], len(a["ssim"])).as_dict("asr"),
+            "label_accuracy": sum(a["label_correct"]) / len(a["label_correct"]),  # scored per image
+            **wilson(sum(a["label_correct"]), len(a["label_correct"])).as_dict("label_accuracy")} for a in attacks],
     }
     if (path / AUDIT_FILE).exists():  # measured (lower, 95%) beside the accountant's (upper) epsilon
         summary["dp_audit"] = compare(json.loads((path / AUDIT_FILE).read_text()), summary["epsilon"])

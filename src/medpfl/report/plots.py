@@ -95,7 +95,8 @@ def canary_scores(scores_in: Sequence[float], scores_out: Sequence[float], title
 def tradeoff(points: Sequence[dict], x_label: str, y_label: str, front: Sequence[int], title: str) -> bytes:
     """Privacy (y, lower is safer) against utility (x, higher is better); the Pareto front joined by a line.
 
-    `points` hold x, y, label and group (points of one group share a colour); `front` indexes the front.
+    `points` hold x, y, label and group (points of one group share a colour), optionally y_low and y_high (an
+    interval, drawn as an error bar); `front` indexes the front.
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     groups = list(dict.fromkeys(p["group"] for p in points))
@@ -103,6 +104,11 @@ def tradeoff(points: Sequence[dict], x_label: str, y_label: str, front: Sequence
         members = [p for p in points if p["group"] == group]
         ax.scatter([p["x"] for p in members], [p["y"] for p in members], s=28, color=PALETTE[i % len(PALETTE)],
                    label=group, zorder=3)
+        ranged = [p for p in members if p.get("y_low") is not None and p.get("y_high") is not None]
+        if ranged:  # the rate's interval: how far the true value may lie from the few images observed
+            ax.errorbar([p["x"] for p in ranged], [p["y"] for p in ranged], fmt="none", ecolor=PALETTE[i % len(PALETTE)],
+                        elinewidth=0.8, capsize=2, alpha=0.7, zorder=2,
+                        yerr=[[p["y"] - p["y_low"] for p in ranged], [p["y_high"] - p["y"] for p in ranged]])
     xy = [(p["x"], p["y"]) for p in points]
     x_span = (max(x for x, _ in xy) - min(x for x, _ in xy) or 1.0) if xy else 1.0
     y_span = (max(y for _, y in xy) - min(y for _, y in xy) or 1.0) if xy else 1.0

@@ -17,7 +17,8 @@ from medpfl.metrics.chance import pooled_label_chance
 from medpfl.report import plots
 from medpfl.report.html import Section, esc, img, img_file, table
 from medpfl.report.runs import AttackRun, ImageResult, Run, SweepRun, TrainRun
-from medpfl.report.tradeoff import pareto_front
+from medpfl.metrics.intervals import Rate, observed_rate_sentence, rate_interval
+from medpfl.report.tradeoff import RATES, pareto_front
 
 SUCCESS_SSIM = 0.9  # the paper's threshold; runs that recorded another one say so in their summary
 RANKED_ROWS = 40  # rows of the per-image ranking shown in the page; results.csv holds all
@@ -120,6 +121,10 @@ class RunStats:
     def recognised(self) -> int:
         return round(self.asr * self.n)
 
+    def interval(self, key: str) -> Rate:
+        """The 95% (Wilson) interval of a rate of this run's images: "asr", "label_accuracy" or "reid_rate"."""
+        return rate_interval(getattr(self, key), self.n)
+
     @property
     def reid_chance(self) -> float | None:
         """Re-identification by naming an image of the gallery at random."""
@@ -210,25 +215,29 @@ def _count(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def _interval(rate: Rate) -> str:
+    """' [low-high]', a rate's 95% interval as the tables show it beside the rate."""
+    return f" [{rate.low:.2f}-{rate.high:.2f}]" if rate.trials else ""
+
+
 def plain_findings(run: AttackRun | TrainRun, stats: RunStats) -> list[str]:
     """The run's numbers with their meaning, in sentences."""
-    lines = [f"ASR {stats.asr:.2f}: {stats.recognised} of {_count(stats.n, 'image')} "
-             f"{'was' if stats.recognised == 1 else 'were'} reconstructed recognisably "
-             f"(SSIM \u2265 {stats.success_ssim:g})"
+    observed = observed_rate_sentence("reconstructed", stats.interval("asr")).rstrip(".")
+    lines = [f"ASR {stats.asr:.2f} (reconstructed: SSIM \u2265 {stats.success_ssim:g}): {observed}"
              + (f"; an attacker answering with a random image of the same data would reach {stats.asr_chance:.2f}"
                 if stats.asr_chance is not None else "") + "."]
     if stats.reid_rate is not None:
         hits = round(stats.reid_rate * stats.n)
-        line = f"Re-identification {stats.reid_rate:.2f}: {hits} of {stats.n} reconstructions are most similar to " \
-               "their own patient's image"
+        line = f"Re-identification {stats.reid_rate:.2f}{_interval(stats.interval('reid_rate'))}: {hits} of " \
+               f"{stats.n} reconstructions are most similar to their own patient's image"
         if stats.reid_gallery:
             line += f" among {stats.reid_gallery} images of the data; a random guess would re-identify 1 in " \
                     f"{stats.reid_gallery}"
         lines.append(line + ".")
     if stats.label_accuracy is not None:
         hits = round(stats.label_accuracy * stats.n)
-        line = f"Label accuracy {stats.label_accuracy:.2f}: the attacker learned the class (diagnosis or modality) " \
-               f"of {hits} of {stats.n} images"
+        line = f"Label accuracy {stats.label_accuracy:.2f}{_interval(stats.interval('label_accuracy'))}: the " \
+               f"attacker learned the class (diagnosis or modality) of {hits} of {stats.n} images"
         if stats.label_chance is not None:
             line += (f"; guessing each update's labels at random among {stats.num_classes} classes would get "
                      f"{stats.label_chance:.2f}")
@@ -260,9 +269,11 @@ def section_overview(ctx: Context) -> Section | None:
         parts.append("<h3>What leaked</h3><ul class=findings>" + "".join(items) + "</ul>")
         worst = ranked[0]
         stats = run_stats(worst)
+        n = sum(run_stats(r).n for r in ranked)
         verdict = ("Patients' images can be recovered from the shared updates." if stats.asr > 0 else
-                   "No attacked image was reconstructed recognisably in these runs; see the re-identification "
-                   "and per-image sections for weaker leaks.")
+                   f"No attacked image was reconstructed recognisably in these runs (0 of {n}). That is what was "
+                   "observed, not a guarantee: each run's interval above says how high its true rate may still "
+                   "be; see the re-identification and per-image sections for weaker leaks.")
         parts.append(f"<p><strong>In short:</strong> {esc(verdict)}</p>")
     for sweep in ctx.sweeps:
         rec = _recommendations(sweep)
@@ -379,10 +390,14 @@ def section_results(ctx: Context) -> Section | None:
     rows, groups = [], {}
     for run in attacked:
         s = run_stats(run)
-        asr = f"{s.asr:.2f}" + (f" (chance {s.asr_chance:.2f})" if s.asr_chance is not None else "")
-        reid = _fmt(s.reid_rate) + (f" (chance 1/{s.reid_gallery})" if s.reid_gallery and s.reid_rate is not None
-                                   else "")
-        label = _with_chance(s.label_accuracy, s.label_chance, 2)
+        asr = f"{s.asr:.2f}{_interval(s.interval('asr'))}" + (f" (chance {s.asr_chance:.2f})"
+                                                               if s.asr_chance is not None else "")
+        reid = (_fmt(s.reid_rate) + (_interval(s.interval("reid_rate")) if s.reid_rate is not None else "")
+                + (f" (chance 1/{s.reid_gallery})" if s.reid_gallery and s.reid_rate is not None else ""))
+        label = (_fmt(s.label_accuracy) + (_interval(s.interval("label_accuracy")) if s.label_accuracy is not None
+                                           else "")
+                 + (f" (chance {s.label_chance:.2f})" if s.label_chance is not None and s.label_accuracy is not None
+                    else ""))
         row = [run.name] + ([sources[run.name]] if many_sources else []) + [
             attack_name(run.attack), run.config.get("model", "?"), run.defense]
         if has_eps:
@@ -400,7 +415,8 @@ def section_results(ctx: Context) -> Section | None:
         parts.append("<h3>By attack and data set</h3>" + _attack_table_html(by_attack) + "<h3>Every run</h3>")
     parts.append(table(header, rows, numeric=list(range(first_num, len(header)))))
     parts.append("<p class=note>ASR (attack success rate): share of images reconstructed with SSIM \u2265 0.9, "
-                 "the paper's threshold for a recognisable copy. SSIM (structural similarity, 0 to 1) and PSNR "
+                 "the paper's threshold for a recognisable copy; in brackets, each rate's 95% interval (Wilson) over "
+                 "the images scored: with few images the true rate may lie far from the observed one. SSIM (structural similarity, 0 to 1) and PSNR "
                  "(higher is closer) compare each reconstruction with its original, both clamped to [0,1]. "
                  "Re-identified: the reconstruction is more similar to its own image than to any other image of "
                  "the data. Chance levels: what an attacker would score by answering with a random image of the "
@@ -447,6 +463,8 @@ def attack_table(ctx: Context) -> list[dict[str, Any]]:
         for key in _POOLED:
             weighted = [(getattr(s, key), s.n) for s in stats if getattr(s, key) is not None]
             row[key] = sum(v * n for v, n in weighted) / sum(n for _, n in weighted) if weighted else None
+            if key in RATES:
+                row.update(rate_interval(row[key], sum(n for _, n in weighted)).as_dict(key))
         rows.append(row)
     return rows
 
@@ -461,27 +479,33 @@ def _has_client_dp(defenses: Iterable[str]) -> bool:
     return any(part.startswith("cdp") for d in defenses for part in str(d).split("+"))
 
 
-def _with_chance(value: float | None, chance: float | None, digits: int, fraction: bool = False) -> str:
-    """A rate and, in brackets, its chance level (as 1/N where it is one in N choices)."""
+def _with_chance(value: float | None, chance: float | None, digits: int, fraction: bool = False,
+                 row: dict[str, Any] | None = None, key: str = "") -> str:
+    """A rate, its 95% interval where `row` holds KEY_low/KEY_high, and its chance level (1/N: one in N choices)."""
     if value is None:
         return "n/a"
+    text = f"{value:.{digits}f}"
+    if row is not None and row.get(f"{key}_high") is not None:
+        text += f" [{row[key + '_low']:.2f}-{row[key + '_high']:.2f}]"
     if chance is None:
-        return f"{value:.{digits}f}"
+        return text
     level = f"1/{round(1 / chance)}" if fraction and chance > 0 else f"{chance:.{digits}f}"
-    return f"{value:.{digits}f} (chance {level})"
+    return f"{text} (chance {level})"
 
 
 def _attack_table_html(rows: list[dict[str, Any]]) -> str:
     header = ["data set", "attack", "model", "seeds", "images", "ASR", "mean SSIM", "mean MSE", "mean PSNR",
               "s / image", "label accuracy", "re-identified"]
     cells = [[r["data"], r["attack_name"], r["model"], r["seeds"], r["n_images"],
-              _with_chance(r["asr"], r["asr_chance"], 2), _fmt(r["mean_ssim"], 3), _fmt(r["mean_mse"], 4),
-              _fmt(r["mean_psnr"], 1, " dB"), _fmt(r["seconds_per_image"], 2),
-              _with_chance(r["label_accuracy"], r["label_chance"], 2),
-              _with_chance(r["reid_rate"], r["reid_chance"], 2, fraction=True)] for r in rows]
+              _with_chance(r["asr"], r["asr_chance"], 2, row=r, key="asr"), _fmt(r["mean_ssim"], 3),
+              _fmt(r["mean_mse"], 4), _fmt(r["mean_psnr"], 1, " dB"), _fmt(r["seconds_per_image"], 2),
+              _with_chance(r["label_accuracy"], r["label_chance"], 2, row=r, key="label_accuracy"),
+              _with_chance(r["reid_rate"], r["reid_chance"], 2, fraction=True, row=r, key="reid_rate")]
+             for r in rows]
     return table(header, cells, numeric=list(range(3, len(header))),
                  caption="The paper's table: each attack on its model and each data set, without defense, pooled "
-                         "over seeds. Time: wall time of the attack alone, per image.")
+                         "over seeds; in brackets, 95% intervals over the images. Time: wall time of the attack "
+                         "alone, per image.")
 
 
 def _pair(ctx: Context, run: Run, row: ImageResult, tag: str) -> str:
@@ -691,6 +715,9 @@ def defense_table(sweep: SweepRun) -> list[dict[str, Any]]:
         for key in numbers:  # in the file's column order
             values = [c[key] for c in cells if isinstance(c.get(key), (int, float))]
             row[key] = (sum(values) if key in _COUNTS else statistics.fmean(values)) if values else None
+        for key in RATES:  # 95% intervals over the images scored (also for sweeps written before they were kept)
+            if row.get(key) is not None and row.get("n_images"):
+                row.update(rate_interval(row[key], int(row["n_images"])).as_dict(key))
         averaged.append(row)
     return averaged
 
@@ -704,13 +731,16 @@ def _recommendations(sweep: SweepRun) -> list[str]:
     lines = []
     for attack in sorted({c["attack"] for c in cells}):
         mine = [c for c in cells if c["attack"] == attack and c.get(privacy) is not None and c.get(utility) is not None]
-        safe = [c for c in mine if c[privacy] < 0.1] if privacy == "asr" else []
+        below = [c for c in mine if c[privacy] < 0.1] if privacy == "asr" else []
         name = attack_name(attack) if attack else "the attacks"
-        if safe:
-            best = max(safe, key=lambda c: c[utility])
-            lines.append(f"Against {name}: {best['defense']} keeps ASR at {best[privacy]:.2f} (below 0.1) with "
-                         f"{utility.replace('_', ' ')} {best[utility]:.3f}"
-                         + (f", epsilon {best['epsilon']:.2f}" if best.get("epsilon") is not None else "") + ".")
+        if below:
+            best = max(below, key=lambda c: c[utility])
+            observed = (observed_rate_sentence("reconstructed", rate_interval(best[privacy], int(best["n_images"])))
+                        if best.get("n_images") else f"observed ASR {best[privacy]:.2f}.")
+            lines.append(f"Against {name}: of the settings with observed ASR below 0.1, {best['defense']} has the best "
+                         f"{utility.replace('_', ' ')}, {best[utility]:.3f}"
+                         + (f" (epsilon {best['epsilon']:.2f})" if best.get("epsilon") is not None else "")
+                         + f"; {observed}")
         elif mine:
             best = min(mine, key=lambda c: (c[privacy], -c[utility]))
             lines.append(f"Against {name}: no setting tested keeps ASR below 0.1; the lowest is {best['defense']} "
@@ -727,17 +757,24 @@ def section_tradeoff(ctx: Context) -> Section | None:
         cells = defense_table(sweep)
         privacy, utility = _first(cells, _PRIVACY), _first(cells, _UTILITY)
         parts.append(f"<h3>{esc(sweep.name)}</h3>")
+        apart = sorted({(str(c["model"]), str(c["trained_model"])) for c in sweep.cells
+                        if c.get("model") and c.get("trained_model") and c["model"] != c["trained_model"]})
+        if apart:  # --privacy paper: the attacked update is not one the trained federation sent
+            parts.append("<p class=note>Privacy and utility here come from different models ("
+                         + "; ".join(f"attacked {esc(m)}, trained {esc(t)}" for m, t in apart) + "): privacy by the "
+                         "paper's single-image protocol. A defense's strength then means different things on the two "
+                         "sides, so the front below pairs unlike quantities.</p>")
         if privacy and utility:
             usable = [c for c in cells if c.get(privacy) is not None and c.get(utility) is not None]
             front = pareto_front([(c[utility], c[privacy]) for c in usable])
-            points = [{"x": c[utility], "y": c[privacy], "label": c["defense"], "group": attack_name(c["attack"])}
-                      for c in usable]
+            points = [{"x": c[utility], "y": c[privacy], "label": c["defense"], "group": attack_name(c["attack"]),
+                       "y_low": c.get(f"{privacy}_low"), "y_high": c.get(f"{privacy}_high")} for c in usable]
             parts.append("<figure>" + img(plots.tradeoff(points, f"{utility.replace('_', ' ')} (higher is better)",
-                                                         f"{privacy.replace('_', ' ')} (lower is safer)", front,
+                                                         f"{privacy.replace('_', ' ')} (lower leaks less)", front,
                                                          "Privacy against utility, one point per defense setting"),
                                           "privacy-utility trade-off", "plot")
                          + "<figcaption>Settings on the dashed line are not beaten on both privacy and utility by "
-                           "any other.</figcaption></figure>")
+                           "any other. Bars: 95% intervals of the ASR over the images scored.</figcaption></figure>")
             rec = _recommendations(sweep)
             if rec:
                 parts.append("<ul class=findings>" + "".join(f"<li>{esc(r)}</li>" for r in rec) + "</ul>")
@@ -767,7 +804,7 @@ def _defense_table_html(cells: list[dict[str, Any]]) -> str:
         row = [attack_name(cell["attack"]), cell["defense"], cell["seeds"]]
         for _, key, digits, chance, fraction in columns:
             level = cell.get(chance) if isinstance(chance, str) else chance
-            row.append(_with_chance(cell.get(key), level, digits, fraction))
+            row.append(_with_chance(cell.get(key), level, digits, fraction, row=cell, key=key))
         rows.append(row)
     notes = ["none: no defense", "epsilon only where the defense is differential privacy"]
     if any(str(c["defense"]).startswith("laplace") for c in cells):
@@ -776,7 +813,8 @@ def _defense_table_html(cells: list[dict[str, Any]]) -> str:
     return table(["attack", "defense", "seeds", *[c[0] for c in columns]], rows,
                  numeric=list(range(2, 3 + len(columns))),
                  caption="Each row: privacy (leak) and utility (the trained model's quality on held-out images) of "
-                         "one defense setting, averaged over seeds; " + "; ".join(notes) + ".") + (
+                         "one defense setting, averaged over seeds; in brackets, the 95% interval (Wilson) of a rate "
+                         "over the images scored; " + "; ".join(notes) + ".") + (
         f"<p class=note><strong>{esc(CLIENT_DP_NOTE)}.</strong></p>"
         if _has_client_dp(c["defense"] for c in cells) else "")
 

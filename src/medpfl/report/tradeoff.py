@@ -8,9 +8,14 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from medpfl.metrics.intervals import rate_interval
+
 # Privacy per defense setting; each rate with its chance level (an attacker answering or guessing at random).
 PRIVACY_KEYS = ("asr", "asr_chance", "mean_ssim", "mean_psnr", "mean_mse", "label_accuracy", "label_chance",
                 "reid_rate", "reid_chance", "seconds_per_image")
+# Rates of images, pooled over seeds, each with its 95% (Wilson) interval: KEY_low, KEY_high, KEY_n (images).
+RATES = ("asr", "label_accuracy", "reid_rate")
+INTERVAL_KEYS = tuple(f"{k}_{end}" for k in RATES for end in ("low", "high", "n"))
 UTILITY_KEYS = ("accuracy", "balanced_accuracy", "auc")
 UTILITY_CHANCE = ("accuracy_chance", "balanced_accuracy_chance")
 
@@ -51,6 +56,14 @@ def tradeoff_rows(privacy: list[dict[str, Any]], utility: list[dict[str, Any]]) 
         row: dict[str, Any] = {"attack": attack, "defense": defense, "seeds": len(cells),
                                "n_images": sum(c["n_images"] for c in cells)}
         row.update({k: _mean([_privacy_value(c, k) for c in cells]) for k in PRIVACY_KEYS})
+        for key in RATES:  # pooled over every image scored, so the interval's n is the images
+            scored = [(c[key], c["n_images"]) for c in cells if c.get(key) is not None]
+            trials = sum(n for _, n in scored)
+            row[key] = sum(v * n for v, n in scored) / trials if trials else None
+            row.update(rate_interval(row[key], trials).as_dict(key))
+        # The model the attacked updates came from and the one whose utility is shown: equal unless --privacy paper.
+        row["model"] = cells[0].get("model")
+        row["trained_model"] = trained[0].get("model") if trained else None
         row.update({k: _mean([u.get(k) for u in trained]) for k in UTILITY_KEYS})
         row["utility"] = "measured" if trained else "pending"
         row.update({k: trained[0].get(k) if trained else None for k in UTILITY_CHANCE})
@@ -62,8 +75,8 @@ def tradeoff_rows(privacy: list[dict[str, Any]], utility: list[dict[str, Any]]) 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     """The trade-off table as CSV (empty fields where a value is undefined or pending)."""
-    columns = ["attack", "defense", "seeds", "n_images", *PRIVACY_KEYS, *UTILITY_KEYS,
-               *UTILITY_CHANCE, "utility", "epsilon", "delta"]
+    columns = ["attack", "defense", "seeds", "n_images", *PRIVACY_KEYS, *INTERVAL_KEYS, *UTILITY_KEYS,
+               *UTILITY_CHANCE, "utility", "epsilon", "delta", "model", "trained_model"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
@@ -87,6 +100,11 @@ def label_rows(points: Sequence[tuple[float, float]], x_span: float, y_span: flo
     return rows
 
 
+def _asr_error(rows: list[dict[str, Any]]) -> list[list[float]]:
+    """Matplotlib's asymmetric error bars (below, above) of each row's ASR from its interval."""
+    return [[r["asr"] - r["asr_low"] for r in rows], [r["asr_high"] - r["asr"] for r in rows]]
+
+
 def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
     """Leak (ASR) against utility (test accuracy), one panel per attack, Pareto front joined by a line.
 
@@ -104,7 +122,8 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
         if measured:
             measured.sort(key=lambda r: r["accuracy"])
             points = [(r["accuracy"], r["asr"]) for r in measured]
-            ax.scatter(*zip(*points), color="tab:blue")
+            ax.errorbar(*zip(*points), yerr=_asr_error(measured), fmt="o", color="tab:blue", ecolor="tab:blue",
+                        elinewidth=0.8, capsize=2, label="ASR, 95% interval")
             x_span = max(x for x, _ in points) - min(x for x, _ in points) or 1.0
             for r, (x, y), row in zip(measured, points, label_rows(points, x_span, 1.0)):
                 ax.annotate(_short(r["defense"]), (x, y), fontsize=7, xytext=(3, 3 + 9 * row),
@@ -122,10 +141,11 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
             ax.set_xlim(left - 0.05 * x_span, points[-1][0] + 0.25 * x_span)  # room for the labels
             ax.legend(fontsize=7)
         else:
-            ax.barh([_short(r["defense"]) for r in mine], [r["asr"] for r in mine], color="tab:blue")
+            ax.barh([_short(r["defense"]) for r in mine], [r["asr"] for r in mine], color="tab:blue",
+                    xerr=_asr_error(mine), error_kw={"elinewidth": 0.8, "capsize": 2})
             ax.set_xlim(0, 1.03)
             ax.invert_yaxis()  # the grid's order, top to bottom
-            ax.set_xlabel("ASR (utility pending: no federated training in this sweep)")
+            ax.set_xlabel("ASR with 95% interval (utility pending: no federated training in this sweep)")
         ax.set_title(attack)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
