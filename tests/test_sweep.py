@@ -128,6 +128,8 @@ def test_sweep_measures_utility_and_epsilon_per_defense_in_worker_processes(tmp_
         cell = out / "cells" / cell_name("utility", rows[defense]["defense"], 0)
         assert float(rows[defense]["accuracy"]) == pytest.approx(utility_cell_accuracy(cell, 2, 0, 16), abs=1e-12)
     assert float(rows["dpsgd:epsilon=8"]["epsilon"]) == pytest.approx(8, rel=0.05)
+    per_site = [float(e) for e in rows["dpsgd:epsilon=8"]["epsilon_per_site"].split()]
+    assert len(per_site) == 2 and max(per_site) == pytest.approx(float(rows["dpsgd:epsilon=8"]["epsilon"]), rel=1e-3)
     # Secure aggregation's row shows the undefended federation's utility. Its privacy cell trained the federation
     # again, through Flower's SecAgg+ (masked updates, quantized sums): it must reach the same model.
     secure = torch.load(out / "cells" / cell_name("privacy", "secagg:k=2", 0, "idlg") / "model.pt", weights_only=True)

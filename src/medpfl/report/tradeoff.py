@@ -67,7 +67,9 @@ def tradeoff_rows(privacy: list[dict[str, Any]], utility: list[dict[str, Any]]) 
         row.update({k: _mean([u.get(k) for u in trained]) for k in UTILITY_KEYS})
         row["utility"] = "measured" if trained else "pending"
         row.update({k: trained[0].get(k) if trained else None for k in UTILITY_CHANCE})
-        row["epsilon"] = _mean([c.get("epsilon") for c in cells])
+        row["epsilon"] = _mean([c.get("epsilon") for c in cells])  # DP-SGD: the worst-off site's
+        per_site = [u["epsilon_per_site"] for u in trained if u.get("epsilon_per_site")]
+        row["epsilon_per_site"] = (" ".join(f"{_mean(list(e)):.3f}" for e in zip(*per_site)) if per_site else None)
         row["delta"] = cells[0].get("delta")
         rows.append(row)
     return rows
@@ -76,7 +78,7 @@ def tradeoff_rows(privacy: list[dict[str, Any]], utility: list[dict[str, Any]]) 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     """The trade-off table as CSV (empty fields where a value is undefined or pending)."""
     columns = ["attack", "defense", "seeds", "n_images", *PRIVACY_KEYS, *INTERVAL_KEYS, *UTILITY_KEYS,
-               *UTILITY_CHANCE, "utility", "epsilon", "delta", "model", "trained_model"]
+               *UTILITY_CHANCE, "utility", "epsilon", "epsilon_per_site", "delta", "model", "trained_model"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
