@@ -165,7 +165,7 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
         update_norms = sum((g.flatten(1).double() ** 2).sum(1) for g in gradients.values()).sqrt().tolist()
         p_true = true_class_probability(models[0], params, images, labels, bn_mode).tolist()
         granted = labels if labels_granted else None
-        payload = ServerPayload(models[0].to(device), params, K, tuple(images.shape[2:]), bn_mode)
+        payload = ServerPayload(models[0].to(device), params, K, tuple(images.shape[2:]), bn_mode, defense=defense)
         update = ObservedUpdate(gradients, B, labels=granted)
         generator = attack_generator(config, victims)
         # Long optimisations keep their state here, so that a crash costs minutes, not hours.
