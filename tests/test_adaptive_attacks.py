@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from medpfl.attacks import ObservedUpdate, ServerPayload, build_attack
+from medpfl.cli import main
 from medpfl.data import ImageDataset, sample_items
 from medpfl.data.embedded import embedded_source
 from medpfl.defenses import parse_defense
@@ -50,3 +53,23 @@ def test_matching_only_the_kept_entries_reconstructs_a_top_k_update(real_images,
     budget = {"restarts": 0, "steps": 60}
     assert quality(attack, payload, update, images[:, 0], **budget)[0] > 0.95
     assert quality(attack, payload, update, images[:, 0], **budget, support="all")[0] < 0.9
+
+
+def test_strongest_reports_each_images_best_attack_and_contains_the_plain_run_exactly(tmp_path):
+    """`--attack strongest` on a top-k update: per image the best candidate by SSIM and the winner's name; its
+    plain iDLG candidate is the very answer a separate `--attack idlg` run gives, so it is never below it."""
+    quick = ["--image-size", "16", "--n-images", "2", "--defense", "topk:prune=0.5", "--steps", "30",
+             "--restarts", "0", "--quiet"]
+    assert main(["attack", "--attack", "strongest", "--out", str(tmp_path / "strongest"), *quick]) == 0
+    assert main(["attack", "--attack", "idlg", "--model", "lenet-idlg", "--out", str(tmp_path / "plain"), *quick]) == 0
+    strongest = [json.loads(line) for line in (tmp_path / "strongest" / "results.jsonl").read_text().splitlines()]
+    plain = [json.loads(line) for line in (tmp_path / "plain" / "results.jsonl").read_text().splitlines()]
+    for s, p in zip(strongest, plain):
+        assert set(s["ssim_by_attack"]) == {"idlg", "sparse-l2", "sparse-cosine"}
+        assert s["ssim_by_attack"]["idlg"] == p["ssim"]
+        best = max(s["ssim_by_attack"], key=lambda name: s["ssim_by_attack"][name][0])
+        assert s["winner"] == [best] and s["ssim"] == s["ssim_by_attack"][best]
+        assert s["attacker_pick_ssim"] == s["ssim_by_attack"][s["attacker_pick"]]
+    summary = json.loads((tmp_path / "strongest" / "summary.json").read_text())
+    assert summary["asr"] >= json.loads((tmp_path / "plain" / "summary.json").read_text())["asr"]
+    assert sum(summary["wins"].values()) == 2
