@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from medpfl.attacks import ObservedUpdate, ServerPayload, build_attack
+from medpfl.attacks.defense_aware import noise_variance
 from medpfl.cli import main
 from medpfl.data import ImageDataset, sample_items
 from medpfl.data.embedded import embedded_source
@@ -73,3 +74,43 @@ def test_strongest_reports_each_images_best_attack_and_contains_the_plain_run_ex
     summary = json.loads((tmp_path / "strongest" / "summary.json").read_text())
     assert summary["asr"] >= json.loads((tmp_path / "plain" / "summary.json").read_text())["asr"]
     assert sum(summary["wins"].values()) == 2
+
+
+@pytest.mark.parametrize("spec", ["laplace:b=0.01", "gaussian:sigma=0.01", "quant:bits=2", "quant:bits=4",
+                                  "laplace:b=0.01+secagg:k=2"])
+def test_the_noise_the_attacker_expects_is_the_noise_the_defense_adds(real_images, spec):
+    """The attacker's per-entry noise variance, from the defense's parameters and the observed update alone,
+    against the variance of what the real defense added to the true update (observed minus true). With a
+    wrong variance (b^2 for Laplace's 2 b^2, a step from the number of bits alone, 1/k missed) it fails."""
+    x, y, K = real_images
+    images = x.reshape(2, 2, *x.shape[1:]) if "secagg" in spec else x[:, None]
+    labels = y.reshape(2, 2) if "secagg" in spec else y[:, None]
+    payload, update = defended(spec, images, labels, K)
+    true = defended("secagg:k=2" if "secagg" in spec else "none", images, labels, K)[1]
+    expected = noise_variance(payload, update)
+    for name in ("body.2.weight", "fc.weight"):  # 10,000 and 3,600 entries
+        added = (update.gradients[name] - true.gradients[name]).flatten(1)
+        ratio = added.var(1) / expected[name]
+        # Noise: its variance, to sampling error. Rounding: estimated for evenly spread remainders (unknown).
+        assert (ratio - 1).abs().max() < 0.15 if "quant" not in spec else (ratio - 1).abs().max() < 1, name
+
+
+def test_the_noise_floor_the_attacker_stops_at_is_the_distance_of_the_true_images(real_images):
+    """Under Laplace noise the robust attacks stop a run where its distance reaches the floor they read off
+    the defense's parameters: the distance the true images have, computed here from their real gradient
+    with each layer weighted by its signal share (observed power minus the noise's 2 b^2, over the power)."""
+    x, y, K = real_images
+    payload, update = defended("laplace:b=0.01", x[:, None], y[:, None], K)
+    true = defended("none", x[:, None], y[:, None], K)[1].gradients
+    observed = update.gradients
+    weights = {n: ((o.flatten(1) ** 2).mean(1) - 2 * 0.01 ** 2).clamp_min(0) / (o.flatten(1) ** 2).mean(1)
+               for n, o in observed.items()}
+
+    def weighted(f):
+        return sum(weights[n] * f(true[n], observed[n]).flatten(1).sum(1) for n in observed)
+
+    truth = {"robust-l2": weighted(lambda g, o: (g - o) ** 2) / sum((o.flatten(1) ** 2).sum(1) for o in observed.values()),
+             "robust-cosine": 1 - weighted(lambda g, o: g * o) / (weighted(lambda g, o: g * g) * weighted(lambda g, o: o * o)).sqrt()}
+    for attack, distance in truth.items():
+        result = build_attack(attack, steps=1, restarts=0).reconstruct(payload, update, torch.Generator().manual_seed(0))
+        assert result.extra["noise_floor"].tolist() == pytest.approx(distance.tolist(), rel=0.1), attack

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
-from medpfl.attacks.defense_aware import noise_energy
+from medpfl.attacks.defense_aware import noise_variance, signal_weights
 from medpfl.attacks.labels import last_layer, recover_labels
-from medpfl.attacks.lenet_matching import LeNetGradientDistance
+from medpfl.attacks.lenet_matching import LeNetGradientDistance, per_entry
 from medpfl.attacks.objectives import cosine_distance, l2_distance, total_variation
 from medpfl.attacks.optim import Restart, lbfgs, lbfgs_state_floats
 from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload
@@ -140,6 +140,18 @@ class GradientMatchingAttack:
         support = None
         if s.support == "observed":
             support = {n: (g != 0).to(dt) for n, g in update.gradients.items()}
+        floor = torch.zeros(V, device=dev, dtype=dt)
+        if s.noise_floor:
+            # Each layer weighted by the share of it that is signal; the distance the true images would have
+            # is that of the weighted noise (relative to the weighted update for the cosine).
+            variance = noise_variance(payload, update)
+            weights = signal_weights(update, variance)
+            support = {n: per_entry(weights[n].sqrt(), g) * (torch.ones_like(g) if support is None else support[n])
+                       for n, g in update.gradients.items()}
+            noise = sum(weights[n] * variance[n] * (k != 0).flatten(1).sum(1) for n, k in support.items())
+            signal = scale if s.distance == "l2" else sum((weights[n] * (g.flatten(1) ** 2).sum(1))
+                                                         for n, g in update.gradients.items())
+            floor = expected_distance_at_truth(noise / signal.clamp_min(1e-30), s.distance)
         # The cosine is scale-free already; only the L2 distance is made relative to the update's size.
         relative_l2 = s.normalize and s.distance == "l2"
         objective = _matching_objective(payload, update, fixed_targets, B, shape, logit_gradient,
@@ -157,9 +169,6 @@ class GradientMatchingAttack:
         # The attacker judges a run by its own objective alone, relative to the observed gradient's size.
         relative = ((lambda victims, loss: loss) if s.normalize or s.distance == "cosine"
                     else (lambda victims, loss: loss / scale[victims]))
-        floor = torch.zeros(V, device=dev, dtype=dt)
-        if s.noise_floor:
-            floor = expected_distance_at_truth(noise_energy(payload, update) / scale, s.distance)
         restart = Restart(tries=s.restarts, draw=draw, unsatisfied=lambda victims, loss: ~(
             relative(victims, loss) <= floor[victims] + s.restart_above))
         max_active = s.max_active
@@ -187,7 +196,7 @@ class GradientMatchingAttack:
         objective = relative(torch.arange(V, device=dev), result.loss)
         return Reconstruction(images=images.detach(), labels=labels, objective=objective,
                               evaluations=result.evaluations, diverged=result.diverged, seconds=seconds,
-                              extra={"runs": result.runs, "stalled_runs": result.stalled})
+                              extra={"runs": result.runs, "stalled_runs": result.stalled, "noise_floor": floor})
 
 
 _CPU_ACTIVATION_BUDGET = 2**21  # floats (8 MB in float32) of layer outputs of all running victims

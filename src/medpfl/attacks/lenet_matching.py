@@ -117,7 +117,7 @@ def _victim_sums(t: torch.Tensor, V: int) -> torch.Tensor:
     return t.unflatten(0, (V, -1)).flatten(1).sum(1)
 
 
-def _per_entry(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def per_entry(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-victim values c (V) broadcast against a tensor whose first dimension holds V victims' rows."""
     return c.repeat_interleave(like.shape[0] // c.shape[0]).view(-1, *[1] * (like.dim() - 1))
 
@@ -144,7 +144,7 @@ def _half_adjoints(site: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | N
     along_o, along_g = -0.5 / (g_norm * o_norm), 0.5 * dot / (g_norm ** 3 * o_norm)
     halves = []
     for g, o, s in masked:
-        half = _per_entry(along_o, o) * o + _per_entry(along_g, g) * g
+        half = per_entry(along_o, o) * o + per_entry(along_g, g) * g
         halves.append(half if s is None else half * s)
     return loss, halves
 
