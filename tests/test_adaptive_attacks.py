@@ -109,8 +109,24 @@ def test_the_noise_floor_the_attacker_stops_at_is_the_distance_of_the_true_image
     def weighted(f):
         return sum(weights[n] * f(true[n], observed[n]).flatten(1).sum(1) for n in observed)
 
-    truth = {"robust-l2": weighted(lambda g, o: (g - o) ** 2) / sum((o.flatten(1) ** 2).sum(1) for o in observed.values()),
-             "robust-cosine": 1 - weighted(lambda g, o: g * o) / (weighted(lambda g, o: g * g) * weighted(lambda g, o: o * o)).sqrt()}
+    energy = sum((o.flatten(1) ** 2).sum(1) for o in observed.values())
+    truth = {"robust-l2": weighted(lambda g, o: (g - o) ** 2) / energy,
+             "robust-cosine": 1 - weighted(lambda g, o: g * o) / (weighted(lambda g, o: g * g)
+                                                                  * weighted(lambda g, o: o * o)).sqrt()}
     for attack, distance in truth.items():
-        result = build_attack(attack, steps=1, restarts=0).reconstruct(payload, update, torch.Generator().manual_seed(0))
+        result = build_attack(attack, steps=1, restarts=0).reconstruct(payload, update,
+                                                                       torch.Generator().manual_seed(0))
         assert result.extra["noise_floor"].tolist() == pytest.approx(distance.tolist(), rel=0.1), attack
+
+
+@pytest.mark.parametrize("spec", ["clip:norm=0.1", "clip:norm=0.1+gaussian:sigma=1e-5"])
+def test_cosine_with_a_tv_prior_reconstructs_a_clipped_update_shrunk_a_hundredfold(real_images, spec):
+    """Clipping scales the update by a factor the attacker does not know: the cosine distance is blind to it,
+    and with little noise the run goes on to the true image (the floor stop must not end it early)."""
+    x, y, K = real_images
+    images, labels = x[1:2, None], y[1:2, None]
+    payload, update = defended(spec, images, labels, K)
+    unclipped = defended("none", images, labels, K)[1]
+    assert sum(g.square().sum() for g in update.gradients.values()) < 1e-3 * sum(
+        g.square().sum() for g in unclipped.gradients.values())
+    assert quality("robust-cosine", payload, update, images[:, 0], restarts=0, steps=60)[0] > 0.95

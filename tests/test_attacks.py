@@ -342,7 +342,8 @@ def test_distance_on_a_support_equals_autograd_of_the_distance_written_by_hand(r
             expected = sum(((g - o) ** 2).sum() for g, o in kept)
         else:
             dot = sum((g * o).sum() for g, o in kept)
-            expected = 1 - dot / (sum((g * g).sum() for g, _ in kept).sqrt() * sum((o * o).sum() for _, o in kept).sqrt())
+            norms = sum((g * g).sum() for g, _ in kept).sqrt() * sum((o * o).sum() for _, o in kept).sqrt()
+            expected = 1 - dot / norms
         assert torch.allclose(loss[v], expected, rtol=1e-10)
         expected_grad = torch.autograd.grad(expected, candidate)[0].flatten()
         assert torch.allclose(gradient[v], expected_grad, rtol=1e-8, atol=1e-12 * expected_grad.abs().max())

@@ -26,7 +26,8 @@ ATTACKS = {
 # The model each attack was run on in the paper, used when no --model is given; update-inversion gets
 # the ConvNet that `medpfl train` trains by default.
 DEFAULT_MODELS = {"dlg": "lenet-dlg", "idlg": "lenet-idlg", "cpl": "lenet-cpl", "invgrad": "resnet18",
-                  "update-inversion": "convnet", **{name: "lenet-idlg" for name in ("strongest", *SPARSE_ATTACKS, *NOISE_ATTACKS)}}
+                  "update-inversion": "convnet",
+                  **{name: "lenet-idlg" for name in ("strongest", *SPARSE_ATTACKS, *NOISE_ATTACKS)}}
 # The Inverting Gradients paper computed updates with the network in eval mode (BatchNorm on its
 # running statistics); a site's ordinary training step normalises with batch statistics.
 DEFAULT_BN_MODES = {name: "eval" if name == "invgrad" else "train" for name in ATTACKS}

@@ -1,7 +1,8 @@
 """What the adversary holds, kept apart from the ground truth it tries to recover.
 
 A curious server (or an eavesdropper) sees the server payload it sent (with the defenses its protocol
-prescribes) and each victim's observed update. Attack code receives only these two objects; originals and true labels stay with the scorer.
+prescribes) and each victim's observed update. Attack code receives only these two objects; originals
+and true labels stay with the scorer.
 Every tensor here is stacked over victims: dimension 0 indexes the victim.
 """
 

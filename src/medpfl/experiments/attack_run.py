@@ -338,7 +338,8 @@ def _strongest_summary(results: list[dict], success_ssim: float) -> dict[str, An
     return {
         "asr_attacker_pick": sum(s >= success_ssim for s in picked) / len(picked),
         "mean_ssim_attacker_pick": statistics.fmean(picked),
-        "asr_by_attack": {name: sum(s >= success_ssim for s in ssims) / len(ssims) for name, ssims in by_attack.items()},
+        "asr_by_attack": {name: sum(s >= success_ssim for s in ssims) / len(ssims)
+                          for name, ssims in by_attack.items()},
         "mean_ssim_by_attack": {name: statistics.fmean(ssims) for name, ssims in by_attack.items()},
         "wins": {name: winners.count(name) for name in by_attack},
     }
