@@ -49,27 +49,27 @@ def main() -> None:
     parser.add_argument("--out", default="runs/strongest-attacker")
     args = parser.parse_args()
     json_path = Path(f"benchmarks/results/strongest_attacker_{args.name}.json")
-    # Cells measured before (another --defenses list) are kept; a defense measured again replaces its cell.
-    cells = json.loads(json_path.read_text())["cells"] if json_path.exists() else []
     for spec in args.defenses.split(";"):
         config = AttackRunConfig(attack="strongest", data=args.data, image_size=16, channels=args.channels,
                                  n_images=args.n_images, seed=args.seed, defense=spec)
+        run = Path(args.out) / args.name / spec.replace(":", "-")
         started = time.perf_counter()
-        summary = run_attack(config, Path(args.out) / args.name / spec.replace(":", "-"))
-        results = sorted(read_results(Path(args.out) / args.name / spec.replace(":", "-")), key=lambda r: r["victim"])
+        summary = run_attack(config, run)
+        results = sorted(read_results(run), key=lambda r: r["victim"])
         plain = [s for r in results for s in r["ssim_by_attack"]["idlg"]]
         strongest = [s for r in results for s in r["ssim"]]
         picked = [s for r in results for s in r["attacker_pick_ssim"]]
-        cells = [c for c in cells if c["defense"] != summary["defense"]]
-        cells.append({"defense": summary["defense"], "plain": rate(plain), "strongest": rate(strongest),
-                      "attacker_pick": rate(picked), "wins": summary["wins"],
-                      "asr_by_attack": summary["asr_by_attack"], "per_image": [
-                          {"items": r["items"], "ssim_by_attack": r["ssim_by_attack"], "winner": r["winner"],
-                           "attacker_pick": r["attacker_pick"]} for r in results],
-                      "seconds": time.perf_counter() - started})
-        cell = cells[-1]
+        cell = {"defense": summary["defense"], "plain": rate(plain), "strongest": rate(strongest),
+                "attacker_pick": rate(picked), "wins": summary["wins"], "asr_by_attack": summary["asr_by_attack"],
+                "per_image": [{"items": r["items"], "ssim_by_attack": r["ssim_by_attack"], "winner": r["winner"],
+                               "attacker_pick": r["attacker_pick"]} for r in results],
+                "seconds_per_image": summary["seconds_per_image"], "wall_seconds": time.perf_counter() - started}
         print(f"{cell['defense']:>20}  plain {cell['plain']['asr']:.2f}  strongest {cell['strongest']['asr']:.2f}  "
               f"picked {cell['attacker_pick']['asr']:.2f}  wins {cell['wins']}", flush=True)
+        # Cells measured before (another --defenses list, another process) are kept; a defense measured again
+        # replaces its cell.
+        cells = json.loads(json_path.read_text())["cells"] if json_path.exists() else []
+        cells = [c for c in cells if c["defense"] != cell["defense"]] + [cell]
         json_path.write_text(json.dumps({"settings": vars(args), "model": "lenet-idlg", "image_size": 16,
                                          "success_ssim": SUCCESS_SSIM, "machine": platform.machine(),
                                          "versions": library_versions(), "cells": cells}, indent=2) + "\n")
