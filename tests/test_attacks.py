@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch.func import grad_and_value, vmap
 
 from medpfl.attacks import ObservedUpdate, ServerPayload, build_attack
-from medpfl.attacks.gradient_matching import (PAPER_PROCEDURE, GradientMatchingSettings, _matching_objective,
+from medpfl.attacks.gradient_matching import (PAPER_PROCEDURE, GradientMatchingSettings, matching_objective,
                                               observed_logit_gradient)
 from medpfl.attacks.labels import count_labels, idlg_labels
 from medpfl.attacks.lenet_matching import LeNetGradientDistance
@@ -68,7 +68,7 @@ def test_generic_objective_equals_plain_autograd_per_victim(real_images):
     models, payload, update = victims("convnet", images, labels, K, torch.float64)
     targets = F.one_hot(labels, K).double()
     z = torch.rand(2, images[0].numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    loss, gradient = _matching_objective(payload, update, targets, 1, tuple(images.shape[2:]))(z, torch.arange(2))
+    loss, gradient = matching_objective(payload, update, targets, 1, tuple(images.shape[2:]))(z, torch.arange(2))
     for v in range(2):
         candidate = z[v].reshape(images[v].shape).clone().requires_grad_(True)
         site = torch.autograd.grad(soft_cross_entropy(models[v](candidate), targets[v]),
@@ -293,9 +293,9 @@ def test_the_true_image_matches_a_confident_update_exactly(size, channels):
     scale = sum((g.flatten(1) ** 2).sum(1) for g in update.gradients.values())
     truth = x.reshape(1, -1)
     targets = F.one_hot(torch.tensor([[1]]), 2).float()
-    observed = _matching_objective(payload, update, targets, 1, x.shape[1:], observed_logit_gradient(update, payload),
+    observed = matching_objective(payload, update, targets, 1, x.shape[1:], observed_logit_gradient(update, payload),
                              scale)(truth, torch.arange(1))[0]
-    from_softmax = _matching_objective(payload, update, targets, 1, x.shape[1:], None, scale)(truth, torch.arange(1))[0]
+    from_softmax = matching_objective(payload, update, targets, 1, x.shape[1:], None, scale)(truth, torch.arange(1))[0]
     assert observed.item() < 1e-10 and from_softmax.item() > 1e-3
 
 
@@ -330,7 +330,7 @@ def test_distance_on_a_support_equals_autograd_of_the_distance_written_by_hand(r
     observed = {n: g * support[n] for n, g in update.gradients.items()}
     targets = F.one_hot(labels, K).double()
     z = torch.rand(2, images[0].numel(), dtype=torch.float64, generator=generator)
-    objective = _matching_objective(payload, ObservedUpdate(observed, 1), targets, 1, tuple(images.shape[2:]),
+    objective = matching_objective(payload, ObservedUpdate(observed, 1), targets, 1, tuple(images.shape[2:]),
                                     support=support, distance=distance)
     loss, gradient = objective(z, torch.arange(2))
     for v in range(2):

@@ -66,15 +66,16 @@ class GradientMatchingSettings:
     restarts: int = 7
     restart_above: float = 1e-4
     # What is matched. "l2": the squared distance (the papers'); "cosine": one minus the cosine similarity,
-    # blind to the update's scale (clipping, a quantizer's step) and less swayed by noise on each entry.
+    # blind to the update's scale (clipping, DP-SGD's per-example clipping).
     distance: str = "l2"
     # "all" entries of the update, or only those the "observed" update holds non-zero: a sparsified update
     # says nothing about the entries it dropped, and matching them to zero pulls the candidate away.
     support: str = "all"
     tv_weight: float = 0.0  # weight of a total-variation prior on the candidate images (0: none, the papers')
-    # Read the noise the defense puts into the update off the protocol (defense_aware.noise_energy): a run
-    # stops where its distance reaches the distance the true image would have (going lower fits the noise),
-    # and a victim is restarted only when its best run ends `restart_above` beyond that floor.
+    # Read the noise the defense puts into the update off the protocol (defense_aware.noise_variance) and
+    # weigh each layer by the share of it that is signal (defense_aware.signal_weights); a run stops where
+    # its distance reaches the one the true image would have (going lower fits the noise), and a victim is
+    # restarted only when its best run ends `restart_above` beyond that floor.
     noise_floor: bool = False
     # Victims optimised at once; the others start as running ones finish. None: all of them on a GPU,
     # and on a CPU as many as keep the running victims' layer outputs within ~8 MB, so that they stay
@@ -154,7 +155,7 @@ class GradientMatchingAttack:
             floor = expected_distance_at_truth(noise / signal.clamp_min(1e-30), s.distance)
         # The cosine is scale-free already; only the L2 distance is made relative to the update's size.
         relative_l2 = s.normalize and s.distance == "l2"
-        objective = _matching_objective(payload, update, fixed_targets, B, shape, logit_gradient,
+        objective = matching_objective(payload, update, fixed_targets, B, shape, logit_gradient,
                                         scale=scale if relative_l2 else None, support=support,
                                         distance=s.distance)
         if s.tv_weight:
@@ -257,14 +258,14 @@ def observed_logit_gradient(update: ObservedUpdate, payload: ServerPayload) -> t
     return None if bias is None else update.gradients[bias][:, None, :]
 
 
-def _matching_objective(payload: ServerPayload, update: ObservedUpdate, fixed_targets: torch.Tensor | None,
+def matching_objective(payload: ServerPayload, update: ObservedUpdate, fixed_targets: torch.Tensor | None,
                         batch: int, shape: tuple[int, int, int], logit_gradient: torch.Tensor | None = None,
                         scale: torch.Tensor | None = None, support: dict[str, torch.Tensor] | None = None,
                         distance: str = "l2"):
     """objective(z, victims) for the batched optimiser: z holds each victim's flat images (+ soft labels).
     With `logit_gradient` (V x B x K) the candidate's gradient is that vector's backward pass; with `scale`
     (V) each victim's distance and its gradient are divided by it; with `support` (name -> V x shape of
-    1 and 0) only the entries it keeps are compared."""
+    1 kept, 0 left out, or a weight in between) each entry's difference is multiplied by it."""
     n_pixels = batch * shape[0] * shape[1] * shape[2]
     V = payload.n_victims
 
@@ -360,7 +361,10 @@ def cpl(**overrides) -> GradientMatchingAttack:
     return attack
 
 
-ROBUST_TV_WEIGHT = 1e-3  # against distances relative to the update (cosine, or L2 over |o|^2)
+# Against distances relative to the update (cosine, or L2 over |o|^2). It rests on one comparison only:
+# robust-cosine under Laplace 0.01 at 16 px on 4 embedded images reconstructed better with it than without;
+# 1e-2 and other data were not tried.
+ROBUST_TV_WEIGHT = 1e-3
 
 # Attacks that know the defense (defense_aware): iDLG's label rule and L-BFGS, on a distance built for it.
 # The candidate's logit gradient comes from its own softmax: a defended update's bias gradient is not exact.

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from medpfl.attacks.defense_aware import applicable_attacks
-from medpfl.attacks.gradient_matching import _matching_objective
+from medpfl.attacks.gradient_matching import matching_objective
 from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload
 
 
@@ -60,7 +60,7 @@ def attacker_distance(payload: ServerPayload, update: ObservedUpdate, answer: Re
     V, B = answer.images.shape[:2]
     targets = F.one_hot(answer.labels, payload.num_classes).to(answer.images.dtype)
     support = {n: (g != 0).to(g.dtype) for n, g in update.gradients.items()}
-    objective = _matching_objective(payload, update, targets, B, payload.image_shape, support=support,
+    objective = matching_objective(payload, update, targets, B, payload.image_shape, support=support,
                                     distance="cosine")
     loss, _ = objective(answer.images.reshape(V, -1), torch.arange(V, device=answer.images.device))
     return loss
