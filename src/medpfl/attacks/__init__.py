@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from medpfl.attacks.defense_aware import NOISE_ATTACKS, SPARSE_ATTACKS
 from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload, ThreatModel
 from medpfl.errors import MedPFLError
 
@@ -12,6 +13,13 @@ ATTACKS = {
     "idlg": "Improved DLG: label from the last layer, L-BFGS on the image (Zhao et al. 2020)",
     "cpl": "Catastrophic privacy leakage: iDLG with a patterned start (Wei et al. 2020)",
     "invgrad": "Inverting Gradients: cosine distance, TV, signed Adam, restarts (Geiping et al. 2020)",
+    "sparse-l2": "iDLG on the entries a sparsified (top-k) update kept, L2 distance, restarts",
+    "sparse-cosine": "iDLG on the entries a sparsified (top-k) update kept, cosine distance, restarts",
+    "robust-l2": "iDLG on a noised or quantized update: L2 distance + TV prior, stops at the defense's noise floor",
+    "robust-cosine": "iDLG on a noised, clipped or quantized update: cosine distance + TV prior, stops at the "
+                     "defense's noise floor",
+    "strongest": "every attack that fits the defense on each victim (plain iDLG among them); the report gives per "
+                 "image the best by SSIM and the one the attacker would pick by its own distance",
     "update-inversion": "FedAvg weight changes: the site's local steps unrolled on candidate images, then "
                         "Inverting Gradients (Geiping et al. 2020 sec. 6; Dimitrov et al. 2022)",
     "imprint": "Robbing the Fed: a malicious server sends the model behind an imprint module and reads images "
@@ -22,7 +30,8 @@ ATTACKS = {
 # The model each attack was run on in the paper, used when no --model is given; update-inversion gets
 # the ConvNet that `medpfl train` trains by default.
 DEFAULT_MODELS = {"dlg": "lenet-dlg", "idlg": "lenet-idlg", "cpl": "lenet-cpl", "invgrad": "resnet18",
-                  "update-inversion": "convnet", "imprint": "lenet-idlg", "trap": "mlp"}
+                  "update-inversion": "convnet", "imprint": "lenet-idlg", "trap": "mlp",
+                  **{name: "lenet-idlg" for name in ("strongest", *SPARSE_ATTACKS, *NOISE_ATTACKS)}}
 # The Inverting Gradients paper computed updates with the network in eval mode (BatchNorm on its
 # running statistics); a site's ordinary training step normalises with batch statistics.
 DEFAULT_BN_MODES = {name: "eval" if name == "invgrad" else "train" for name in ATTACKS}
@@ -48,6 +57,11 @@ def build_attack(name: str, **settings: Any):
     """The attack `name` with the paper's settings, overridden by `settings`."""
     if name not in ATTACKS:
         raise MedPFLError(f"Unknown --attack '{name}'; choose one of: {', '.join(ATTACKS)}.")
+    if name == "strongest":
+        from medpfl.attacks.strongest import StrongestAttack
+
+        build_attack("idlg", **settings)  # every attack it runs takes the L-BFGS attacks' settings
+        return StrongestAttack(build_attack, **settings)
     if name == "invgrad":
         from medpfl.attacks.inverting_gradients import invgrad as factory
     elif name == "update-inversion":
@@ -59,7 +73,7 @@ def build_attack(name: str, **settings: Any):
     else:
         from medpfl.attacks import gradient_matching
 
-        factory = getattr(gradient_matching, name)
+        factory = getattr(gradient_matching, name.replace("-", "_"))
     attack = factory()
     for key, value in settings.items():
         if not hasattr(attack.settings, key):

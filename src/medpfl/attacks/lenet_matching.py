@@ -52,7 +52,7 @@ class _Conv:
     """
 
     def __init__(self, conv: nn.Conv2d, name: str, params: dict[str, torch.Tensor],
-                 observed: dict[str, torch.Tensor]) -> None:
+                 observed: dict[str, torch.Tensor], support: dict[str, torch.Tensor] | None = None) -> None:
         weight = params[f"{name}.weight"]
         self.V, self.kernel = weight.shape[0], weight.shape[-1]
         self.stride, self.padding = conv.stride, conv.padding
@@ -61,6 +61,9 @@ class _Conv:
         self.bias = params[f"{name}.bias"].reshape(-1)
         self.observed_weight = _channels_last(observed[f"{name}.weight"].reshape(self.weight.shape))
         self.observed_bias = observed[f"{name}.bias"].reshape(-1)
+        self.support_weight = None if support is None else _channels_last(
+            support[f"{name}.weight"].reshape(self.weight.shape))
+        self.support_bias = None if support is None else support[f"{name}.bias"].reshape(-1)
         if self.stride == (1, 1):
             self.flipped = self.flip(self.weight)
 
@@ -109,10 +112,48 @@ def _centred(v: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return (p[..., None, :] * (v[..., :, None] - v[..., None, :])).sum(-1)
 
 
+def _victim_sums(t: torch.Tensor, V: int) -> torch.Tensor:
+    """Sum of each victim's entries of a tensor whose first dimension holds V victims' rows."""
+    return t.unflatten(0, (V, -1)).flatten(1).sum(1)
+
+
+def per_entry(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-victim values c (V) broadcast against a tensor whose first dimension holds V victims' rows."""
+    return c.repeat_interleave(like.shape[0] // c.shape[0]).view(-1, *[1] * (like.dim() - 1))
+
+
+def _half_adjoints(site: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], V: int,
+                   distance: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The distance per victim between gradients g and observed o, over the entries each `support`
+    (1 kept, 0 left out; None: all) holds, and half its derivative w.r.t. each g.
+
+    "l2": sum |g - o|^2. "cosine": 1 - <g, o> / (|g| |o|), blind to the update's scale (clipping, a
+    quantizer's step) and, summed over many entries, less swayed by noise on each than L2."""
+    masked = [(g if s is None else g * s, o if s is None else o * s, s) for g, o, s in site]
+    if distance == "l2":
+        halves = [g - o for g, o, _ in masked]
+        loss = sum(_victim_sums(h.square(), V) for h in halves)
+        return loss, halves
+    if distance != "cosine":
+        raise ValueError(f"unknown distance {distance!r}; use 'l2' or 'cosine'")
+    dot = sum(_victim_sums(g * o, V) for g, o, _ in masked)
+    g_norm = sum(_victim_sums(g.square(), V) for g, _, _ in masked).clamp_min(1e-30).sqrt()
+    o_norm = sum(_victim_sums(o.square(), V) for _, o, _ in masked).clamp_min(1e-30).sqrt()
+    loss = 1 - dot / (g_norm * o_norm)
+    # d loss / d g = -o / (|g| |o|) + <g, o> g / (|g|^3 |o|), on the support only; halved.
+    along_o, along_g = -0.5 / (g_norm * o_norm), 0.5 * dot / (g_norm ** 3 * o_norm)
+    halves = []
+    for g, o, s in masked:
+        half = per_entry(along_o, o) * o + per_entry(along_g, g) * g
+        halves.append(half if s is None else half * s)
+    return loss, halves
+
+
 class LeNetGradientDistance:
-    """Per victim, the squared L2 distance between the LeNet gradient of its candidate and its observed
-    gradient, and the distance's gradient w.r.t. the candidate (images, then soft-label logits when
-    `targets` is None): set up once for a set of victims, then evaluated for many candidates.
+    """Per victim, the distance (squared L2, or cosine) between the LeNet gradient of its candidate and its
+    observed gradient on the `support` (name -> V x shape, 1 kept, 0 left out; None: all), and the
+    distance's gradient w.r.t. the candidate (images, then soft-label logits when `targets` is None):
+    set up once for a set of victims, then evaluated for many candidates.
 
     params/observed: name -> V x shape; targets: V x B x K or None; candidates z: V x (B*C*H*W [+ B*K]).
     `logit_gradient` (V x B x K): the site's gradient w.r.t. its logits, when the attacker read it off the
@@ -121,9 +162,11 @@ class LeNetGradientDistance:
 
     def __init__(self, model: LeNet, params: dict[str, torch.Tensor], observed: dict[str, torch.Tensor],
                  targets: torch.Tensor | None, batch: int, shape: tuple[int, int, int],
-                 logit_gradient: torch.Tensor | None = None) -> None:
+                 logit_gradient: torch.Tensor | None = None, support: dict[str, torch.Tensor] | None = None,
+                 distance: str = "l2") -> None:
         self.batch, self.shape, self.targets, self.logit_gradient = batch, shape, targets, logit_gradient
-        self.convs = [_Conv(layer, f"body.{i}", params, observed)
+        self.distance = distance
+        self.convs = [_Conv(layer, f"body.{i}", params, observed, support)
                       for i, layer in enumerate(model.body) if isinstance(layer, nn.Conv2d)]
         # The classifier's weights with their features in the order channels-last activations hold them.
         V, K, _ = params["fc.weight"].shape
@@ -133,8 +176,10 @@ class LeNetGradientDistance:
             return weight.reshape(V, K, channels, -1).transpose(2, 3).reshape(V, K, -1)
 
         self.w_fc, self.b_fc = channels_last_features(params["fc.weight"]), params["fc.bias"]  # V x K x F, V x K
-        self.negated_w_fc = -channels_last_features(observed["fc.weight"])  # its residual is one baddbmm
+        self.observed_w_fc = channels_last_features(observed["fc.weight"])
         self.observed_b_fc = observed["fc.bias"]
+        self.support_w_fc = None if support is None else channels_last_features(support["fc.weight"])
+        self.support_b_fc = None if support is None else support["fc.bias"]
 
     def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(distance per victim, its gradient w.r.t. z) for candidates z."""
@@ -160,32 +205,29 @@ class LeNetGradientDistance:
         else:
             d_logits = self.logit_gradient
 
-        # The site's backward pass: its gradient, and the residual against the observed one. The distance's
-        # derivative w.r.t. the site's gradient is R = 2 (g - o); the classifier's 2 is applied to its
-        # (small) products instead, since its K x F residual is by far the largest tensor.
-        distance: list[torch.Tensor] = []
-
-        def residual(diff: torch.Tensor) -> torch.Tensor:
-            """g - o for one parameter tensor (V or V*out rows first); its squared norm joins the distance."""
-            per_victim = diff.unflatten(0, (V, -1))
-            distance.append(torch.linalg.vector_norm(per_victim, dim=tuple(range(1, per_victim.dim()))).square())
-            return diff
-
-        diff_wfc = residual(torch.baddbmm(self.negated_w_fc, d_logits.transpose(1, 2), feat))
-        # With the logit gradient read off the update, the bias gradient is the observed one by construction.
-        r_bfc = 2 * residual(d_logits.sum(1) - self.observed_b_fc) if self.logit_gradient is None else None
+        # The site's backward pass: its gradient, then the distance to the observed one and the distance's
+        # derivative w.r.t. each gradient tensor, halved (for L2: g - o). The classifier's 2 is applied to
+        # its (small) products instead, since its K x F residual is by far the largest tensor.
+        site = [(torch.bmm(d_logits.transpose(1, 2), feat), self.observed_w_fc, self.support_w_fc),
+                (d_logits.sum(1), self.observed_b_fc, self.support_b_fc)]
         d_act = _activations(torch.bmm(d_logits, w_fc), acts[-1])  # d loss / d last activation
-        # Per layer: gradient w.r.t. its output and pre-activation, 2 (g - o) of weight and bias.
-        d_acts, d_pre, r_w, r_b = ([None] * len(convs) for _ in range(4))
+        # Per layer: gradient w.r.t. its output and pre-activation, and its weight and bias gradients.
+        d_acts, d_pre = [None] * len(convs), [None] * len(convs)
         for i in reversed(range(len(convs))):
             conv = convs[i]
             d_acts[i], d_pre[i] = d_act, _through_sigmoid(d_act, acts[i + 1])
             g_w, g_b = conv.weight_grad(d_pre[i], padded[i])
             if i > 0:
                 d_act = conv.input_grad(d_pre[i], acts[i])
-            r_w[i] = 2 * residual(g_w - conv.observed_weight)
-            r_b[i] = 2 * residual(g_b - conv.observed_bias)
-        loss = torch.stack(distance).sum(0)
+            site += [(g_w, conv.observed_weight, conv.support_weight), (g_b, conv.observed_bias, conv.support_bias)]
+        loss, halves = _half_adjoints(site, V, self.distance)
+        diff_wfc = halves[0]
+        # With the logit gradient read off the update, the bias gradient is the observed one by construction.
+        r_bfc = 2 * halves[1] if self.logit_gradient is None else None
+        r_w = [None] * len(convs)
+        r_b = [None] * len(convs)
+        for j, i in enumerate(reversed(range(len(convs)))):
+            r_w[i], r_b[i] = 2 * halves[2 + 2 * j], 2 * halves[3 + 2 * j]
 
         # Reverse of the backward pass, first layer up: adjoints of each layer's pre-activation gradient
         # (from its weight, bias and input gradients) and of its output (through the sigmoid's slope).

@@ -121,6 +121,7 @@ def lbfgs(
     max_active: int | None = None,
     curvature_tolerance: float = 1e-10,
     relative_curvature: bool = False,
+    target: torch.Tensor | None = None,
 ) -> OptimResult:
     """L-BFGS for V victims at once, each run following exactly what `torch.optim.LBFGS` (no line
     search) would do over `steps` calls of `.step(closure)` on that victim alone. A step's curvature pair
@@ -134,7 +135,8 @@ def lbfgs(
     victim whose run ends unsatisfactorily starts again at once, in the finished run's place.
     With `max_active`, at most that many runs are in progress at a time (restarts first, then the
     victims not yet started, in order), which bounds memory and keeps the batch at a size the
-    hardware handles well until the very end.
+    hardware handles well until the very end. With `target` (V), a run also stops once its loss is at or
+    below its victim's target: where the objective cannot fall below a known floor without fitting noise.
     """
     if max_eval is None:
         max_eval = max_iter * 5 // 4
@@ -223,6 +225,8 @@ def lbfgs(
         keep = finish(r.closing)
         f, grad = f[keep], grad[keep]
         opt_cond = grad.abs().amax(1) <= tolerance_grad
+        if target is not None:
+            opt_cond |= f <= target[r.victim]
         starting = r.at_step_start
         r.evals_in_step = torch.where(starting, 1, r.evals_in_step + 1)
         # After an in-step evaluation torch checks its stopping rules; any of them ends the .step() call.

@@ -1,7 +1,8 @@
 """What the adversary holds, kept apart from the ground truth it tries to recover.
 
-A curious server (or an eavesdropper) sees the server payload it sent and each victim's observed
-update. Attack code receives only these two objects; originals and true labels stay with the scorer.
+A curious server (or an eavesdropper) sees the server payload it sent (with the defenses its protocol
+prescribes) and each victim's observed update. Attack code receives only these two objects; originals
+and true labels stay with the scorer.
 Every tensor here is stacked over victims: dimension 0 indexes the victim.
 """
 
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from medpfl.defenses.base import Defense
+from medpfl.defenses.chain import Chain
 from medpfl.fl.local import LocalTraining
 
 # The site shares the gradient of one step on all its images: what the gradient attacks were built for.
@@ -40,6 +43,13 @@ class ServerPayload:
     # What the server told the sites to run (protocol, local epochs, batch size, learning rate, momentum):
     # a server configures its sites' local training, so it knows these settings as it knows the weights.
     local_training: LocalTraining = FEDSGD
+    # The defenses the server configured its sites to apply, with their parameters (a top-k share, a
+    # noise scale, a bit width): part of the protocol, so the attacker knows them. Never their random draws.
+    defense: Chain = field(default_factory=Chain)
+
+    def applied(self, name: str) -> Defense | None:
+        """The defense called `name` (as in a defense spec: topk, quant, laplace ...) the sites apply, if any."""
+        return next((d for d in self.defense.defenses if d.name == name), None)
 
     @property
     def n_victims(self) -> int:

@@ -29,7 +29,7 @@ from medpfl.fl.model_check import ModelCheck, fingerprint
 from medpfl.metrics.chance import pooled_label_chance
 from medpfl.metrics.image import ssim
 from medpfl.metrics.intervals import wilson
-from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score, reidentified
+from medpfl.metrics.privacy import SUCCESS_SSIM, VictimScore, match_and_score, reidentified
 from medpfl.models.registry import build_model
 from medpfl.report.images import comparison_grid, load_png, save_png
 from medpfl.seeds import ATTACK_STARTS, DEFENSE_NOISE, MODEL_WEIGHTS, PRETRAIN_MINIBATCHES, stream, stream_seed
@@ -175,7 +175,7 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
         update_norms = sum((g.flatten(1).double() ** 2).sum(1) for g in gradients.values()).sqrt().tolist()
         p_true = true_class_probability(models[0], params, images, labels, bn_mode).tolist()
         granted = labels if labels_granted else None
-        payload = ServerPayload(models[0].to(device), params, K, tuple(images.shape[2:]), bn_mode)
+        payload = ServerPayload(models[0].to(device), params, K, tuple(images.shape[2:]), bn_mode, defense=defense)
         update = ObservedUpdate(gradients, B, labels=granted)
         generator = attack_generator(config, victims)
         # Long optimisations keep their state here, so that a crash costs minutes, not hours.
@@ -250,11 +250,24 @@ def _unattacked_images(config: AttackRunConfig, source, attacked: list, device: 
 
 def _score(path: Path, dataset: ImageDataset, victim: int, B: int, originals: torch.Tensor,
            true_labels: torch.Tensor, result, j: int, n_in_batch: int) -> dict[str, Any]:
-    recon = result.images[j].cpu()
-    score = match_and_score(originals.cpu(), true_labels.cpu(), recon, result.labels[j].cpu())
+    def score_of(answer) -> tuple[VictimScore, torch.Tensor]:
+        recon = answer.images[j].cpu()
+        score = match_and_score(originals.cpu(), true_labels.cpu(), recon, answer.labels[j].cpu())
+        return score, recon[torch.as_tensor(score.order)]
+
+    score, matched = score_of(result)
     ids = [dataset.items[victim * B + b].item_id for b in range(B)]
+    strongest = {}
+    if "candidates" in result.extra:  # --attack strongest: per image the best candidate, by the originals
+        strongest = {"attacker_pick": result.extra["attacker_pick"][j], "attacker_pick_ssim": score.ssim}
+        scored = {name: score_of(answer) for name, answer in result.extra["candidates"].items()}
+        winners = [max(scored, key=lambda name: scored[name][0].ssim[b]) for b in range(B)]
+        score = VictimScore(*([getattr(scored[w][0], f)[b] for b, w in enumerate(winners)]
+                              for f in ("ssim", "psnr", "mse", "label_correct", "order")))
+        matched = torch.stack([scored[w][1][b] for b, w in enumerate(winners)])
+        strongest |= {"winner": winners, "ssim_by_attack": {name: s.ssim for name, (s, _) in scored.items()}}
     for b in range(B):
-        save_png(recon[score.order[b]], path / "images" / f"victim{victim:05d}-{b}.png")
+        save_png(matched[b], path / "images" / f"victim{victim:05d}-{b}.png")
     return {
         "victim": victim,
         "items": ids,
@@ -272,6 +285,7 @@ def _score(path: Path, dataset: ImageDataset, victim: int, B: int, originals: to
         **({"stalled_runs": int(result.extra["stalled_runs"][j])} if "stalled_runs" in result.extra else {}),
         # Victims are attacked together; each is charged an equal share of the batch's wall time.
         "seconds": result.seconds / n_in_batch,
+        **strongest,
     }
 
 
@@ -335,6 +349,25 @@ def summarise(path: Path, config: AttackRunConfig, dataset: ImageDataset) -> dic
         "seed": config.seed,
         "skipped_files": skipped,
         **_site_check_summary(results),
+        **_strongest_summary(results, config.success_ssim),
+    }
+
+
+def _strongest_summary(results: list[dict], success_ssim: float) -> dict[str, Any]:
+    """For --attack strongest: the ASR of the answers the attacker would pick, each attack's own ASR, and
+    how many images each attack reconstructed best (ties go to the first attack run, plain iDLG)."""
+    if not results or "winner" not in results[0]:
+        return {}
+    picked = [s for r in results for s in r["attacker_pick_ssim"]]
+    by_attack = {name: [s for r in results for s in r["ssim_by_attack"][name]] for name in results[0]["ssim_by_attack"]}
+    winners = [w for r in results for w in r["winner"]]
+    return {
+        "asr_attacker_pick": sum(s >= success_ssim for s in picked) / len(picked),
+        "mean_ssim_attacker_pick": statistics.fmean(picked),
+        "asr_by_attack": {name: sum(s >= success_ssim for s in ssims) / len(ssims)
+                          for name, ssims in by_attack.items()},
+        "mean_ssim_by_attack": {name: statistics.fmean(ssims) for name, ssims in by_attack.items()},
+        "wins": {name: winners.count(name) for name in by_attack},
     }
 
 

@@ -1,0 +1,66 @@
+"""The strongest attacker: every attack that fits the defense on each victim, and the answer it would pick.
+
+Which reconstruction is truly best needs the originals, so that choice (the auditor's worst case) is the
+scorer's; here each victim gets every candidate and the one the attacker itself would pick, judged by one
+distance all candidates share: the cosine between the candidate's gradient and the observed update on the
+entries the update holds (the entries a top-k update kept; all others).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from medpfl.attacks.defense_aware import applicable_attacks
+from medpfl.attacks.gradient_matching import matching_objective
+from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload
+
+
+class StrongestAttack:
+    """Run every attack `applicable_attacks` names for the payload's defense, each from the same random
+    stream a run of that attack alone would get (so each candidate is exactly that attack's answer)."""
+
+    name = "strongest"
+    takes_checkpoints = False
+
+    def __init__(self, build, **overrides) -> None:
+        self.build, self.overrides = build, overrides  # build(name, **settings) -> attack
+
+    def config(self) -> dict:
+        return {"attack": self.name, "settings": dict(self.overrides)}
+
+    def reconstruct(self, payload: ServerPayload, update: ObservedUpdate, generator: torch.Generator) -> Reconstruction:
+        start = time.perf_counter()
+        initial = generator.get_state()
+        candidates: dict[str, Reconstruction] = {}
+        for name in applicable_attacks(payload.defense):
+            stream = torch.Generator(generator.device)
+            stream.set_state(initial)
+            candidates[name] = self.build(name, **self.overrides).reconstruct(payload, update, stream)
+        names = list(candidates)
+        judged = torch.stack([attacker_distance(payload, update, candidates[n]) for n in names], dim=1)  # V x A
+        pick = judged.nan_to_num(float("inf")).argmin(1)
+        rows = torch.arange(len(pick), device=pick.device)
+
+        def chosen(field: str) -> torch.Tensor:
+            return torch.stack([getattr(candidates[n], field) for n in names], dim=1)[rows, pick]
+
+        return Reconstruction(
+            images=chosen("images"), labels=chosen("labels"), objective=judged[rows, pick],
+            evaluations=sum(c.evaluations for c in candidates.values()), diverged=chosen("diverged"),
+            seconds=time.perf_counter() - start,
+            extra={"candidates": candidates, "attacker_pick": [names[i] for i in pick.tolist()]})
+
+
+def attacker_distance(payload: ServerPayload, update: ObservedUpdate, answer: Reconstruction) -> torch.Tensor:
+    """How well each victim's answer explains its observed update, in a unit every attack shares: the cosine
+    distance between the answer's gradient (with its labels) and the update on the entries it holds. V."""
+    V, B = answer.images.shape[:2]
+    targets = F.one_hot(answer.labels, payload.num_classes).to(answer.images.dtype)
+    support = {n: (g != 0).to(g.dtype) for n, g in update.gradients.items()}
+    objective = matching_objective(payload, update, targets, B, payload.image_shape, support=support,
+                                    distance="cosine")
+    loss, _ = objective(answer.images.reshape(V, -1), torch.arange(V, device=answer.images.device))
+    return loss
