@@ -139,7 +139,10 @@ def test_batched_lbfgs_follows_torch_lbfgs_through_a_full_history(max_active):
             return loss
         for _ in range(12):
             optimizer.step(closure)
-        assert torch.allclose(result.x[v], x.detach(), atol=1e-12, rtol=0), f"victim {v} left torch's path"
+        # Equal to rounding: batched and single dot products round differently on some CPUs' vector units
+        # (3e-12 after 84 iterations down the steepest valley on one machine, 0 on another); leaving torch's
+        # path shows as differences of order 1e-3 and more.
+        assert torch.allclose(result.x[v], x.detach(), atol=1e-10, rtol=0), f"victim {v} left torch's path"
         assert optimizer.state[x]["n_iter"] > 3 * settings["history_size"]  # the history was replaced
 
 
