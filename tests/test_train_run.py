@@ -189,3 +189,17 @@ def test_train_with_dpsgd_records_every_sites_own_epsilon_and_the_worst_stays_wi
     assert all(f"site {s}: {e:.2f}" in html for s, e in enumerate(expected))
     with pytest.raises(MedPFLError, match="'dpsgd' runs on --engine inprocess"):
         run_training(TrainRunConfig(**{**defended.__dict__, "engine": "flower"}), tmp_path / "flower")
+
+
+def test_the_curious_server_knows_the_defense_and_scores_the_strongest_attack_per_image(tmp_path):
+    """Under top-k, `strongest` in federated training runs the attacks that know the sites' pruning, and each
+    image's score is the best attack's (the auditor's worst case), with every attack's own SSIM beside it."""
+    config = TrainRunConfig(protocol="fedsgd", lr=0.1, model="lenet-idlg", norm="none", sites=2, site_images=1,
+                            rounds=1, image_size=16, defense="topk:prune=0.5", attack="strongest", attack_rounds=[1],
+                            attack_sites=[0])
+    run_training(config, tmp_path / "run")
+    (attack,) = _lines(tmp_path / "run" / "attacks.jsonl")
+    assert {"idlg", "sparse-l2", "sparse-cosine"} <= set(attack["ssim_by_attack"])  # the payload named top-k
+    best = max(attack["ssim_by_attack"], key=lambda name: attack["ssim_by_attack"][name][0])
+    assert attack["winner"] == [best] and attack["ssim"] == attack["ssim_by_attack"][best]
+    assert attack["ssim"][0] >= attack["ssim_by_attack"]["idlg"][0]

@@ -114,7 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--config", metavar="FILE", help="a YAML or JSON file of sweep settings, e.g. "
                        "configs/paper-defense.yaml; options given here override it")
     sweep.add_argument("--data", help="class folders, .npz, DICOM or NIfTI (default: embedded real images)")
-    sweep.add_argument("--attacks", help="comma-separated attacks (default: idlg,invgrad)")
+    sweep.add_argument("--attacks", help="comma-separated attacks (default: strongest, every attack that fits the "
+                       "defense, best per image)")
     sweep.add_argument("--defenses", nargs="+", metavar="SPEC",
                        help="defense specs, each with a list of strengths, e.g. none laplace:b=0.01,0.005 "
                             "gaussian:sigma=0.01 dpsgd:epsilon=1,4,16 topk:prune=0.9,0.99 quant:bits=4,8 secagg:k=2,4,8")

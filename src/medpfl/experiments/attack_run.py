@@ -23,13 +23,14 @@ from medpfl.defenses.observe import observed_gradients
 from medpfl.device import resolve_device
 from medpfl.errors import MedPFLError
 from medpfl.experiments.run_dir import SKIPPED, append_result, open_run_dir, read_results, write_json, write_skipped
+from medpfl.experiments.scoring import score_victim
 from medpfl.experiments.victim_models import load_model_state, pretrain, true_class_probability
 from medpfl.fl.gradients import BN_MODES, stack_params
 from medpfl.fl.model_check import ModelCheck, fingerprint
 from medpfl.metrics.chance import pooled_label_chance
 from medpfl.metrics.image import ssim
 from medpfl.metrics.intervals import wilson
-from medpfl.metrics.privacy import SUCCESS_SSIM, VictimScore, match_and_score, reidentified
+from medpfl.metrics.privacy import SUCCESS_SSIM, reidentified
 from medpfl.models.registry import build_model
 from medpfl.report.images import comparison_grid, load_png, save_png
 from medpfl.seeds import ATTACK_STARTS, DEFENSE_NOISE, MODEL_WEIGHTS, PRETRAIN_MINIBATCHES, stream, stream_seed
@@ -250,22 +251,8 @@ def _unattacked_images(config: AttackRunConfig, source, attacked: list, device: 
 
 def _score(path: Path, dataset: ImageDataset, victim: int, B: int, originals: torch.Tensor,
            true_labels: torch.Tensor, result, j: int, n_in_batch: int) -> dict[str, Any]:
-    def score_of(answer) -> tuple[VictimScore, torch.Tensor]:
-        recon = answer.images[j].cpu()
-        score = match_and_score(originals.cpu(), true_labels.cpu(), recon, answer.labels[j].cpu())
-        return score, recon[torch.as_tensor(score.order)]
-
-    score, matched = score_of(result)
+    score, matched, strongest = score_victim(originals, true_labels, result, j)
     ids = [dataset.items[victim * B + b].item_id for b in range(B)]
-    strongest = {}
-    if "candidates" in result.extra:  # --attack strongest: per image the best candidate, by the originals
-        strongest = {"attacker_pick": result.extra["attacker_pick"][j], "attacker_pick_ssim": score.ssim}
-        scored = {name: score_of(answer) for name, answer in result.extra["candidates"].items()}
-        winners = [max(scored, key=lambda name: scored[name][0].ssim[b]) for b in range(B)]
-        score = VictimScore(*([getattr(scored[w][0], f)[b] for b, w in enumerate(winners)]
-                              for f in ("ssim", "psnr", "mse", "label_correct", "order")))
-        matched = torch.stack([scored[w][1][b] for b, w in enumerate(winners)])
-        strongest |= {"winner": winners, "ssim_by_attack": {name: s.ssim for name, (s, _) in scored.items()}}
     for b in range(B):
         save_png(matched[b], path / "images" / f"victim{victim:05d}-{b}.png")
     return {

@@ -36,7 +36,8 @@ PRIVACY_MODES = ("federation", "paper")
 class SweepConfig:
     """Everything that determines a sweep's results."""
 
-    attacks: list[str] = field(default_factory=lambda: ["idlg", "invgrad"])
+    # The auditor's worst case by default: plain iDLG and every attack that knows the defense, best per image.
+    attacks: list[str] = field(default_factory=lambda: ["strongest"])
     defenses: list[str] = field(default_factory=lambda: ["none"])  # specs, each with lists of strengths
     data: str | None = None  # None: the embedded real-image set
     # "federation": attack the cell's own federation (below); "paper": the paper's single-image protocol.

@@ -26,6 +26,7 @@ from medpfl.device import resolve_device
 from medpfl.errors import MedPFLError
 from medpfl.experiments.privacy_audit import AUDIT_FILE, PrivacyAudit, compare
 from medpfl.experiments.run_dir import open_run_dir, write_json, write_skipped
+from medpfl.experiments.scoring import score_victim
 from medpfl.experiments.victim_models import load_model_state
 from medpfl.fl.gradients import functional_model
 from medpfl.fl.local import LocalTraining, local_update
@@ -35,7 +36,7 @@ from medpfl.fl.model_check import ModelCheck, fingerprint
 from medpfl.fl.simulation import InProcessFederation
 from medpfl.fl.utility import chance_levels, evaluate
 from medpfl.metrics.intervals import rate_interval, wilson
-from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score
+from medpfl.metrics.privacy import SUCCESS_SSIM
 from medpfl.models.registry import build_model
 from medpfl.report.images import save_png
 from medpfl.report.runs import attacked_png
@@ -210,6 +211,9 @@ class CuriousServer:
         self.item_ids, self.out = item_ids, out
         self.attack = build_attack(config.attack, **config.attack_settings)
         self.pending: list[SiteObservation] = []
+        # The defense the server configured its sites with (DP-SGD as calibrated for this run): what a
+        # defense-aware attack may know. Set by run_training once the defended federation is built.
+        self.defense = Chain(())
 
     def wants(self, round_index: int, site: int) -> bool:
         # AGGREGATE: all a server under secure aggregation is ever handed
@@ -269,7 +273,8 @@ class CuriousServer:
         x, y = torch.stack([g[3] for g in group]), torch.stack([g[4] for g in group])
         granted = y if THREAT_MODELS[self.config.attack].knows_labels else None
         weights = {n: torch.stack([s.weights[n] for s in seen_all]) for n in seen_all[0].weights}
-        payload = ServerPayload(self.model, weights, self.num_classes, tuple(x.shape[2:]), "train", **group[0][2])
+        payload = ServerPayload(self.model, weights, self.num_classes, tuple(x.shape[2:]), "train", **group[0][2],
+                                defense=self.defense)
         update = ObservedUpdate({n: torch.stack([g[1][n] for g in group]) for n in group[0][1]}, y.shape[1],
                                 labels=granted)
         # The aggregate's stream key is the number of sites (seed keys must be non-negative).
@@ -281,10 +286,9 @@ class CuriousServer:
         results = []
         for j, (seen, _, _, images, labels, observed) in enumerate(group):
             facts = seen.facts
-            recon = result.images[j].cpu()
-            score = match_and_score(images.cpu(), labels.cpu(), recon, result.labels[j].cpu())
+            score, matched, strongest = score_victim(images, labels, result, j)
             for b in range(len(labels)):
-                save_png(recon[score.order[b]], attacked_png(folder, facts.round, facts.site, b))
+                save_png(matched[b], attacked_png(folder, facts.round, facts.site, b))
             results.append({
                 "round": facts.round, "site": facts.site, "victim": facts.site, "observed": observed,
                 "items": self._items_behind(facts)[:len(labels)],
@@ -294,6 +298,7 @@ class CuriousServer:
                 "diverged": bool(result.diverged[j]), "objective": float(result.objective[j]),
                 "evaluations": int(result.evaluations[j]),
                 "seconds": result.seconds / len(group),  # sites attacked together share the wall time equally
+                **strongest,
             })
         return results
 
@@ -416,6 +421,8 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
         chain = privacy_audit.chain
     server = (CuriousServer(config, model, sites, num_classes, [[it.item_id for it in s] for s in federation.sites],
                             path) if config.attack else None)
+    if server:
+        server.defense = chain
     base = defenses or RoundHooks()
     hooks = RoundHooks(base.site_transform, base.aggregate, [*base.observers, *([server] if server else []),
                                                              *(privacy_audit.observers if privacy_audit else ())])
@@ -440,6 +447,8 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
         check = ModelCheck(fingerprint(dict(model.named_parameters())))
         defended = (DefendedFederation(chain, model, sites, num_classes, config.training, config.rounds, config.seed,
                                        tuple(hooks.observers), vectorise, check) if chain.defenses else None)
+        if server and defended:
+            server.defense = Chain(tuple(defended.dp if d.stage == "local" else d for d in chain.defenses))
         audited = privacy_audit and privacy_audit.federation(model, num_classes, config.training, config.seed, hooks,
                                                              check)
         engine = defended or audited or InProcessFederation(model, sites, num_classes, config.training, config.seed,
