@@ -135,7 +135,8 @@ def test_attack_on_a_users_class_folders_with_batches(tmp_path, class_folders):
     labels = [json.loads(line)["labels"] for line in (out / "results.jsonl").read_text().splitlines()]
     expected = sum(1 - (1 - 1 / K) ** 2 if len(set(pair)) == 2 else 1 / K for pair in labels) / len(labels)
     assert any(len(set(pair)) == 2 for pair in labels) and summary["label_chance"] == pytest.approx(expected)
-    assert f"1.00 (chance {expected:.2f})" in (out / "report.html").read_text()
+    low = 4 / (4 + 1.959964 ** 2)  # Wilson's lower bound at 4 of 4: n / (n + z^2)
+    assert f"1.00 [{low:.2f}-1.00] (chance {expected:.2f})" in (out / "report.html").read_text()
 
 
 def test_inverting_gradients_runs_from_the_command_line(tmp_path):

@@ -32,7 +32,7 @@ def run_simulation(spec: FederationSpec, hooks: RoundHooks | None = None, weight
     if hooks.site_transform is not send_as_is:
         # A defense must run on the site, in the ClientApp, which a callable in this process cannot reach.
         raise MedPFLError("On the Flower engine a site's defense runs as a ClientApp mod (client_mods), not as "
-                          "a site transform in this process.")
+                          "a site transform in this process; pass its Flower parts, or use --engine inprocess.")
     if secure_aggregation and hooks.aggregate is not weighted_average:
         raise MedPFLError("Under secure aggregation the sites' sample-weighted mean is all the server can form; "
                           "drop the custom aggregator.")
