@@ -16,6 +16,7 @@ so a killed sweep loses only unfinished cells, and the same command finishes the
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import time
@@ -374,7 +375,10 @@ def run_sweep(config: SweepConfig, out: str | Path, workers: int | None = None, 
                 finished(run_cell(job, record, str(path)))
         else:
             threads = max(1, (os.cpu_count() or 1) // workers)
-            with ProcessPoolExecutor(workers, initializer=_limit_threads, initargs=(threads,)) as pool:
+            # Spawned, not forked: a worker forked from a process that already ran a Flower simulation inherits
+            # Ray's threads and sockets half-alive and dies in its own (a secure-aggregation cell runs one).
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=_limit_threads, initargs=(threads,)) as pool:
                 pending = {pool.submit(run_cell, job, record, str(path)) for job in todo}
                 while pending:
                     complete, pending = wait(pending, return_when=FIRST_COMPLETED)
