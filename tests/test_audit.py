@@ -134,6 +134,20 @@ def test_shipped_configs_load_and_check(name):
     assert config.attacks and config.data
 
 
+def test_an_audit_that_names_no_attack_runs_the_strongest_attacker(tmp_path):
+    """Left out, the attacks (and an attack entry's name, and the federation's attack) are `strongest`, as the
+    sweep's; the shipped configs name theirs, so they still run what they say (demo: iDLG, DLG, CPL)."""
+    config = tmp_path / "audit.yaml"
+    config.write_text("federation: {model: lenet-idlg}\n")
+    loaded = load_audit_config(config)
+    assert [a.name for a in loaded.attacks] == ["strongest"] and loaded.federation.attack == "strongest"
+    config.write_text("attacks: [{model: lenet-idlg, settings: {steps: 3}}]\n")
+    assert load_audit_config(config).attacks[0].name == "strongest"
+    demo = load_audit_config("demo")
+    assert [a.name for a in demo.attacks] == ["idlg", "dlg", "cpl"] and demo.federation.attack == "idlg"
+    assert {a.name for a in load_audit_config("medpfl-paper").attacks} == {"dlg", "idlg", "cpl", "invgrad"}
+
+
 def test_the_defense_grid_runs_the_audits_seeds_channels_norm_models_and_threat(tmp_path):
     """Every setting of the audit reaches the defense grid's cells, not the sweep's defaults (seeds 0, 1, ...)."""
     config = tmp_path / "audit.yaml"

@@ -32,7 +32,8 @@ class ThreatConfig:
 class AttackConfig:
     """One attack and, optionally, the model it runs on and settings that override the paper's."""
 
-    name: str = "idlg"
+    # The auditor's worst case by default, as the sweep's: every attack that fits the defense, best per image.
+    name: str = "strongest"
     model: str | None = None  # None: the model the paper ran this attack on
     settings: dict[str, Any] = field(default_factory=dict)  # e.g. {steps: 100, restarts: 0}
     n_images: int | None = None  # None: the audit's n_images (slow attacks may take fewer)
@@ -54,7 +55,7 @@ class FederationConfig:
 
     Data, image size, channels, seeds and device are the audit's; the rest are `medpfl train`'s options."""
 
-    attack: str = "idlg"
+    attack: str = "strongest"
     model: str = "convnet"
     norm: str = "group"
     sites: int = 5
@@ -88,7 +89,7 @@ class AuditConfig:
     norm: str = "batch"
     device: str = "cpu"
     threat: ThreatConfig = field(default_factory=ThreatConfig)
-    attacks: list[AttackConfig] = field(default_factory=lambda: [AttackConfig("idlg")])
+    attacks: list[AttackConfig] = field(default_factory=lambda: [AttackConfig()])
     defenses: list[str] = field(default_factory=lambda: ["none"])  # specs, e.g. laplace:b=0.01,0.005
     utility: UtilityConfig = field(default_factory=lambda: UtilityConfig(enabled=False))
     federation: FederationConfig | None = None
