@@ -83,6 +83,8 @@ def test_a_fedavg_round_of_one_local_step_is_attacked_as_the_gradient_it_is(tmp_
     (dict(attack="idlg", attack_rounds=[1], attack_sites=[0], local_epochs=1), "over 271 images is several steps"),
     (dict(attack="idlg", attack_rounds=[9], attack_sites=[0]), "--attack-rounds must list rounds between 1 and 2"),
     (dict(attack="idlg", attack_rounds=[1], attack_sites=[5]), "--attack-sites must list sites between 0 and 1"),
+    (dict(attack="multi-round", attack_rounds=[1], attack_sites=[0], protocol="fedsgd", attack_batch=1),
+     "multi-round combines rounds of a site behind the same images"),
     (dict(partition="by:scanner"), "--partition by:scanner names a column"),
     (dict(sites=1000), "--sites 1000 is more than"),
     (dict(engine="warp"), "--engine must be one of"),
@@ -203,3 +205,24 @@ def test_the_curious_server_knows_the_defense_and_scores_the_strongest_attack_pe
     best = max(attack["ssim_by_attack"], key=lambda name: attack["ssim_by_attack"][name][0])
     assert attack["winner"] == [best] and attack["ssim"] == attack["ssim_by_attack"][best]
     assert attack["ssim"][0] >= attack["ssim_by_attack"]["idlg"][0]
+
+
+def test_the_curious_server_combines_every_round_it_observed_of_a_site_behind_the_same_image(tmp_path):
+    """FedSGD sites of one image under Gaussian noise, attacked at rounds 1 and 3: at round 3 `strongest` also
+    runs multi-round on every round the server observed of each site (round 2 too, which it did not attack),
+    the very answer `--attack multi-round` gives there; at round 1, one round observed, there is nothing to
+    combine. Each image's score is still its best attack's."""
+    common = dict(protocol="fedsgd", lr=0.1, model="lenet-idlg", norm="none", sites=2, site_images=1, rounds=3,
+                  image_size=16, defense="gaussian:sigma=0.01", attack_rounds=[1, 3], attack_sites=[0, 1],
+                  attack_settings={"steps": 5, "restarts": 0})
+    run_training(TrainRunConfig(attack="strongest", **common), tmp_path / "strongest")
+    run_training(TrainRunConfig(attack="multi-round", **common), tmp_path / "multi")
+    strongest, multi = _lines(tmp_path / "strongest" / "attacks.jsonl"), _lines(tmp_path / "multi" / "attacks.jsonl")
+    assert [(a["round"], a["site"]) for a in strongest] == [(1, 0), (1, 1), (3, 0), (3, 1)]
+    for a in strongest[:2]:
+        assert "multi-round" not in a["ssim_by_attack"] and "rounds_combined" not in a
+    for s, m in zip(strongest[2:], multi[2:]):
+        assert s["rounds_combined"] == m["rounds_combined"] == [1, 2, 3]
+        assert s["ssim_by_attack"]["multi-round"] == m["ssim"] != s["ssim_by_attack"]["robust-l2"]
+        assert s["ssim"] == [max(v[0] for v in s["ssim_by_attack"].values())]
+    assert [a["rounds_combined"] for a in multi[:2]] == [[1], [1]]

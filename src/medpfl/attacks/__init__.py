@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from medpfl.attacks.defense_aware import NOISE_ATTACKS, SPARSE_ATTACKS
+from medpfl.attacks.defense_aware import MULTI_ROUND, NOISE_ATTACKS, SPARSE_ATTACKS
 from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload, ThreatModel
 from medpfl.errors import MedPFLError
 
@@ -18,6 +18,8 @@ ATTACKS = {
     "robust-l2": "iDLG on a noised or quantized update: L2 distance + TV prior, stops at the defense's noise floor",
     "robust-cosine": "iDLG on a noised, clipped or quantized update: cosine distance + TV prior, stops at the "
                      "defense's noise floor",
+    MULTI_ROUND: "robust-l2 on every round a curious server observed of one site behind the same images (FedSGD "
+                 "on a fixed batch): the rounds' distances summed, their independent noise averaged down",
     "strongest": "every attack that fits the defense on each victim (plain iDLG among them); the report gives per "
                  "image the best by SSIM and the one the attacker would pick by its own distance",
     "update-inversion": "FedAvg weight changes: the site's local steps unrolled on candidate images, then "
@@ -27,11 +29,13 @@ ATTACKS = {
     "trap": "Trap weights: a malicious server scales the negative weights of the first fully connected layer so "
             "that few images fire each unit, and reads images that fired a unit alone (Boenisch et al. 2023)",
 }
+# Attacks a curious server hands every round it observed of a site behind the same images (reconstruct_rounds).
+COMBINES_ROUNDS = (MULTI_ROUND, "strongest")
 # The model each attack was run on in the paper, used when no --model is given; update-inversion gets
 # the ConvNet that `medpfl train` trains by default.
 DEFAULT_MODELS = {"dlg": "lenet-dlg", "idlg": "lenet-idlg", "cpl": "lenet-cpl", "invgrad": "resnet18",
                   "update-inversion": "convnet", "imprint": "lenet-idlg", "trap": "mlp",
-                  **{name: "lenet-idlg" for name in ("strongest", *SPARSE_ATTACKS, *NOISE_ATTACKS)}}
+                  **{name: "lenet-idlg" for name in ("strongest", MULTI_ROUND, *SPARSE_ATTACKS, *NOISE_ATTACKS)}}
 # The Inverting Gradients paper computed updates with the network in eval mode (BatchNorm on its
 # running statistics); a site's ordinary training step normalises with batch statistics.
 DEFAULT_BN_MODES = {name: "eval" if name == "invgrad" else "train" for name in ATTACKS}
@@ -83,5 +87,5 @@ def build_attack(name: str, **settings: Any):
     return attack
 
 
-__all__ = ["ATTACKS", "DEFAULT_BN_MODES", "DEFAULT_MODELS", "LABEL_ACCESS", "PAPER_PROCEDURE", "THREAT_MODELS",
-           "ObservedUpdate", "Reconstruction", "ServerPayload", "ThreatModel", "build_attack"]
+__all__ = ["ATTACKS", "COMBINES_ROUNDS", "DEFAULT_BN_MODES", "DEFAULT_MODELS", "LABEL_ACCESS", "PAPER_PROCEDURE",
+           "THREAT_MODELS", "ObservedUpdate", "Reconstruction", "ServerPayload", "ThreatModel", "build_attack"]

@@ -18,17 +18,22 @@ from medpfl.defenses.chain import Chain
 # or the rounding of a stochastic quantizer; cosine also for clipping's unknown scale).
 SPARSE_ATTACKS = ("sparse-l2", "sparse-cosine")
 NOISE_ATTACKS = ("robust-l2", "robust-cosine")
+# The robust distance summed over several rounds of one site behind the same images (reconstruct_rounds).
+MULTI_ROUND = "multi-round"
 
 
-def applicable_attacks(chain: Chain) -> list[str]:
+def applicable_attacks(chain: Chain, rounds: int = 1) -> list[str]:
     """The attacks `--attack strongest` runs on updates under `chain`: plain iDLG always (so that the
-    strongest is never below it), then those built for the defenses the chain applies."""
+    strongest is never below it), then those built for the defenses the chain applies; with `rounds` > 1
+    observed of each victim behind the same images, under noise also the attack that combines them."""
     names = {d.name for d in chain.defenses}
     attacks = ["idlg"]
     if "topk" in names and "quant" not in names:  # quantization moves the dropped entries off zero
         attacks += SPARSE_ATTACKS
     if names & {"laplace", "gaussian", "dpsgd", "quant", "clip", "cdp"}:
         attacks += NOISE_ATTACKS
+        if rounds > 1:  # each round's noise (or stochastic rounding) is an independent draw
+            attacks.append(MULTI_ROUND)
     return attacks
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -117,19 +117,33 @@ class GradientMatchingAttack:
 
     def reconstruct(self, payload: ServerPayload, update: ObservedUpdate, generator: torch.Generator) -> Reconstruction:
         """Attack every victim in `update` at once; returns images V x B x C x H x W in [0,1]."""
+        return self.reconstruct_rounds([payload], [update], generator)
+
+    def reconstruct_rounds(self, payloads: list[ServerPayload], updates: list[ObservedUpdate],
+                           generator: torch.Generator) -> Reconstruction:
+        """Attack every victim from its updates of R rounds: payloads[r] and updates[r] hold round r's weights
+        and observed updates of the same V victims, behind the same images in every round (FedSGD on a fixed
+        batch). One candidate per victim is matched in all R rounds at once, its distance theirs together, so
+        that the defense's independent draws of each round average out. One round: the single-update attack."""
         s = self.settings
-        V, B, K = payload.n_victims, update.batch_size, payload.num_classes
+        R, V = len(payloads), payloads[0].n_victims
+        payload, update = stack_rounds(payloads, updates)  # R V entries, round-major: entry r V + v
+        B, K = update.batch_size, payload.num_classes
         shape = payload.image_shape
         some = next(iter(payload.params.values()))
         dev, dt = some.device, some.dtype
         n_pixels = B * shape[0] * shape[1] * shape[2]
         optimize_labels = s.labels == "optimize" and update.labels is None
 
+        def victims_total(per_round: torch.Tensor) -> torch.Tensor:  # R V -> V
+            return per_round.reshape(R, V).sum(0)
+
         start = time.perf_counter()
         scale = sum((g.flatten(1) ** 2).sum(1) for g in update.gradients.values()).clamp_min(1e-30)
         fixed_targets = None
         if not optimize_labels:
-            fixed_targets = F.one_hot(recover_labels(update, payload), K).to(dev, dt)
+            # Read off the rounds' mean update: the bias gradient's sign is the same in every round, the noise not.
+            fixed_targets = F.one_hot(recover_labels(mean_over_rounds(updates), payloads[0]), K).to(dev, dt)
         logit_gradient = None
         if s.logit_gradient not in ("observed", "candidate"):
             raise MedPFLError(f"Setting logit_gradient={s.logit_gradient!r} is unknown; use 'observed' or 'candidate'.")
@@ -150,14 +164,23 @@ class GradientMatchingAttack:
             support = {n: per_entry(weights[n].sqrt(), g) * (torch.ones_like(g) if support is None else support[n])
                        for n, g in update.gradients.items()}
             noise = sum(weights[n] * variance[n] * (k != 0).flatten(1).sum(1) for n, k in support.items())
-            signal = scale if s.distance == "l2" else sum((weights[n] * (g.flatten(1) ** 2).sum(1))
-                                                         for n, g in update.gradients.items())
-            floor = expected_distance_at_truth(noise / signal.clamp_min(1e-30), s.distance)
-        # The cosine is scale-free already; only the L2 distance is made relative to the update's size.
+            if s.distance == "l2":  # the rounds' squared distances add up, as their noise does
+                floor = expected_distance_at_truth(victims_total(noise) / victims_total(scale), "l2")
+            else:  # the mean of the rounds' cosine distances
+                signal = sum((weights[n] * (g.flatten(1) ** 2).sum(1)) for n, g in update.gradients.items())
+                floor = victims_total(expected_distance_at_truth(noise / signal.clamp_min(1e-30), "cosine")) / R
+        # The cosine is scale-free already (its rounds are averaged); the L2 distance is made relative to the
+        # update's size (its rounds' squared distances summed, over their updates' summed squared norms).
         relative_l2 = s.normalize and s.distance == "l2"
-        objective = matching_objective(payload, update, fixed_targets, B, shape, logit_gradient,
-                                        scale=scale if relative_l2 else None, support=support,
-                                        distance=s.distance)
+        total_scale = victims_total(scale)
+        objective = matching_objective(payload, update, None if fixed_targets is None else fixed_targets.repeat(R, 1, 1),
+                                        B, shape, logit_gradient, support=support, distance=s.distance)
+        divisor = None
+        if relative_l2:
+            divisor = total_scale
+        elif s.distance == "cosine":
+            divisor = torch.full((V,), float(R), device=dev, dtype=dt)
+        objective = _over_rounds(objective, R, V, divisor)
         if s.tv_weight:
             objective = _with_tv_prior(objective, s.tv_weight, B, shape)
 
@@ -169,12 +192,12 @@ class GradientMatchingAttack:
 
         # The attacker judges a run by its own objective alone, relative to the observed gradient's size.
         relative = ((lambda victims, loss: loss) if s.normalize or s.distance == "cosine"
-                    else (lambda victims, loss: loss / scale[victims]))
+                    else (lambda victims, loss: loss / total_scale[victims]))
         restart = Restart(tries=s.restarts, draw=draw, unsatisfied=lambda victims, loss: ~(
             relative(victims, loss) <= floor[victims] + s.restart_above))
         max_active = s.max_active
         if max_active is None and dev.type == "cpu":
-            max_active = max(1, _CPU_ACTIVATION_BUDGET // _activation_floats(payload.model, B, shape, dev, dt))
+            max_active = max(1, _CPU_ACTIVATION_BUDGET // (R * _activation_floats(payload.model, B, shape, dev, dt)))
         x0 = draw(V)
         state_bytes = lbfgs_state_floats(x0.shape[1], s.history_size) * x0.element_size()
         max_active = _within_free_memory(max_active, state_bytes, dev)
@@ -182,7 +205,7 @@ class GradientMatchingAttack:
                        history_size=s.history_size, tolerance_grad=s.tolerance_grad,
                        tolerance_change=s.tolerance_change, restart=restart, max_active=max_active,
                        curvature_tolerance=s.curvature_tolerance, relative_curvature=s.normalize,
-                       target=(floor if relative_l2 or s.distance == "cosine" else floor * scale)
+                       target=(floor if relative_l2 or s.distance == "cosine" else floor * total_scale)
                        if s.noise_floor else None)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -197,7 +220,46 @@ class GradientMatchingAttack:
         objective = relative(torch.arange(V, device=dev), result.loss)
         return Reconstruction(images=images.detach(), labels=labels, objective=objective,
                               evaluations=result.evaluations, diverged=result.diverged, seconds=seconds,
-                              extra={"runs": result.runs, "stalled_runs": result.stalled, "noise_floor": floor})
+                              extra={"runs": result.runs, "stalled_runs": result.stalled, "noise_floor": floor,
+                                     "rounds": R})
+
+
+def stack_rounds(payloads: list[ServerPayload], updates: list[ObservedUpdate]
+                 ) -> tuple[ServerPayload, ObservedUpdate]:
+    """R rounds of the same V victims as one payload and update of R V entries, round-major (entry r V + v)."""
+    if len(payloads) != len(updates) or not payloads or len({p.n_victims for p in payloads}) != 1 or len(
+            {u.batch_size for u in updates}) != 1:
+        raise ValueError("stack_rounds takes one payload and one update per round, each of the same victims and "
+                         "batch size")
+    if len(payloads) == 1:
+        return payloads[0], updates[0]
+    params = {n: torch.cat([p.params[n] for p in payloads]) for n in payloads[0].params}
+    gradients = {n: torch.cat([u.gradients[n] for u in updates]) for n in updates[0].gradients}
+    labels = None if updates[0].labels is None else torch.cat([updates[0].labels] * len(updates))
+    return replace(payloads[0], params=params), ObservedUpdate(gradients, updates[0].batch_size, labels)
+
+
+def mean_over_rounds(updates: list[ObservedUpdate]) -> ObservedUpdate:
+    """Each victim's update averaged over its rounds (the first round's, granted labels kept)."""
+    if len(updates) == 1:
+        return updates[0]
+    return replace(updates[0], gradients={n: torch.stack([u.gradients[n] for u in updates]).mean(0)
+                                          for n in updates[0].gradients})
+
+
+def _over_rounds(objective, rounds: int, n_victims: int, divisor: torch.Tensor | None):
+    """An objective of V victims from `objective` of their R rounds (round-major entries): each victim's
+    candidate is evaluated in every one of its rounds, the losses and gradients summed, then divided by
+    the victim's `divisor` (V; None: not divided)."""
+    def summed(z: torch.Tensor, victims: torch.Tensor):
+        loss, gradient = objective(z.repeat(rounds, 1), torch.cat([victims + r * n_victims for r in range(rounds)]))
+        if rounds > 1:
+            loss, gradient = loss.reshape(rounds, -1).sum(0), gradient.reshape(rounds, *z.shape).sum(0)
+        if divisor is not None:
+            loss, gradient = loss / divisor[victims], gradient / divisor[victims][:, None]
+        return loss, gradient
+
+    return summed
 
 
 _CPU_ACTIVATION_BUDGET = 2**21  # floats (8 MB in float32) of layer outputs of all running victims
@@ -260,11 +322,9 @@ def observed_logit_gradient(update: ObservedUpdate, payload: ServerPayload) -> t
 
 def matching_objective(payload: ServerPayload, update: ObservedUpdate, fixed_targets: torch.Tensor | None,
                         batch: int, shape: tuple[int, int, int], logit_gradient: torch.Tensor | None = None,
-                        scale: torch.Tensor | None = None, support: dict[str, torch.Tensor] | None = None,
-                        distance: str = "l2"):
+                        support: dict[str, torch.Tensor] | None = None, distance: str = "l2"):
     """objective(z, victims) for the batched optimiser: z holds each victim's flat images (+ soft labels).
-    With `logit_gradient` (V x B x K) the candidate's gradient is that vector's backward pass; with `scale`
-    (V) each victim's distance and its gradient are divided by it; with `support` (name -> V x shape of
+    With `logit_gradient` (V x B x K) the candidate's gradient is that vector's backward pass; with `support` (name -> V x shape of
     1 kept, 0 left out, or a weight in between) each entry's difference is multiplied by it."""
     n_pixels = batch * shape[0] * shape[1] * shape[2]
     V = payload.n_victims
@@ -317,11 +377,7 @@ def matching_objective(payload: ServerPayload, update: ObservedUpdate, fixed_tar
                 pick(fixed_targets) if fixed_targets is not None else None,
                 pick(logit_gradient) if logit_gradient is not None else None,
                 {n: pick(k) for n, k in support.items()} if support is not None else None)
-            prepared["scale"] = None if scale is None else pick(scale)
-        loss, gradient = prepared["loss_and_gradient"](z)
-        if prepared["scale"] is not None:
-            loss, gradient = loss / prepared["scale"], gradient / prepared["scale"][:, None]
-        return loss, gradient
+        return prepared["loss_and_gradient"](z)
 
     return objective
 
@@ -383,3 +439,6 @@ sparse_cosine = _defense_aware("sparse-cosine", support="observed", distance="co
 # estimate of the true one; a TV prior, and no fitting below the noise the defense implies.
 robust_l2 = _defense_aware("robust-l2", tv_weight=ROBUST_TV_WEIGHT, noise_floor=True)
 robust_cosine = _defense_aware("robust-cosine", distance="cosine", tv_weight=ROBUST_TV_WEIGHT, noise_floor=True)
+# Several rounds of one site behind the same images (FedSGD on a fixed batch): the robust distance summed over
+# them (reconstruct_rounds), each round's noise an independent draw that the sum averages down.
+multi_round = _defense_aware("multi-round", tv_weight=ROBUST_TV_WEIGHT, noise_floor=True)

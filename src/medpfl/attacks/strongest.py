@@ -3,7 +3,8 @@
 Which reconstruction is truly best needs the originals, so that choice (the auditor's worst case) is the
 scorer's; here each victim gets every candidate and the one the attacker itself would pick, judged by one
 distance all candidates share: the cosine between the candidate's gradient and the observed update on the
-entries the update holds (the entries a top-k update kept; all others).
+entries the update holds (the entries a top-k update kept; all others); an answer drawn from several rounds
+is judged on the last.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from medpfl.attacks.defense_aware import applicable_attacks
+from medpfl.attacks.defense_aware import MULTI_ROUND, applicable_attacks
 from medpfl.attacks.gradient_matching import matching_objective
 from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload
 
@@ -32,13 +33,22 @@ class StrongestAttack:
         return {"attack": self.name, "settings": dict(self.overrides)}
 
     def reconstruct(self, payload: ServerPayload, update: ObservedUpdate, generator: torch.Generator) -> Reconstruction:
+        return self.reconstruct_rounds([payload], [update], generator)
+
+    def reconstruct_rounds(self, payloads: list[ServerPayload], updates: list[ObservedUpdate],
+                           generator: torch.Generator) -> Reconstruction:
+        """Every attack on the last round's update; given several rounds of each victim behind the same images
+        (gradient_matching.GradientMatchingAttack.reconstruct_rounds), under noise also the one combining them."""
         start = time.perf_counter()
+        payload, update = payloads[-1], updates[-1]
         initial = generator.get_state()
         candidates: dict[str, Reconstruction] = {}
-        for name in applicable_attacks(payload.defense):
+        for name in applicable_attacks(payload.defense, len(payloads)):
             stream = torch.Generator(generator.device)
             stream.set_state(initial)
-            candidates[name] = self.build(name, **self.overrides).reconstruct(payload, update, stream)
+            attack = self.build(name, **self.overrides)
+            candidates[name] = (attack.reconstruct_rounds(payloads, updates, stream) if name == MULTI_ROUND
+                                else attack.reconstruct(payload, update, stream))
         names = list(candidates)
         judged = torch.stack([attacker_distance(payload, update, candidates[n]) for n in names], dim=1)  # V x A
         pick = judged.nan_to_num(float("inf")).argmin(1)

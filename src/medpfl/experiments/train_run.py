@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 import torch
 
-from medpfl.attacks import THREAT_MODELS, ObservedUpdate, ServerPayload, build_attack
+from medpfl.attacks import COMBINES_ROUNDS, THREAT_MODELS, ObservedUpdate, ServerPayload, build_attack
+from medpfl.attacks.defense_aware import MULTI_ROUND
 from medpfl.data import ImageDataset, Skipped, open_verified
 from medpfl.defenses import Chain, parse_defense
 from medpfl.defenses.training import DefendedFederation
@@ -185,8 +186,25 @@ def _securely_aggregated(config: TrainRunConfig) -> bool:
     return parse_defense(config.defense).channel is not None
 
 
+def same_images_every_round(config: TrainRunConfig, n_images: list[int]) -> bool:
+    """Whether each attacked site's observed update comes from the same images in every round, so that a
+    curious server may combine its rounds: the site's whole update (a probe takes its first K images in the
+    round's own order) of one step on all its images, which FedSGD's is (DP-SGD's FedSGD step too: all images,
+    at rate 1), and FedAvg's when one local batch holds them all, unless DP-SGD Poisson-samples that batch."""
+    attacked = [n_images[s] for s in config.attack_sites]
+    whole = config.attack_batch is None or all(config.attack_batch >= n for n in attacked)
+    one_step = config.protocol == "fedsgd" or (
+        all(config.training.steps(n) == 1 for n in attacked) and parse_defense(config.defense).local is None)
+    return whole and one_step and not _securely_aggregated(config)
+
+
 def _check_attackable(config: TrainRunConfig, n_images: list[int]) -> None:
-    """A gradient attack on FedAvg needs updates of one local step (FedSGD-equivalent), else update-inversion."""
+    """A gradient attack on FedAvg needs updates of one local step (FedSGD-equivalent), else update-inversion;
+    multi-round needs the same images behind a site's update in every round."""
+    if config.attack == MULTI_ROUND and not same_images_every_round(config, n_images):
+        raise MedPFLError(f"--attack {MULTI_ROUND} combines rounds of a site behind the same images: use --protocol "
+                          "fedsgd (or FedAvg of one local step over all the site's images, without DP-SGD), no "
+                          "secure aggregation, and no --attack-batch below the site's image count.")
     if config.attack in (None, UPDATE_INVERSION) or config.protocol != "fedavg":
         return
     attacked = range(len(n_images)) if _securely_aggregated(config) else config.attack_sites
@@ -211,16 +229,27 @@ class CuriousServer:
         self.item_ids, self.out = item_ids, out
         self.attack = build_attack(config.attack, **config.attack_settings)
         self.pending: list[SiteObservation] = []
+        # Where the attack combines rounds and each site's images are the same in every round, the server keeps
+        # every round's observation of the attacked sites (not only the attacked rounds'), site -> in round order.
+        # A resumed run keeps those since it resumed: each result names the rounds it combined.
+        self.keeps_rounds = config.attack in COMBINES_ROUNDS and same_images_every_round(
+            config, [len(y) for _, y in sites])
+        self.history: dict[int, list[SiteObservation]] = {}
         # The defense the server configured its sites with (DP-SGD as calibrated for this run): what a
         # defense-aware attack may know. Set by run_training once the defended federation is built.
         self.defense = Chain(())
 
     def wants(self, round_index: int, site: int) -> bool:
         # AGGREGATE: all a server under secure aggregation is ever handed
+        if self.keeps_rounds and site in self.config.attack_sites:
+            return True
         return round_index in self.config.attack_rounds and (site in self.config.attack_sites or site == AGGREGATE)
 
     def observe(self, seen: SiteObservation) -> None:
-        self.pending.append(seen)  # attacked after the round, so a slow attack never holds up aggregation
+        if self.keeps_rounds:
+            self.history.setdefault(seen.facts.site, []).append(seen)
+        if seen.facts.round in self.config.attack_rounds:
+            self.pending.append(seen)  # attacked after the round, so a slow attack never holds up aggregation
 
     def attack_pending(self) -> list[dict[str, Any]]:
         """Attack and score every update observed since the last call; one result per site and round.
@@ -267,20 +296,41 @@ class CuriousServer:
         return [self.item_ids[s][i] for s in self._sites_behind(facts)
                 for i in site_order(facts.seed, facts.round, s, len(self.item_ids[s])).tolist()]
 
-    def _attack(self, round_index: int, group: list[tuple]) -> list[dict[str, Any]]:
-        """One vectorised attack on the sites of `group` (same round, same number of images), scored per site."""
-        seen_all = [g[0] for g in group]
-        x, y = torch.stack([g[3] for g in group]), torch.stack([g[4] for g in group])
+    def _payload_and_update(self, group: list[tuple]) -> tuple[ServerPayload, ObservedUpdate]:
+        """What the attacker holds of the sites of `group` ((observation, *_view) each), stacked over them."""
+        y = torch.stack([g[4] for g in group])
         granted = y if THREAT_MODELS[self.config.attack].knows_labels else None
-        weights = {n: torch.stack([s.weights[n] for s in seen_all]) for n in seen_all[0].weights}
-        payload = ServerPayload(self.model, weights, self.num_classes, tuple(x.shape[2:]), "train", **group[0][2],
-                                defense=self.defense)
-        update = ObservedUpdate({n: torch.stack([g[1][n] for g in group]) for n in group[0][1]}, y.shape[1],
-                                labels=granted)
+        weights = {n: torch.stack([g[0].weights[n] for g in group]) for n in group[0][0].weights}
+        payload = ServerPayload(self.model, weights, self.num_classes, tuple(group[0][3].shape[1:]), "train",
+                                **group[0][2], defense=self.defense)
+        return payload, ObservedUpdate({n: torch.stack([g[1][n] for g in group]) for n in group[0][1]}, y.shape[1],
+                                       labels=granted)
+
+    def _rounds_kept(self, round_index: int, group: list[tuple]) -> list[int]:
+        """The rounds up to `round_index` observed of every site of `group` (only this one unless the server keeps
+        rounds)."""
+        if not self.keeps_rounds:
+            return [round_index]
+        kept = [{h.facts.round for h in self.history.get(g[0].facts.site, ())} for g in group]
+        return sorted(r for r in set.intersection(*kept) if r <= round_index)
+
+    def _attack(self, round_index: int, group: list[tuple]) -> list[dict[str, Any]]:
+        """One vectorised attack on the sites of `group` (same round, same number of images), scored per site;
+        an attack that combines rounds gets every round kept of them."""
+        seen_all = [g[0] for g in group]
         # The aggregate's stream key is the number of sites (seed keys must be non-negative).
         sites = [len(self.sites) if s.facts.site == AGGREGATE else s.facts.site for s in seen_all]
         generator = torch.Generator().manual_seed(torch_seed(self.config.seed, ATTACK, round_index, *sites))
-        result = self.attack.reconstruct(payload, update, generator)
+        rounds = self._rounds_kept(round_index, group)
+        if len(rounds) > 1:
+            by_round = [[next(h for h in self.history[s.facts.site] if h.facts.round == r) for s in seen_all]
+                        for r in rounds[:-1]]
+            held = [self._payload_and_update([(h, *self._view(h)) for h in seen]) for seen in by_round]
+            held.append(self._payload_and_update(group))
+            result = self.attack.reconstruct_rounds([p for p, _ in held], [u for _, u in held], generator)
+        else:
+            result = self.attack.reconstruct(*self._payload_and_update(group), generator)
+        combined = self.config.attack == MULTI_ROUND or MULTI_ROUND in result.extra.get("candidates", {})
         folder = self.out / "attacks"
         folder.mkdir(exist_ok=True)
         results = []
@@ -298,7 +348,7 @@ class CuriousServer:
                 "diverged": bool(result.diverged[j]), "objective": float(result.objective[j]),
                 "evaluations": int(result.evaluations[j]),
                 "seconds": result.seconds / len(group),  # sites attacked together share the wall time equally
-                **strongest,
+                **({"rounds_combined": rounds} if combined else {}), **strongest,
             })
         return results
 

@@ -1,0 +1,126 @@
+"""Combining several noised FedSGD rounds of one site (`--attack multi-round`) against one round's robust attacks.
+
+Part "known": the same real images behind R rounds, each round's update the gradient at other weights (a fresh
+iDLG LeNet per round and image) with its own draw of the defense's noise, as tests/test_adaptive_attacks.py
+builds them. Per image: SSIM of robust-l2 and robust-cosine on each single round, and of multi-round on the first
+R rounds for each R.
+
+Part "sweep": `medpfl sweep --attacks idlg,strongest --defenses laplace:b=0.01 gaussian:sigma=0.01
+--image-size 16 --rounds N --workers 1` for each N: the curious server attacks every site at the first and last
+round; at the last, strongest also combines every round it observed of each site (multi-round). Per cell: ASR
+with its Wilson interval, mean SSIM, and the last round's SSIM per attack candidate.
+
+    OMP_NUM_THREADS=1 python benchmarks/multi_round_noise.py known
+    OMP_NUM_THREADS=1 python benchmarks/multi_round_noise.py sweep --rounds 3,10
+
+JSON goes to benchmarks/results/multi_round_noise_PART.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from medpfl.attacks import build_attack
+from medpfl.data import ImageDataset, sample_items
+from medpfl.data.embedded import embedded_source
+from medpfl.experiments.run_dir import library_versions, read_results
+from medpfl.experiments.sweep import SweepConfig, run_sweep
+from medpfl.metrics.image import ssim
+from medpfl.metrics.intervals import wilson
+from medpfl.metrics.privacy import SUCCESS_SSIM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_adaptive_attacks import defended  # noqa: E402  (the tests' defended update, one round at a time)
+
+
+def known(args) -> dict:
+    source = embedded_source()
+    x, y = ImageDataset(source, sample_items(source.items, args.n_images, seed=0), size=16).load_batch(
+        range(args.n_images))
+    images, labels, K = x[:, None], y[:, None], len(source.classes)
+    budget = {"steps": args.steps, "restarts": args.restarts}
+    cells = []
+    for spec in args.defenses.split(";"):
+        rounds = [defended(spec, images, labels, K, r) for r in range(max(args.combine))]
+        single = {}
+        for attack in ("robust-l2", "robust-cosine"):
+            per_round = []
+            for payload, update in rounds:
+                result = build_attack(attack, **budget).reconstruct(payload, update, torch.Generator().manual_seed(0))
+                per_round.append(ssim(result.images[:, 0], x).tolist())
+            single[attack] = per_round  # rounds x images
+        combined = {}
+        for R in args.combine:
+            started = time.perf_counter()
+            result = build_attack("multi-round", **budget).reconstruct_rounds(
+                [p for p, _ in rounds[:R]], [u for _, u in rounds[:R]], torch.Generator().manual_seed(0))
+            combined[R] = {"ssim": ssim(result.images[:, 0], x).tolist(), "seconds": time.perf_counter() - started}
+        cell = {"defense": spec, "single_round_ssim": single, "multi_round": combined,
+                "single_round_max": max(max(r) for q in single.values() for r in q)}
+        print(spec, "single max", round(cell["single_round_max"], 3),
+              {R: [round(v, 3) for v in c["ssim"]] for R, c in combined.items()}, flush=True)
+        cells.append(cell)
+    return {"cells": cells}
+
+
+def sweep(args) -> dict:
+    cells = []
+    for n_rounds in [int(r) for r in args.rounds.split(",")]:
+        config = SweepConfig(attacks=["idlg", "strongest"], defenses=args.defenses.split(";"), image_size=16,
+                             rounds=n_rounds, utility=False)
+        out = Path(args.out) / f"rounds{n_rounds}"
+        started = time.perf_counter()
+        run_sweep(config, out, workers=1)
+        for row in read_results(out):
+            attacks = [json.loads(line) for line in (out / "cells" / row["cell"] / "attacks.jsonl").read_text()
+                       .splitlines()]
+            last = [a for a in attacks if a["round"] == n_rounds]
+            by_attack = {}
+            for a in last:
+                for name, values in a.get("ssim_by_attack", {"plain": a["ssim"]}).items():
+                    by_attack.setdefault(name, []).extend(values)
+            hits = round(row["asr"] * row["n_images"])
+            interval = wilson(hits, row["n_images"])
+            cells.append({"rounds": n_rounds, "attack": row["attack"], "defense": row["defense"],
+                          "asr": row["asr"], "asr_low": interval.low, "asr_high": interval.high,
+                          "n_images": row["n_images"], "mean_ssim": row["mean_ssim"],
+                          "last_round_mean_ssim_by_attack": {k: statistics.fmean(v) for k, v in by_attack.items()},
+                          "last_round_winners": [w for a in last for w in a.get("winner", [])],
+                          "rounds_combined": sorted({len(a.get("rounds_combined", [])) for a in last})})
+            print(cells[-1], flush=True)
+        print(f"rounds {n_rounds}: {time.perf_counter() - started:.0f} s", flush=True)
+    return {"cells": cells}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=("known", "sweep"))
+    parser.add_argument("--defenses", help="defense specs separated by ';'")
+    parser.add_argument("--n-images", type=int, default=4)
+    parser.add_argument("--combine", default="1,2,4,8,10", help="known: rounds combined")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--restarts", type=int, default=0)
+    parser.add_argument("--rounds", default="3,10", help="sweep: the federation's rounds")
+    parser.add_argument("--out", default="runs/multi-round-noise")
+    args = parser.parse_args()
+    args.combine = [int(r) for r in args.combine.split(",")]
+    if args.defenses is None:
+        args.defenses = ("gaussian:sigma=0.01;gaussian:sigma=0.03" if args.part == "known"
+                         else "laplace:b=0.01;gaussian:sigma=0.01")
+    result = known(args) if args.part == "known" else sweep(args)
+    path = Path(f"benchmarks/results/multi_round_noise_{args.part}.json")
+    path.write_text(json.dumps({"settings": vars(args), "model": "lenet-idlg", "image_size": 16,
+                                "success_ssim": SUCCESS_SSIM, "machine": platform.machine(),
+                                "versions": library_versions(), **result}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
