@@ -211,7 +211,8 @@ class GradientMatchingAttack:
             torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - start
 
-        images = result.x[:, :n_pixels].reshape(V, B, *shape).clamp(0, 1)
+        # A victim whose every run diverged may hold NaN pixels; it gets a defined image in [0,1] all the same.
+        images = result.x[:, :n_pixels].reshape(V, B, *shape).nan_to_num(0.5, 0.5, 0.5).clamp(0, 1)
         if optimize_labels:
             labels = result.x[:, n_pixels:].reshape(V, B, K).argmax(-1)
         else:
