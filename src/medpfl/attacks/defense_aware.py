@@ -25,7 +25,9 @@ MULTI_ROUND = "multi-round"
 def applicable_attacks(chain: Chain, rounds: int = 1) -> list[str]:
     """The attacks `--attack strongest` runs on updates under `chain`: plain iDLG always (so that the
     strongest is never below it), then those built for the defenses the chain applies; with `rounds` > 1
-    observed of each victim behind the same images, under noise also the attack that combines them."""
+    observed of each victim behind the same images, under noise also the attack that combines them.
+    GradInversion's BatchNorm prior (invgrad's bn_prior) is not among them: it needs BatchNorm on running
+    statistics, and the LeNets these attacks run on have no BatchNorm."""
     names = {d.name for d in chain.defenses}
     attacks = ["idlg"]
     if "topk" in names and "quant" not in names:  # quantization moves the dropped entries off zero

@@ -19,12 +19,14 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch.func import grad_and_value, vmap
+from torch import nn
+from torch.func import functional_call, grad_and_value, vmap
 
 from medpfl.attacks.labels import recover_labels
 from medpfl.attacks.objectives import cosine_distance, top_layer_weights, total_variation
 from medpfl.attacks.optim import Checkpoint
 from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload
+from medpfl.errors import MedPFLError
 from medpfl.fl.gradients import functional_model, parameter_gradient
 
 
@@ -46,6 +48,37 @@ class InvertingGradientsSettings:
     init: str = "gaussian"
     median_filter: bool = True  # a final 3 x 3 median filter on the chosen images
     candidates_per_batch: int | None = None  # cap on candidates optimised together (memory); None = all
+    # GradInversion's BatchNorm-statistics prior (Yin et al. 2021), its weight (0: none, the paper's): the
+    # running statistics the server holds say what a batch's features look like at each BatchNorm layer. For
+    # models run with BatchNorm on those statistics (bn_mode eval).
+    bn_prior: float = 0.0
+
+
+def batchnorm_statistics_distance(fmodel: nn.Module, params: dict[str, torch.Tensor],
+                                  images: torch.Tensor) -> torch.Tensor:
+    """GradInversion's prior on a batch of candidate images: over the BatchNorm layers of `fmodel` (in eval
+    mode), the L2 distance of the per-channel mean of the features entering the layer from its running mean,
+    plus that of their (biased) variance from its running variance, summed."""
+    terms: list[torch.Tensor] = []
+
+    def compare(module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+        features = inputs[0]
+        var, mean = torch.var_mean(features, dim=[0, *range(2, features.dim())], correction=0)
+        terms.append((mean - module.running_mean).norm() + (var - module.running_var).norm())
+
+    hooks = [m.register_forward_hook(compare) for m in _running_batchnorms(fmodel)]
+    try:
+        functional_call(fmodel, params, (images,))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(terms)
+
+
+def _running_batchnorms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers of `model` that normalise with running statistics (eval mode)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.running_mean is not None and not m.training]
 
 
 def median_filter(images: torch.Tensor, size: int = 3) -> torch.Tensor:
@@ -118,6 +151,10 @@ class InvertingGradients:
 
         start = time.perf_counter()
         fmodel = functional_model(payload.model, payload.bn_mode)
+        if s.bn_prior and not _running_batchnorms(fmodel):
+            raise MedPFLError(f"Setting bn_prior={s.bn_prior} needs a model with BatchNorm run on its running "
+                              f"statistics (--bn-mode eval); {type(payload.model).__name__} in bn_mode "
+                              f"'{payload.bn_mode}' has none (the LeNets have no BatchNorm).")
         labels = recover_labels(update, payload).to(dev)
         weights = top_layer_weights(update.gradients, s.top_layers)
         # Tensors no victim selects add exactly zero to the cosine; leaving them out of the sums
@@ -134,7 +171,10 @@ class InvertingGradients:
 
         def victim_loss(images, params, observed, layer_weights, victim_targets):
             candidate = simulate(params, images, victim_targets)
-            return cosine_distance(candidate, observed, layer_weights) + s.tv_weight * total_variation(images)
+            loss = cosine_distance(candidate, observed, layer_weights) + s.tv_weight * total_variation(images)
+            if s.bn_prior:
+                loss = loss + s.bn_prior * batchnorm_statistics_distance(fmodel, params, images)
+            return loss
 
         # Inner map: restarts share their victim's weights (unbatched, so convolutions fold them
         # into the batch); outer map: victims.
