@@ -5,15 +5,17 @@ iDLG LeNet per round and image) with its own draw of the defense's noise, as tes
 builds them. Per image: SSIM of robust-l2 and robust-cosine on each single round, and of multi-round on the first
 R rounds for each R.
 
-Part "sweep": `medpfl sweep --attacks idlg,strongest --defenses laplace:b=0.01 gaussian:sigma=0.01
---image-size 16 --rounds N --workers 1` for each N: the curious server attacks every site at the first and last
-round; at the last, strongest also combines every round it observed of each site (multi-round). Per cell: ASR
-with its Wilson interval, mean SSIM, and the last round's SSIM per attack candidate.
+Part "sweep": `medpfl sweep --attacks strongest --defenses laplace:b=0.01 gaussian:sigma=0.01 --image-size 16
+--rounds N --workers 1 --no-utility` for each N (with --restarts R: every attack's restarts): the curious server
+attacks every site at the first and last round; at the last, strongest also combines every round it observed
+of each site (multi-round). Plain iDLG is strongest's own idlg candidate (the same stream as --attacks idlg).
+Per cell: ASR with its Wilson interval and mean SSIM, of strongest and of plain iDLG, and the last round's
+mean SSIM per attack.
 
     OMP_NUM_THREADS=1 python benchmarks/multi_round_noise.py known
-    OMP_NUM_THREADS=1 python benchmarks/multi_round_noise.py sweep --rounds 3,10
+    OMP_NUM_THREADS=1 python benchmarks/multi_round_noise.py sweep --rounds 3 --restarts 1
 
-JSON goes to benchmarks/results/multi_round_noise_PART.json.
+JSON goes to benchmarks/results/multi_round_noise_known.json and multi_round_noise_sweep_roundsN.json.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ from medpfl.data.embedded import embedded_source
 from medpfl.experiments.run_dir import library_versions, read_results
 from medpfl.experiments.sweep import SweepConfig, run_sweep
 from medpfl.metrics.image import ssim
-from medpfl.metrics.intervals import wilson
 from medpfl.metrics.privacy import SUCCESS_SSIM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_adaptive_attacks import defended  # noqa: E402  (the tests' defended update, one round at a time)
+
+from strongest_attacker import rate  # noqa: E402  (ASR with its Wilson interval, mean SSIM; this folder's)
 
 
 def known(args) -> dict:
@@ -46,7 +49,7 @@ def known(args) -> dict:
     x, y = ImageDataset(source, sample_items(source.items, args.n_images, seed=0), size=16).load_batch(
         range(args.n_images))
     images, labels, K = x[:, None], y[:, None], len(source.classes)
-    budget = {"steps": args.steps, "restarts": args.restarts}
+    budget = {"steps": args.steps, "restarts": args.restarts or 0}
     cells = []
     for spec in args.defenses.split(";"):
         rounds = [defended(spec, images, labels, K, r) for r in range(max(args.combine))]
@@ -74,8 +77,9 @@ def known(args) -> dict:
 def sweep(args) -> dict:
     cells = []
     for n_rounds in [int(r) for r in args.rounds.split(",")]:
-        config = SweepConfig(attacks=["idlg", "strongest"], defenses=args.defenses.split(";"), image_size=16,
-                             rounds=n_rounds, utility=False)
+        settings = {} if args.restarts is None else {"strongest": {"restarts": args.restarts}}
+        config = SweepConfig(attacks=["strongest"], defenses=args.defenses.split(";"), image_size=16,
+                             rounds=n_rounds, utility=False, attack_settings=settings)
         out = Path(args.out) / f"rounds{n_rounds}"
         started = time.perf_counter()
         run_sweep(config, out, workers=1)
@@ -85,13 +89,11 @@ def sweep(args) -> dict:
             last = [a for a in attacks if a["round"] == n_rounds]
             by_attack = {}
             for a in last:
-                for name, values in a.get("ssim_by_attack", {"plain": a["ssim"]}).items():
+                for name, values in a["ssim_by_attack"].items():
                     by_attack.setdefault(name, []).extend(values)
-            hits = round(row["asr"] * row["n_images"])
-            interval = wilson(hits, row["n_images"])
-            cells.append({"rounds": n_rounds, "attack": row["attack"], "defense": row["defense"],
-                          "asr": row["asr"], "asr_low": interval.low, "asr_high": interval.high,
-                          "n_images": row["n_images"], "mean_ssim": row["mean_ssim"],
+            cells.append({"rounds": n_rounds, "defense": row["defense"], "n_images": row["n_images"],
+                          "strongest": rate([s for a in attacks for s in a["ssim"]]),
+                          "plain_idlg": rate([s for a in attacks for s in a["ssim_by_attack"]["idlg"]]),
                           "last_round_mean_ssim_by_attack": {k: statistics.fmean(v) for k, v in by_attack.items()},
                           "last_round_winners": [w for a in last for w in a.get("winner", [])],
                           "rounds_combined": sorted({len(a.get("rounds_combined", [])) for a in last})})
@@ -107,8 +109,8 @@ def main() -> None:
     parser.add_argument("--n-images", type=int, default=4)
     parser.add_argument("--combine", default="1,2,4,8,10", help="known: rounds combined")
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--restarts", type=int, default=0)
-    parser.add_argument("--rounds", default="3,10", help="sweep: the federation's rounds")
+    parser.add_argument("--restarts", type=int, help="known: 0 unless given; sweep: the attacks' own unless given")
+    parser.add_argument("--rounds", default="3", help="sweep: the federation's rounds, e.g. 3,10")
     parser.add_argument("--out", default="runs/multi-round-noise")
     args = parser.parse_args()
     args.combine = [int(r) for r in args.combine.split(",")]
@@ -116,7 +118,8 @@ def main() -> None:
         args.defenses = ("gaussian:sigma=0.01;gaussian:sigma=0.03" if args.part == "known"
                          else "laplace:b=0.01;gaussian:sigma=0.01")
     result = known(args) if args.part == "known" else sweep(args)
-    path = Path(f"benchmarks/results/multi_round_noise_{args.part}.json")
+    name = args.part if args.part == "known" else f"sweep_rounds{args.rounds.replace(',', '-')}"
+    path = Path(f"benchmarks/results/multi_round_noise_{name}.json")
     path.write_text(json.dumps({"settings": vars(args), "model": "lenet-idlg", "image_size": 16,
                                 "success_ssim": SUCCESS_SSIM, "machine": platform.machine(),
                                 "versions": library_versions(), **result}, indent=2) + "\n")
