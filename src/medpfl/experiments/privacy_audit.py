@@ -40,6 +40,12 @@ def parse_audit(text: str | None) -> int:
     return int(value)
 
 
+def auditable(chain: Chain) -> bool:
+    """Whether --audit-dp has a guarantee to check in `chain`: client-level DP, DP-SGD, or none at all (what one
+    record shows of itself without DP)."""
+    return isinstance(chain.server, ClientLevelDP) or chain.local is not None or not chain.defenses
+
+
 class PrivacyAudit:
     """The canaries of one run: where they join training, and the bound their scores give after it."""
 
@@ -55,7 +61,7 @@ class PrivacyAudit:
             self.clients = ClientCanaries.draw(m, weights, chain.server.clip, seed)
             server = self.clients.server(chain.server)
             self.chain = replace(chain, defenses=tuple(server if d is chain.server else d for d in chain.defenses))
-        elif chain.local is not None or not chain.defenses:
+        elif auditable(chain):
             # Without DP the canaries join plain SGD computed as DP-SGD computes it (per example, on Poisson-
             # sampled batches) with no clipping and no noise, each of norm 1, where DP-SGD clips by default.
             self.level, self.kind = "example", "Dirac gradients"
