@@ -9,6 +9,7 @@ the accountant's epsilon.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,6 +84,19 @@ class PrivacyAudit:
             return None
         return DPSGDFederation(model, self.sites, num_classes, training, seed, hooks, vectorise=False,
                                dp=self.plain_sgd, model_check=model_check)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What a resumed run needs besides the weights: the gradient canaries' scores summed so far (canary
+        clients are scored from the initial and final weights alone)."""
+        return {"audit_scores": torch.from_numpy(self.gradients.scores.copy())} if self.gradients is not None else {}
+
+    def resume(self, saved: dict[str, Any] | None, file: Path) -> None:
+        """Take up the scores of the rounds a resumed run finished earlier (`saved`: its state, None when fresh)."""
+        if saved is None or self.gradients is None:
+            return
+        if "audit_scores" not in saved:
+            raise MedPFLError(f"'{file}' holds no canary scores of the privacy audit to resume; rerun with --fresh.")
+        self.gradients.scores = saved["audit_scores"].double().numpy().copy()
 
     def result(self, final: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The bound, what it rests on, and the canary scores (for a plot of in against out)."""

@@ -341,8 +341,8 @@ def _save_atomic(obj: Any, file: Path) -> None:
     os.replace(tmp, file)
 
 
-def _prepare_dir(out: Path, record: dict[str, Any], resume: bool) -> tuple[Path, int, dict[str, torch.Tensor] | None]:
-    """Open the run directory; (path, last finished round, its global weights) when resuming, else (path, 0, None)."""
+def _prepare_dir(out: Path, record: dict[str, Any], resume: bool) -> tuple[Path, int, dict[str, Any] | None]:
+    """Open the run directory; (path, last finished round, its saved state) when resuming, else (path, 0, None)."""
     config_file = out / "config.json"
     if resume and (out / STATE).exists() and config_file.exists():
         previous = json.loads(config_file.read_text()).get("config", {})
@@ -365,7 +365,7 @@ def _prepare_dir(out: Path, record: dict[str, Any], resume: bool) -> tuple[Path,
     for name in (ROUNDS, ATTACKS_FILE):
         lines = _read_lines(path / name)
         _rewrite_lines(path / name, [line for line in lines if line["round"] <= done])
-    return path, done, state["weights"]
+    return path, done, state
 
 
 def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
@@ -394,7 +394,7 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
     record = asdict(config)
     if not config.audit_canaries:
         del record["audit_canaries"]  # so runs recorded before audits existed still resume
-    path, done, weights = _prepare_dir(Path(out), record, resume)
+    path, done, state = _prepare_dir(Path(out), record, resume)
     write_skipped(path, skipped)
     write_json(path / "federation.json", {"classes": list(federation.classes), "n_images": federation.n_images,
                                           "label_counts": federation.label_counts(), "n_test": len(federation.test),
@@ -406,18 +406,15 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
                          f"{config.channels} channels at {config.image_size} px")
     net = net.to(device)
     model = functional_model(net)
-    if weights is None:
-        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    weights = {n: w.to(device) for n, w in weights.items()}
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    weights = {n: w.to(device) for n, w in (state["weights"] if state else initial).items()}
     sites = [_load(source, items, config, device) for items in federation.sites]
     test = _load(source, federation.test, config, device)
     chain = chain or parse_defense(config.defense)
     privacy_audit = None
     if config.audit_canaries:
-        if 0 < done < config.rounds:
-            raise MedPFLError(f"A privacy audit scores its canaries in every round and cannot resume after round "
-                              f"{done}; rerun with --fresh.")
-        privacy_audit = PrivacyAudit(config.audit_canaries, chain, sites, weights, config.training, config.seed)
+        privacy_audit = PrivacyAudit(config.audit_canaries, chain, sites, initial, config.training, config.seed)
+        privacy_audit.resume(state, path / STATE)
         chain = privacy_audit.chain
     server = (CuriousServer(config, model, sites, num_classes, [[it.item_id for it in s] for s in federation.sites],
                             path) if config.attack else None)
@@ -435,7 +432,8 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
         for result in server.attack_pending() if server else []:
             _append_line(path / ATTACKS_FILE, result)
         _append_line(path / ROUNDS, {"round": round_index, **record, "attack_seconds": time.perf_counter() - started})
-        _save_atomic({"round": round_index, "weights": {n: w.detach().cpu() for n, w in new.items()}}, path / STATE)
+        _save_atomic({"round": round_index, "weights": {n: w.detach().cpu() for n, w in new.items()},
+                      **(privacy_audit.state() if privacy_audit else {})}, path / STATE)
         if progress:
             progress(round_index, config.rounds)
 
