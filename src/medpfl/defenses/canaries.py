@@ -147,7 +147,7 @@ class ClientCanaries:
 
     def scores(self, initial: Update, final: Update) -> np.ndarray:
         """Each canary direction's cosine with the final model change."""
-        change = _flat({n: (final[n] - initial[n])[None] for n in initial})[0]
+        change = _flat({n: (final[n].to(initial[n]) - initial[n])[None] for n in initial})[0]
         flat = _flat(self.directions).to(change.dtype)
         return (flat @ change / (flat.norm(dim=1) * change.norm()).clamp_min(1e-30)).double().cpu().numpy()
 
@@ -173,3 +173,10 @@ class CanaryServer:
         sites = expected_sites or next(iter(updates.values())).shape[0]
         joined = {n: torch.cat([u, self.joining[n].to(u)]) for n, u in updates.items()}
         return self.cdp.aggregate(joined, generator, expected_sites=sites)
+
+    def flower_mean(self, clipped: Update, n_images=None) -> Update:
+        """The Flower engine's aggregator under client-level DP: the sites' updates, clipped by Flower's
+        fixedclipping_mod, summed with the included canary clients' and divided by the real sites, as `aggregate`
+        does; Flower's DP wrapper adds the noise (defenses.flower)."""
+        sites = next(iter(clipped.values())).shape[0]
+        return {n: (u.sum(0) + self.joining[n].to(u).sum(0)) / sites for n, u in clipped.items()}

@@ -60,7 +60,7 @@ class PrivacyAudit:
         if isinstance(chain.server, ClientLevelDP):
             self.level, self.kind = "client", "random-direction clients"
             self.clients = ClientCanaries.draw(m, weights, chain.server.clip, seed)
-            server = self.clients.server(chain.server)
+            self.server = server = self.clients.server(chain.server)
             self.chain = replace(chain, defenses=tuple(server if d is chain.server else d for d in chain.defenses))
         elif auditable(chain):
             # Without DP the canaries join plain SGD computed as DP-SGD computes it (per example, on Poisson-
@@ -84,6 +84,10 @@ class PrivacyAudit:
             return None
         return DPSGDFederation(model, self.sites, num_classes, training, seed, hooks, vectorise=False,
                                dp=self.plain_sgd, model_check=model_check)
+
+    def flower_aggregate(self):
+        """The aggregator of the Flower engine's rounds: client-level DP's mean with the canary clients in it."""
+        return self.server.flower_mean
 
     def state(self) -> dict[str, torch.Tensor]:
         """What a resumed run needs besides the weights: the gradient canaries' scores summed so far (canary

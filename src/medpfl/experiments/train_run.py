@@ -132,8 +132,10 @@ def _check(config: TrainRunConfig) -> None:
         raise MedPFLError(f"--vectorise must be one of {', '.join(VECTORISE)}, got '{config.vectorise}'.")
     if config.rounds < 1:
         raise MedPFLError(f"--rounds {config.rounds} is invalid; train for 1 or more rounds.")
-    if config.audit_canaries and config.engine == "flower":
-        raise MedPFLError("--audit-dp runs on the in-process engine; drop --engine flower.")
+    if config.audit_canaries and config.engine == "flower" and parse_defense(config.defense).server is None:
+        raise MedPFLError("--audit-dp on --engine flower audits client-level DP (--defense cdp:noise=Z), whose canary "
+                          "clients join Flower's DP aggregation; audit DP-SGD or a run without DP on --engine "
+                          "inprocess.")
     if config.attack is None:
         return
     build_attack(config.attack, **config.attack_settings)  # an unknown attack or setting is named here
@@ -438,7 +440,7 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
             progress(round_index, config.rounds)
 
     if config.engine == "flower" and done < config.rounds:
-        weights = _train_on_flower(config, hooks, weights, done, finished)
+        weights = _train_on_flower(config, hooks, weights, done, finished, privacy_audit)
     elif done < config.rounds:
         vectorise = config.vectorise == "on" or (config.vectorise == "auto" and device.type != "cpu")
         # The sites verify every model they receive against the architecture they built themselves.
@@ -468,9 +470,10 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
 
 
 def _train_on_flower(config: TrainRunConfig, hooks: RoundHooks, weights: dict[str, torch.Tensor], done: int,
-                     finished: Callable[[int, dict[str, torch.Tensor], dict[str, Any]], None]
-                     ) -> dict[str, torch.Tensor]:
-    """Rounds done+1.. on Flower's simulation runtime (the optional extra), with the same sites, seed and hooks."""
+                     finished: Callable[[int, dict[str, torch.Tensor], dict[str, Any]], None],
+                     privacy_audit: PrivacyAudit | None = None) -> dict[str, torch.Tensor]:
+    """Rounds done+1.. on Flower's simulation runtime (the optional extra), with the same sites, seed and hooks;
+    a privacy audit's canary clients join the aggregation that Flower's DP wrapper noises."""
     _require_flower()
     from medpfl.defenses.flower import flower_parts
     from medpfl.fl.flower.federation import FederationSpec
@@ -485,7 +488,8 @@ def _train_on_flower(config: TrainRunConfig, hooks: RoundHooks, weights: dict[st
     start = None if secure else {n: w.cpu() for n, w in weights.items()}  # SecAgg+: the run's initial model
     parts = flower_parts(parse_defense(config.defense), config.seed, config.sites)
     if parts.aggregate is not None:
-        hooks = RoundHooks(hooks.site_transform, parts.aggregate, hooks.observers)
+        aggregate = privacy_audit.flower_aggregate() if privacy_audit else parts.aggregate
+        hooks = RoundHooks(hooks.site_transform, aggregate, hooks.observers)
     result = run_simulation(FederationSpec.of(config), hooks, start, done + 1,
                             lambda record, new: finished(record["round"], new,
                                                          {**{k: record[k] for k in keys if k in record},
