@@ -18,6 +18,8 @@ from medpfl.experiments.privacy_audit import NoiselessClientDP, NoiselessDPSGD, 
 from medpfl.experiments.train_run import TrainRunConfig, run_training
 from medpfl.report import build_report
 
+from killing import kill_after_lines, medpfl
+
 
 def _exact_p_value(m: int, r: int, v: int, q: Fraction, delta: Fraction) -> Fraction:
     """Theorem 5.2's p-value in exact rational arithmetic, term by term (no scipy)."""
@@ -165,32 +167,16 @@ def test_an_audit_of_a_defense_without_epsilon_is_refused_naming_it(tmp_path):
 
 @pytest.mark.parametrize("defense", ["dpsgd:epsilon=4", "cdp:noise=2"])
 def test_an_audited_run_killed_and_resumed_measures_what_an_uninterrupted_one_does(tmp_path, defense):
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
     settings = dict(model="lenet-idlg", norm="none", image_size=16, sites=2, site_images=32, rounds=6, local_epochs=1,
                     defense=defense, audit_canaries=200)
     whole = run_training(TrainRunConfig(**settings), tmp_path / "whole")["dp_audit"]
-    args = ["--model", "lenet-idlg", "--norm", "none", "--image-size", "16", "--sites", "2", "--site-images", "32",
-            "--rounds", "6", "--local-epochs", "1", "--defense", defense, "--audit-dp", "canaries=200", "--quiet",
+    args = ["train", "--model", "lenet-idlg", "--norm", "none", "--image-size", "16", "--sites", "2", "--site-images",
+            "32", "--rounds", "6", "--local-epochs", "1", "--defense", defense, "--audit-dp", "canaries=200", "--quiet",
             "--out", str(tmp_path / "killed")]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    train = lambda: subprocess.Popen([sys.executable, "-m", "medpfl.cli", "train", *args], env=env,  # noqa: E731
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    victim, rounds, deadline = train(), tmp_path / "killed" / "rounds.jsonl", time.time() + 300
-    while time.time() < deadline and victim.poll() is None:
-        if rounds.exists() and len(rounds.read_text().splitlines()) >= 2:
-            victim.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    rounds = tmp_path / "killed" / "rounds.jsonl"
+    kill_after_lines(medpfl(*args), rounds, 2)
     assert 2 <= len(rounds.read_text().splitlines()) < 6 and not (tmp_path / "killed" / "dp_audit.json").exists()
-    resumed = train()
+    resumed = medpfl(*args)
     assert resumed.wait() == 0, resumed.stderr.read()
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())["dp_audit"]
     assert summary == whole and whole["epsilon_lower"] > 0
