@@ -216,3 +216,8 @@ def test_an_audited_sweep_sets_each_federations_measured_epsilon_beside_the_acco
     broken = _audited_sweep(tmp_path / "broken")["dpsgd:epsilon=4"]
     assert broken["epsilon"] == rows["dpsgd:epsilon=4"]["epsilon"]  # the accountant is none the wiser
     assert broken["guarantee_broken"] == "True" and float(broken["epsilon_measured"]) > float(broken["epsilon"])
+    from medpfl.report import build_report
+
+    warning = "The measured epsilon exceeds the accountant's for dpsgd:epsilon=4"
+    assert warning in build_report(tmp_path / "broken").read_text()
+    assert warning not in build_report(tmp_path / "honest").read_text()
