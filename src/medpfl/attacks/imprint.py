@@ -21,7 +21,6 @@ equal columns drift apart and the readout becomes an approximation (measured in 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -31,35 +30,7 @@ from torch import nn
 from medpfl.attacks.labels import recover_labels
 from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload
 from medpfl.errors import MedPFLError
-
-IMPRINT_WEIGHT, IMPRINT_BIAS = "imprint.weight", "imprint.bias"
-
-
-class ImprintedModel(nn.Module):
-    """The agreed model `body` behind an imprint module on its raw input (what the malicious server sends)."""
-
-    def __init__(self, body: nn.Module, image_shape: tuple[int, int, int], edges: torch.Tensor,
-                 spread: float = 1e-3, gain: float = 1e-3) -> None:
-        super().__init__()
-        pixels = math.prod(image_shape)
-        self.image_shape = tuple(image_shape)
-        self.imprint = nn.Linear(pixels, len(edges))
-        self.spread = nn.Linear(len(edges), pixels)
-        with torch.no_grad():
-            # Every row measures brightness, the mean pixel value, scaled by `gain`: small rows get large
-            # gradients, so that a FedAvg weight change (new float32 weights minus old) keeps them exactly.
-            self.imprint.weight.fill_(gain / pixels)
-            self.imprint.bias.copy_(-gain * edges)
-            # Equal columns: each firing row hands an image the same gradient back. The body sees its images
-            # shifted in brightness by `spread` times the mean firing, little, and trains much as it would have.
-            self.spread.weight.fill_(spread / gain / len(edges))
-            self.spread.bias.zero_()
-        self.body = body
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fired = torch.relu(self.imprint(x.flatten(1)))
-        return self.body(x + self.spread(fired).reshape(x.shape))
-
+from medpfl.models.imprint import IMPRINT_BIAS, IMPRINT_WEIGHT, ImprintedModel
 
 def brightness(images: torch.Tensor) -> torch.Tensor:
     """The measurement every imprint row takes: mean pixel value of each image (N x C x H x W -> N)."""
