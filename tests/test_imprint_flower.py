@@ -3,7 +3,9 @@ aggregate, unless the sites' model check refuses the model first."""
 
 from __future__ import annotations
 
+import html
 import json
+import re
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from medpfl.fl.gradients import functional_model, stack_params  # noqa: E402
 from medpfl.fl.model_check import ModelRefused  # noqa: E402
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score  # noqa: E402
 from medpfl.models.imprint import imprinted_architecture  # noqa: E402
+from medpfl.report.build import build_report  # noqa: E402
 
 # 4 sites of 16 images at 16 px, FedSGD, 256 bins = 4 x the 64 images behind the aggregate.
 CONFIG = TrainRunConfig(model="lenet-idlg", norm="none", image_size=16, sites=4, site_images=16, rounds=1,
@@ -59,8 +62,12 @@ def test_imprint_through_flower_secagg_recovers_what_the_in_process_aggregate_gi
     assert len(line["ssim"]) == 64 and exact >= 32
     assert abs(through_flower - exact) <= 2, (through_flower, exact)
     assert summary["attacks"][0]["observed"] == "aggregate"
-    # The server noted what a checking site would have said of the model it sent.
+    # The server noted what a checking site would have said of the model it sent, and the report says it.
     assert "imprint" in line["site_check"]
+    text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", build_report(tmp_path / "off").read_text())))
+    assert f"A malicious server (imprint) read {through_flower} of 64 images out of the updates" in text
+    assert ("The sites' model check would have stopped it: it refuses 1 of the 1 models the server sent" in text
+            and "The sites trained without it here (--no-site-check)" in text)
 
 
 def test_sites_that_check_refuse_the_imprinted_model_and_say_why(tmp_path):

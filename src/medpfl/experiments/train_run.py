@@ -364,7 +364,7 @@ def _prepare_dir(out: Path, record: dict[str, Any], resume: bool) -> tuple[Path,
             raise MedPFLError(f"'{out}' holds a training run with other settings ({', '.join(changed)}); pass a new "
                               "--out, the same settings to resume it, or --fresh to start over.")
     if not resume:
-        for name in (STATE, ROUNDS, ATTACKS_FILE, MODEL, AUDIT_FILE):
+        for name in (STATE, ROUNDS, ATTACKS_FILE, MODEL, AUDIT_FILE, REFUSAL):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "attacks", ignore_errors=True)
     path = open_run_dir(out, record, resume=resume)
@@ -407,6 +407,8 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
     record = asdict(config)
     if not config.audit_canaries:
         del record["audit_canaries"]  # so runs recorded before audits existed still resume
+    if config.site_check:
+        del record["site_check"]  # likewise: only a run whose sites trained unchecked records it
     path, done, weights = _prepare_dir(Path(out), record, resume)
     write_skipped(path, skipped)
     write_json(path / "federation.json", {"classes": list(federation.classes), "n_images": federation.n_images,
