@@ -285,7 +285,8 @@ class CuriousServer:
         x, y = torch.stack([g[3] for g in group]), torch.stack([g[4] for g in group])
         granted = y if THREAT_MODELS[self.config.attack].knows_labels else None
         weights = {n: torch.stack([s.weights[n] for s in seen_all]) for n in seen_all[0].weights}
-        payload = ServerPayload(self._architecture(seen_all[0].weights, tuple(x.shape[2:])), weights, self.num_classes, tuple(x.shape[2:]), "train", **group[0][2],
+        architecture = self._architecture(seen_all[0].weights, tuple(x.shape[2:]))
+        payload = ServerPayload(architecture, weights, self.num_classes, tuple(x.shape[2:]), "train", **group[0][2],
                                 defense=self.defense)
         update = ObservedUpdate({n: torch.stack([g[1][n] for g in group]) for n in group[0][1]}, y.shape[1],
                                 labels=granted)
@@ -464,7 +465,7 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
         try:
             weights = _train_on_flower(config, hooks, weights, done, finished, tamper)
         except ModelRefused as refused:  # the run ends here: kept for the report, then said to the user
-            write_json(path / REFUSAL, {"round": max(tamper.verdicts) if tamper else None, "reason": str(refused)})
+            write_json(path / REFUSAL, {"round": refused.round, "reason": str(refused)})
             raise
     elif done < config.rounds:
         vectorise = config.vectorise == "on" or (config.vectorise == "auto" and device.type != "cpu")

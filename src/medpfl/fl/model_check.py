@@ -44,6 +44,10 @@ Fingerprint = tuple[tuple[str, tuple[int, ...], str], ...]
 class ModelRefused(MedPFLError):
     """A site refused to train on the model it received; the message says why in one sentence."""
 
+    def __init__(self, reason: str, round_index: int | None = None) -> None:
+        super().__init__(reason)
+        self.round = round_index  # the federation's round it happened in, where known
+
 
 def fingerprint(weights: Mapping[str, torch.Tensor]) -> Fingerprint:
     """Names, shapes and dtypes of a model's parameters, in order."""

@@ -39,8 +39,8 @@ from medpfl.fl.flower.model_check_mod import model_check_mod
 from medpfl.fl.flower.server_app import FlowerRun, RoundCallback, deployment_settings
 from medpfl.fl.gradients import functional_model
 from medpfl.fl.rounds import RoundHooks, SiteRound, Update, site_update
-from medpfl.models.imprint import body_weights, imprint_bins
 from medpfl.fl.utility import evaluate
+from medpfl.models.imprint import body_weights, imprint_bins
 from medpfl.seeds import SECAGG_ROUNDING, numpy_global_seed
 
 # What the protocol's integer arithmetic can carry: updates are clipped to +-CLIPPING_RANGE (weight changes
@@ -102,10 +102,11 @@ class SecureAuditorFedAvg(LegacyFedAvg):
         self.spec, self.hooks, self.names, self.score, self.tamper = spec, hooks, names, score, tamper
         self.sent: Update = initial
         self.refusals: list[str] = []  # the sites' reasons, once they refused a model the server sent
+        self.round = 0  # the round being configured or aggregated
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        self.sent = _to_tensors(self.names, parameters)
+        self.sent, self.round = _to_tensors(self.names, parameters), server_round
         tampered = self.tamper(server_round, self.sent) if self.tamper else None
         if tampered is not None:
             self.sent = tampered
@@ -185,6 +186,7 @@ def run_secure_federation(grid: Grid, context: Context, spec: FederationSpec, ho
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=spec.rounds), strategy=strategy)
     DefaultWorkflow(fit_workflow=secagg)(grid, legacy)
     result.refusals = strategy.refusals
+    result.refused_round = strategy.round if strategy.refusals else None
     return result
 
 

@@ -71,7 +71,8 @@ def run_simulation(spec: FederationSpec, hooks: RoundHooks | None = None, weight
         flower_run_simulation(server_app=server, client_app=client_app, num_supernodes=spec.sites,
                               backend_config=backend)
     if result.refusals:
-        raise ModelRefused(f"The sites refused the model the server sent: {'; '.join(result.refusals)}")
+        raise ModelRefused(f"In round {result.refused_round} the sites refused the model the server sent: "
+                           f"{'; '.join(result.refusals)}", result.refused_round)
     if not result.weights:
         raise RuntimeError("The Flower simulation ended without a global model; see Flower's log above.")
     return result
