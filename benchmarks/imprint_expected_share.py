@@ -3,8 +3,9 @@
 Our readout recovers an image exactly when it is alone in its brightness bin (attacks.imprint). With n images
 falling independently into N bins of equal mass that happens with probability (1 - 1/N)^(n-1) (about e^(-1/m)
 at N = m n: 0.61, 0.78, 0.94 for m = 2, 4, 16). The lower curve quoted for Robbing the Fed (about 0.44, 0.64,
-0.89) counts every occupancy pattern of n images over N bins as equally likely (stars and bars); its share of
-images alone, N C(n+N-3, N-2) / C(n+N-1, N-1) / n, tends to (m / (m + 1))^2. Equally likely patterns are what
+0.89: breaching's analysis/imprint_guarantee.py, expected_amount) counts every occupancy pattern of n images
+over N bins as equally likely (stars and bars); its share of images alone, N C(n+N-3, N-2) / C(n+N-1, N-1) / n
+(breaching's figure is this minus 1/N), tends to (m / (m + 1))^2. Equally likely patterns are what
 independent images give when the bins' masses are themselves a uniform random split of the data (a flat
 Dirichlet), i.e. bins placed with no knowledge of the data.
 

@@ -47,8 +47,8 @@ def in_process_secagg_recovered() -> int:
     params = stack_params([sent])
     update = observed_gradients(parse_defense("secagg:k=4"), architecture, params, x, y, data.num_classes, "train",
                                 torch.Generator().manual_seed(0))
-    result = attack.reconstruct(ServerPayload(architecture, params, data.num_classes, SHAPE), ObservedUpdate(update, 64),
-                                torch.Generator().manual_seed(0))
+    payload = ServerPayload(architecture, params, data.num_classes, SHAPE)
+    result = attack.reconstruct(payload, ObservedUpdate(update, 64), torch.Generator().manual_seed(0))
     return sum(s >= SUCCESS_SSIM for s in match_and_score(x[0], y[0], result.images[0], result.labels[0]).ssim)
 
 

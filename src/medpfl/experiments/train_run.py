@@ -470,7 +470,7 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
     elif done < config.rounds:
         vectorise = config.vectorise == "on" or (config.vectorise == "auto" and device.type != "cpu")
         # The sites verify every model they receive against the architecture they built themselves.
-        check = ModelCheck(fingerprint(dict(model.named_parameters())))
+        check = ModelCheck(fingerprint(dict(model.named_parameters()))) if config.site_check else None
         defended = (DefendedFederation(chain, model, sites, num_classes, config.training, config.rounds, config.seed,
                                        tuple(hooks.observers), vectorise, check) if chain.defenses else None)
         if server and defended:

@@ -66,7 +66,7 @@ def section_malicious_server(ctx) -> Section | None:
     for run in runs:
         summary = run.summary or {}
         threshold = float(summary.get("success_ssim", run.config.get("success_ssim", 0.9)))
-        parts.append(f"<li><strong>{esc(run.name)}</strong>: {esc(recovery_sentence(run, threshold, summary.get('asr_chance')))} "
-                     f"{esc(check_sentence(run))}</li>")
+        recovered = recovery_sentence(run, threshold, summary.get("asr_chance"))
+        parts.append(f"<li><strong>{esc(run.name)}</strong>: {esc(recovered)} {esc(check_sentence(run))}</li>")
     parts.append("</ul>")
     return Section("malicious-server", "A malicious server", "".join(parts))
