@@ -136,8 +136,10 @@ def _check(config: TrainRunConfig) -> None:
         raise MedPFLError(f"--vectorise must be one of {', '.join(VECTORISE)}, got '{config.vectorise}'.")
     if config.rounds < 1:
         raise MedPFLError(f"--rounds {config.rounds} is invalid; train for 1 or more rounds.")
-    if config.audit_canaries and config.engine == "flower":
-        raise MedPFLError("--audit-dp runs on the in-process engine; drop --engine flower.")
+    if config.audit_canaries and config.engine == "flower" and parse_defense(config.defense).server is None:
+        raise MedPFLError("--audit-dp on --engine flower audits client-level DP (--defense cdp:noise=Z), whose canary "
+                          "clients join Flower's DP aggregation; audit DP-SGD or a run without DP on --engine "
+                          "inprocess.")
     if config.attack is None:
         return
     build_attack(config.attack, **config.attack_settings)  # an unknown attack or setting is named here
@@ -355,8 +357,8 @@ def _save_atomic(obj: Any, file: Path) -> None:
     os.replace(tmp, file)
 
 
-def _prepare_dir(out: Path, record: dict[str, Any], resume: bool) -> tuple[Path, int, dict[str, torch.Tensor] | None]:
-    """Open the run directory; (path, last finished round, its global weights) when resuming, else (path, 0, None)."""
+def _prepare_dir(out: Path, record: dict[str, Any], resume: bool) -> tuple[Path, int, dict[str, Any] | None]:
+    """Open the run directory; (path, last finished round, its saved state) when resuming, else (path, 0, None)."""
     config_file = out / "config.json"
     if resume and (out / STATE).exists() and config_file.exists():
         previous = json.loads(config_file.read_text()).get("config", {})
@@ -379,7 +381,7 @@ def _prepare_dir(out: Path, record: dict[str, Any], resume: bool) -> tuple[Path,
     for name in (ROUNDS, ATTACKS_FILE):
         lines = _read_lines(path / name)
         _rewrite_lines(path / name, [line for line in lines if line["round"] <= done])
-    return path, done, state["weights"]
+    return path, done, state
 
 
 def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
@@ -410,7 +412,7 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
         del record["audit_canaries"]  # so runs recorded before audits existed still resume
     if config.site_check:
         del record["site_check"]  # likewise: only a run whose sites trained unchecked records it
-    path, done, weights = _prepare_dir(Path(out), record, resume)
+    path, done, state = _prepare_dir(Path(out), record, resume)
     write_skipped(path, skipped)
     write_json(path / "federation.json", {"classes": list(federation.classes), "n_images": federation.n_images,
                                           "label_counts": federation.label_counts(), "n_test": len(federation.test),
@@ -422,18 +424,15 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
                          f"{config.channels} channels at {config.image_size} px")
     net = net.to(device)
     model = functional_model(net)
-    if weights is None:
-        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    weights = {n: w.to(device) for n, w in weights.items()}
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    weights = {n: w.to(device) for n, w in (state["weights"] if state else initial).items()}
     sites = [_load(source, items, config, device) for items in federation.sites]
     test = _load(source, federation.test, config, device)
     chain = chain or parse_defense(config.defense)
     privacy_audit = None
     if config.audit_canaries:
-        if 0 < done < config.rounds:
-            raise MedPFLError(f"A privacy audit scores its canaries in every round and cannot resume after round "
-                              f"{done}; rerun with --fresh.")
-        privacy_audit = PrivacyAudit(config.audit_canaries, chain, sites, weights, config.training, config.seed)
+        privacy_audit = PrivacyAudit(config.audit_canaries, chain, sites, initial, config.training, config.seed)
+        privacy_audit.resume(state, path / STATE)
         chain = privacy_audit.chain
     server = (CuriousServer(config, model, sites, num_classes, [[it.item_id for it in s] for s in federation.sites],
                             path) if config.attack else None)
@@ -451,7 +450,8 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
         for result in server.attack_pending() if server else []:
             _append_line(path / ATTACKS_FILE, result)
         _append_line(path / ROUNDS, {"round": round_index, **record, "attack_seconds": time.perf_counter() - started})
-        _save_atomic({"round": round_index, "weights": {n: w.detach().cpu() for n, w in new.items()}}, path / STATE)
+        _save_atomic({"round": round_index, "weights": {n: w.detach().cpu() for n, w in new.items()},
+                      **(privacy_audit.state() if privacy_audit else {})}, path / STATE)
         if progress:
             progress(round_index, config.rounds)
 
@@ -463,7 +463,7 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
         server.site_checks = tamper.verdicts  # filled as the model of each attacked round is sent
     if config.engine == "flower" and done < config.rounds:
         try:
-            weights = _train_on_flower(config, hooks, weights, done, finished, tamper)
+            weights = _train_on_flower(config, hooks, weights, done, finished, privacy_audit, tamper)
         except ModelRefused as refused:  # the run ends here: kept for the report, then said to the user
             write_json(path / REFUSAL, {"round": refused.round, "reason": str(refused)})
             raise
@@ -497,8 +497,11 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
 
 def _train_on_flower(config: TrainRunConfig, hooks: RoundHooks, weights: dict[str, torch.Tensor], done: int,
                      finished: Callable[[int, dict[str, torch.Tensor], dict[str, Any]], None],
+                     privacy_audit: PrivacyAudit | None = None,
                      tamper: MaliciousServer | None = None) -> dict[str, torch.Tensor]:
-    """Rounds done+1.. on Flower's simulation runtime (the optional extra), with the same sites, seed and hooks."""
+    """Rounds done+1.. on Flower's simulation runtime (the optional extra), with the same sites, seed and hooks;
+    a privacy audit's canary clients join the aggregation that Flower's DP wrapper noises, and a malicious
+    server (`tamper`) sends the models it crafts."""
     _require_flower()
     from medpfl.defenses.flower import flower_parts
     from medpfl.fl.flower.federation import FederationSpec
@@ -513,7 +516,8 @@ def _train_on_flower(config: TrainRunConfig, hooks: RoundHooks, weights: dict[st
     start = None if secure else {n: w.cpu() for n, w in weights.items()}  # SecAgg+: the run's initial model
     parts = flower_parts(parse_defense(config.defense), config.seed, config.sites)
     if parts.aggregate is not None:
-        hooks = RoundHooks(hooks.site_transform, parts.aggregate, hooks.observers)
+        aggregate = privacy_audit.flower_aggregate() if privacy_audit else parts.aggregate
+        hooks = RoundHooks(hooks.site_transform, aggregate, hooks.observers)
     result = run_simulation(FederationSpec.of(config), hooks, start, done + 1,
                             lambda record, new: finished(record["round"], new,
                                                          {**{k: record[k] for k in keys if k in record},
