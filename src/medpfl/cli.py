@@ -288,7 +288,9 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
     train.add_argument("--lr", type=float, default=d.lr, help="local (FedAvg) or server (FedSGD) learning rate")
     train.add_argument("--momentum", type=float, default=d.momentum, help="FedAvg local SGD momentum, in [0, 1)")
     train.add_argument("--partition", default=d.partition, help=PARTITION_HELP)
-    train.add_argument("--attack", help=f"attack chosen sites' updates: {', '.join(sorted(ATTACKS))}")
+    train.add_argument("--attack", help=f"attack chosen sites' updates: {', '.join(sorted(ATTACKS))}; imprint and "
+                       "trap make the server malicious (it sends the crafted model at --attack-rounds; needs "
+                       "--engine flower --defense secagg:k=SITES)")
     train.add_argument("--attack-rounds", help="rounds to attack, e.g. 1,20 or 1-3")
     train.add_argument("--attack-sites", help="sites to attack (0-based), e.g. 0 or 0,2")
     train.add_argument("--attack-batch", type=int,
@@ -304,6 +306,10 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
                             "accountant's upper bound: gradient canaries under dpsgd and without DP, canary "
                             "clients under cdp")
     train.add_argument("--engine", default=d.engine, choices=ENGINES)
+    train.add_argument("--no-site-check", dest="site_check", action="store_false",
+                       help="the sites train on whatever model they receive (default: they check it first and "
+                            "refuse an anchor); only to measure what the check prevents, e.g. with a malicious "
+                            "server: --engine flower --defense secagg:k=SITES --attack imprint --set bins=N")
     train.add_argument("--vectorise", default=d.vectorise, choices=VECTORISE,
                        help="in-process: train equal-sized sites in one vmapped call (auto: on accelerators only)")
     train.add_argument("--seed", type=int, default=d.seed)
@@ -342,7 +348,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         attack=args.attack, attack_rounds=parse_int_list(args.attack_rounds, "--attack-rounds"),
         attack_sites=parse_int_list(args.attack_sites, "--attack-sites"), attack_batch=args.attack_batch,
         attack_settings=settings, engine=args.engine, defense=args.defense, vectorise=args.vectorise,
-        seed=args.seed, device=args.device, audit_canaries=parse_audit(args.audit_dp))
+        seed=args.seed, device=args.device, audit_canaries=parse_audit(args.audit_dp), site_check=args.site_check)
     run = Path(args.out or f"runs/train-{config.model.replace(':', '-')}-{config.partition.replace(':', '')}-seed{config.seed}")
     bar, (checking, update) = _progress(args.quiet, "checking files", "rounds")
     with bar or nullcontext():

@@ -16,6 +16,7 @@ from PIL import Image
 from medpfl.metrics.chance import pooled_label_chance
 from medpfl.report import plots
 from medpfl.report.html import Section, esc, img, img_file, table
+from medpfl.report.malicious import section_malicious_server
 from medpfl.report.runs import AttackRun, ImageResult, Run, SweepRun, TrainRun
 from medpfl.metrics.intervals import Rate, observed_rate_sentence, rate_interval
 from medpfl.report.tradeoff import RATES, pareto_front
@@ -869,3 +870,4 @@ SECTIONS: list[Callable[[Context], Section | None]] = [
     section_overview, section_threat_model, section_data, section_results, section_tradeoff, section_training,
     section_reconstructions, section_risk_ranking, section_provenance,
 ]
+SECTIONS.insert(SECTIONS.index(section_results) + 1, section_malicious_server)  # report.malicious
