@@ -5,17 +5,17 @@ iDLG LeNet per round and image) with its own draw of the defense's noise, as tes
 builds them. Per image: SSIM of robust-l2 and robust-cosine on each single round, and of multi-round on the first
 R rounds for each R.
 
-Part "sweep": `medpfl sweep --attacks strongest --defenses laplace:b=0.01 gaussian:sigma=0.01 --image-size 16
---rounds N --workers 1 --no-utility` for each N (with --restarts R: every attack's restarts): the curious server
-attacks every site at the first and last round; at the last, strongest also combines every round it observed
-of each site (multi-round). Plain iDLG is strongest's own idlg candidate (the same stream as --attacks idlg).
-Per cell: ASR with its Wilson interval and mean SSIM, of strongest and of plain iDLG, and the last round's
-mean SSIM per attack.
+Part "last-round": a cell of `medpfl sweep --attacks strongest --defenses SPEC --image-size 16 --rounds N` (its
+federation: 5 FedSGD sites of one image, iDLG's LeNet, seed 0) whose curious server attacks only the last round,
+where strongest combines every round it kept of each site (multi-round): the sweep's numbers at that round, at
+a fraction of the time (the sweep also attacks round 1, where there is nothing to combine). With --restarts R:
+every attack's restarts. Plain iDLG is strongest's own idlg candidate (the same stream as --attacks idlg).
 
     OMP_NUM_THREADS=1 python benchmarks/multi_round_noise.py known
-    OMP_NUM_THREADS=1 python benchmarks/multi_round_noise.py sweep --rounds 3 --restarts 1
+    OMP_NUM_THREADS=1 python benchmarks/multi_round_noise.py last-round --rounds 10 --defenses gaussian:sigma=0.01 \
+        --restarts 1
 
-JSON goes to benchmarks/results/multi_round_noise_known.json and multi_round_noise_sweep_roundsN.json.
+JSON goes to benchmarks/results/multi_round_noise_known.json and multi_round_noise_last_round_roundsN_DEFENSE.json.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,8 +32,8 @@ import torch
 from medpfl.attacks import build_attack
 from medpfl.data import ImageDataset, sample_items
 from medpfl.data.embedded import embedded_source
-from medpfl.experiments.run_dir import library_versions, read_results
-from medpfl.experiments.sweep import SweepConfig, run_sweep
+from medpfl.experiments.run_dir import library_versions
+from medpfl.experiments.sweep import SweepConfig
 from medpfl.metrics.image import ssim
 from medpfl.metrics.privacy import SUCCESS_SSIM
 
@@ -74,51 +73,52 @@ def known(args) -> dict:
     return {"cells": cells}
 
 
-def sweep(args) -> dict:
+def last_round(args) -> dict:
+    """The sweep's federation cell (`SweepConfig.federation`) whose curious server attacks only the last round,
+    where strongest combines every round it kept: the sweep's last-round half, without its round-1 attack."""
+    from dataclasses import replace
+
+    from medpfl.experiments.train_run import ATTACKS_FILE, run_training
+
     cells = []
     for n_rounds in [int(r) for r in args.rounds.split(",")]:
-        settings = {} if args.restarts is None else {"strongest": {"restarts": args.restarts}}
-        config = SweepConfig(attacks=["strongest"], defenses=args.defenses.split(";"), image_size=16,
-                             rounds=n_rounds, utility=False, attack_settings=settings)
-        out = Path(args.out) / f"rounds{n_rounds}"
-        started = time.perf_counter()
-        run_sweep(config, out, workers=1)
-        for row in read_results(out):
-            attacks = [json.loads(line) for line in (out / "cells" / row["cell"] / "attacks.jsonl").read_text()
-                       .splitlines()]
-            last = [a for a in attacks if a["round"] == n_rounds]
-            by_attack = {}
-            for a in last:
-                for name, values in a["ssim_by_attack"].items():
-                    by_attack.setdefault(name, []).extend(values)
-            cells.append({"rounds": n_rounds, "defense": row["defense"], "n_images": row["n_images"],
+        for spec in args.defenses.split(";"):
+            sweep_config = SweepConfig(defenses=[spec], image_size=16, rounds=n_rounds)
+            config = replace(sweep_config.federation(spec, 0, "strongest"), attack_rounds=[n_rounds],
+                             attack_settings={} if args.restarts is None else {"restarts": args.restarts})
+            out = Path(args.out) / f"{spec.replace(':', '-')}-rounds{n_rounds}"
+            started = time.perf_counter()
+            run_training(config, out)
+            attacks = [json.loads(line) for line in (out / ATTACKS_FILE).read_text().splitlines()]
+            names = attacks[0]["ssim_by_attack"]
+            cells.append({"rounds": n_rounds, "defense": spec, "n_images": sum(len(a["ssim"]) for a in attacks),
                           "strongest": rate([s for a in attacks for s in a["ssim"]]),
-                          "plain_idlg": rate([s for a in attacks for s in a["ssim_by_attack"]["idlg"]]),
-                          "last_round_mean_ssim_by_attack": {k: statistics.fmean(v) for k, v in by_attack.items()},
-                          "last_round_winners": [w for a in last for w in a.get("winner", [])],
-                          "rounds_combined": sorted({len(a.get("rounds_combined", [])) for a in last})})
+                          **{name: rate([s for a in attacks for s in a["ssim_by_attack"][name]]) for name in names},
+                          "winners": [w for a in attacks for w in a["winner"]],
+                          "rounds_combined": attacks[0].get("rounds_combined"),
+                          "wall_seconds": time.perf_counter() - started})
             print(cells[-1], flush=True)
-        print(f"rounds {n_rounds}: {time.perf_counter() - started:.0f} s", flush=True)
     return {"cells": cells}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=("known", "sweep"))
+    parser.add_argument("part", choices=("known", "last-round"))
     parser.add_argument("--defenses", help="defense specs separated by ';'")
     parser.add_argument("--n-images", type=int, default=4)
     parser.add_argument("--combine", default="1,2,4,8,10", help="known: rounds combined")
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--restarts", type=int, help="known: 0 unless given; sweep: the attacks' own unless given")
-    parser.add_argument("--rounds", default="3", help="sweep: the federation's rounds, e.g. 3,10")
+    parser.add_argument("--restarts", type=int, help="known: 0 unless given; last-round: the attacks' own unless given")
+    parser.add_argument("--rounds", default="3", help="last-round: the federation's rounds, e.g. 3,10")
     parser.add_argument("--out", default="runs/multi-round-noise")
     args = parser.parse_args()
     args.combine = [int(r) for r in args.combine.split(",")]
     if args.defenses is None:
         args.defenses = ("gaussian:sigma=0.01;gaussian:sigma=0.03" if args.part == "known"
                          else "laplace:b=0.01;gaussian:sigma=0.01")
-    result = known(args) if args.part == "known" else sweep(args)
-    name = args.part if args.part == "known" else f"sweep_rounds{args.rounds.replace(',', '-')}"
+    result = known(args) if args.part == "known" else last_round(args)
+    name = args.part if args.part == "known" else (f"last_round_rounds{args.rounds.replace(',', '-')}_"
+                                                   + args.defenses.replace(":", "-").replace(";", "_"))
     path = Path(f"benchmarks/results/multi_round_noise_{name}.json")
     path.write_text(json.dumps({"settings": vars(args), "model": "lenet-idlg", "image_size": 16,
                                 "success_ssim": SUCCESS_SSIM, "machine": platform.machine(),
