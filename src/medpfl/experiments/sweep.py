@@ -67,9 +67,9 @@ class SweepConfig(FederationSettings):
     model: str = "lenet-idlg"
     protocol: str = "fedsgd"
     site_images: int = 1  # 0: every image of the site's share
-    # FedSGD takes one server step of `lr` per round, no local epochs, no momentum: the sweeps recorded in
-    # benchmarks/results ran these values, which also keeps them resumable (a resumed sweep must record the
-    # same settings). They matter only where a sweep sets --protocol fedavg.
+    # FedSGD's server step, and local epochs and momentum that FedSGD does not use (they matter under --protocol
+    # fedavg only): the values the sweeps recorded in benchmarks/results ran, kept so that their numbers stand
+    # and they resume (a resumed sweep must record the same settings).
     local_epochs: int = 1
     lr: float = 0.1
     momentum: float = 0.0
