@@ -173,8 +173,10 @@ class GradientMatchingAttack:
         # update's size (its rounds' squared distances summed, over their updates' summed squared norms).
         relative_l2 = s.normalize and s.distance == "l2"
         total_scale = victims_total(scale)
-        objective = matching_objective(payload, update, None if fixed_targets is None else fixed_targets.repeat(R, 1, 1),
-                                        B, shape, logit_gradient, support=support, distance=s.distance)
+        # Each round's distance undivided: the victim's rounds are summed first, then divided (_over_rounds).
+        targets = None if fixed_targets is None else fixed_targets.repeat(R, 1, 1)
+        objective = matching_objective(payload, update, targets, B, shape, logit_gradient, support=support,
+                                        distance=s.distance)
         divisor = None
         if relative_l2:
             divisor = total_scale
@@ -323,9 +325,11 @@ def observed_logit_gradient(update: ObservedUpdate, payload: ServerPayload) -> t
 
 def matching_objective(payload: ServerPayload, update: ObservedUpdate, fixed_targets: torch.Tensor | None,
                         batch: int, shape: tuple[int, int, int], logit_gradient: torch.Tensor | None = None,
-                        support: dict[str, torch.Tensor] | None = None, distance: str = "l2"):
+                        scale: torch.Tensor | None = None, support: dict[str, torch.Tensor] | None = None,
+                        distance: str = "l2"):
     """objective(z, victims) for the batched optimiser: z holds each victim's flat images (+ soft labels).
-    With `logit_gradient` (V x B x K) the candidate's gradient is that vector's backward pass; with `support` (name -> V x shape of
+    With `logit_gradient` (V x B x K) the candidate's gradient is that vector's backward pass; with `scale`
+    (V) each victim's distance and its gradient are divided by it; with `support` (name -> V x shape of
     1 kept, 0 left out, or a weight in between) each entry's difference is multiplied by it."""
     n_pixels = batch * shape[0] * shape[1] * shape[2]
     V = payload.n_victims
@@ -378,7 +382,11 @@ def matching_objective(payload: ServerPayload, update: ObservedUpdate, fixed_tar
                 pick(fixed_targets) if fixed_targets is not None else None,
                 pick(logit_gradient) if logit_gradient is not None else None,
                 {n: pick(k) for n, k in support.items()} if support is not None else None)
-        return prepared["loss_and_gradient"](z)
+            prepared["scale"] = None if scale is None else pick(scale)
+        loss, gradient = prepared["loss_and_gradient"](z)
+        if prepared["scale"] is not None:
+            loss, gradient = loss / prepared["scale"], gradient / prepared["scale"][:, None]
+        return loss, gradient
 
     return objective
 
