@@ -21,7 +21,7 @@ out = Console()
 
 
 def _parser() -> argparse.ArgumentParser:
-    from medpfl.attacks import ATTACKS, LABEL_ACCESS
+    from medpfl.attacks import LABEL_ACCESS, attack_names
     from medpfl.fl.gradients import BN_MODES
     from medpfl.models.registry import MODELS, check_model_name
 
@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 
     attack = commands.add_parser("attack", parents=[common], help="reconstruct images from shared updates and score the leak")
     attack.add_argument("--data", help="class folders, .npz, DICOM or NIfTI (default: embedded real images)")
-    attack.add_argument("--attack", default="idlg", choices=sorted(ATTACKS))
+    attack.add_argument("--attack", default="idlg", choices=sorted(attack_names()))
     attack.add_argument("--model", type=check_model_name, metavar="MODEL",
                         help=f"{', '.join(sorted(MODELS))}, or your own torch model as module:callable "
                              "(default: the model the paper used for the attack)")
@@ -257,7 +257,7 @@ def cmd_attack(args: argparse.Namespace) -> None:
 
 
 def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
-    from medpfl.attacks import ATTACKS
+    from medpfl.attacks import attack_names
     from medpfl.experiments.train_run import ENGINES, VECTORISE, TrainRunConfig
     from medpfl.fl.local import PROTOCOLS
     from medpfl.fl.partition import PARTITION_HELP
@@ -285,7 +285,7 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
     train.add_argument("--lr", type=float, default=d.lr, help="local (FedAvg) or server (FedSGD) learning rate")
     train.add_argument("--momentum", type=float, default=d.momentum, help="FedAvg local SGD momentum, in [0, 1)")
     train.add_argument("--partition", default=d.partition, help=PARTITION_HELP)
-    train.add_argument("--attack", help=f"attack chosen sites' updates: {', '.join(sorted(ATTACKS))}")
+    train.add_argument("--attack", help=f"attack chosen sites' updates: {', '.join(sorted(attack_names()))}")
     train.add_argument("--attack-rounds", help="rounds to attack, e.g. 1,20 or 1-3")
     train.add_argument("--attack-sites", help="sites to attack (0-based), e.g. 0 or 0,2")
     train.add_argument("--attack-batch", type=int,

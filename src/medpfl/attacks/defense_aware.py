@@ -11,25 +11,28 @@ from __future__ import annotations
 
 import torch
 
+from medpfl.attacks.registry import entries
 from medpfl.attacks.threat import ObservedUpdate, ServerPayload
 from medpfl.defenses.chain import Chain
 
-# Attacks for updates with entries dropped, and for updates with noise on every entry (added noise, DP-SGD,
-# or the rounding of a stochastic quantizer; cosine also for clipping's unknown scale).
-SPARSE_ATTACKS = ("sparse-l2", "sparse-cosine")
-NOISE_ATTACKS = ("robust-l2", "robust-cosine")
+
+def sparse_update(defenses: frozenset[str]) -> bool:
+    """Whether updates under defenses named `defenses` have entries dropped (the sparse attacks fit them);
+    quantization moves the dropped entries off zero."""
+    return "topk" in defenses and "quant" not in defenses
+
+
+def noisy_update(defenses: frozenset[str]) -> bool:
+    """Whether updates under `defenses` carry noise on every entry (added noise, DP-SGD, or the rounding of a
+    stochastic quantizer; clipping's unknown scale too, for the cosine): the robust attacks fit them."""
+    return bool(defenses & {"laplace", "gaussian", "dpsgd", "quant", "clip", "cdp"})
 
 
 def applicable_attacks(chain: Chain) -> list[str]:
-    """The attacks `--attack strongest` runs on updates under `chain`: plain iDLG always (so that the
-    strongest is never below it), then those built for the defenses the chain applies."""
-    names = {d.name for d in chain.defenses}
-    attacks = ["idlg"]
-    if "topk" in names and "quant" not in names:  # quantization moves the dropped entries off zero
-        attacks += SPARSE_ATTACKS
-    if names & {"laplace", "gaussian", "dpsgd", "quant", "clip", "cdp"}:
-        attacks += NOISE_ATTACKS
-    return attacks
+    """The attacks `--attack strongest` runs on updates under `chain`: the registered attacks whose entry
+    says they fit its defenses (AttackEntry.strongest_when), in the registry's order."""
+    names = frozenset(d.name for d in chain.defenses)
+    return [e.name for e in entries() if e.strongest_when is not None and e.strongest_when(names)]
 
 
 def noise_variance(payload: ServerPayload, update: ObservedUpdate) -> dict[str, torch.Tensor]:

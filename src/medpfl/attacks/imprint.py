@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from medpfl.attacks.base import SettingsAttack
 from medpfl.attacks.labels import recover_labels
-from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload
+from medpfl.attacks.registry import AttackEntry, register
+from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload, ThreatModel
 from medpfl.errors import MedPFLError
 
 IMPRINT_WEIGHT, IMPRINT_BIAS = "imprint.weight", "imprint.bias"
@@ -106,19 +108,12 @@ class ImprintSettings:
     gain: float = 1e-3  # the imprint rows' scale (breaching's default)
 
 
-class ImprintAttack:
+class ImprintAttack(SettingsAttack):
     """Robbing the Fed: the server sends an imprinted model and reads each image alone in its bin."""
 
     name = "imprint"
+    settings_class = ImprintSettings
     takes_checkpoints = False  # a readout, no optimisation
-
-    def __init__(self, settings: ImprintSettings | None = None, **overrides) -> None:
-        self.settings = settings or ImprintSettings()
-        for key, value in overrides.items():
-            setattr(self.settings, key, value)
-
-    def config(self) -> dict:
-        return {"attack": self.name, **asdict(self.settings)}
 
     def bins_for(self, images_per_update: int) -> int:
         s = self.settings
@@ -154,6 +149,11 @@ class ImprintAttack:
                               seconds=time.perf_counter() - start, extra={"bins_with_images": found.tolist()})
 
 
-def imprint(**overrides) -> ImprintAttack:
-    """The imprint attack with bins = 4 x the images behind an update, overridden by `overrides`."""
-    return ImprintAttack(ImprintSettings(), **overrides)
+imprint = ImprintAttack  # imprint(**settings): bins = 4 x the images behind an update, overridden by `settings`
+
+register(AttackEntry(
+    "imprint", ImprintAttack, "Robbing the Fed: a malicious server sends the model behind an imprint module and "
+    "reads images alone in their brightness bin off the update (Fowl et al. 2022)", "imprint (Robbing the Fed)",
+    "is a dishonest server: it puts a hidden layer that sorts images by brightness in front of the model it sends, "
+    "then reads every image that fell alone in its brightness band straight out of the update (Fowl et al. 2022)",
+    default_model="lenet-idlg", threat=ThreatModel(modifies_model=True)))

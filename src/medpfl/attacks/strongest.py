@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from medpfl.attacks.defense_aware import applicable_attacks
 from medpfl.attacks.gradient_matching import matching_objective
+from medpfl.attacks.registry import AttackEntry, build_attack, register
 from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload
 
 
@@ -25,8 +26,9 @@ class StrongestAttack:
     name = "strongest"
     takes_checkpoints = False
 
-    def __init__(self, build, **overrides) -> None:
-        self.build, self.overrides = build, overrides  # build(name, **settings) -> attack
+    def __init__(self, **overrides) -> None:
+        build_attack("idlg", **overrides)  # every attack it runs takes the L-BFGS attacks' settings
+        self.overrides = overrides
 
     def config(self) -> dict:
         return {"attack": self.name, "settings": dict(self.overrides)}
@@ -38,7 +40,7 @@ class StrongestAttack:
         for name in applicable_attacks(payload.defense):
             stream = torch.Generator(generator.device)
             stream.set_state(initial)
-            candidates[name] = self.build(name, **self.overrides).reconstruct(payload, update, stream)
+            candidates[name] = build_attack(name, **self.overrides).reconstruct(payload, update, stream)
         names = list(candidates)
         judged = torch.stack([attacker_distance(payload, update, candidates[n]) for n in names], dim=1)  # V x A
         pick = judged.nan_to_num(float("inf")).argmin(1)
@@ -64,3 +66,10 @@ def attacker_distance(payload: ServerPayload, update: ObservedUpdate, answer: Re
                                     distance="cosine")
     loss, _ = objective(answer.images.reshape(V, -1), torch.arange(V, device=answer.images.device))
     return loss
+
+
+register(AttackEntry(
+    "strongest", StrongestAttack, "every attack that fits the defense on each victim (plain iDLG among them); the "
+    "report gives per image the best by SSIM and the one the attacker would pick by its own distance",
+    "strongest attacker", "runs every attack that fits the defense (plain iDLG among them) on each image; the best "
+    "reconstruction per image is the hospital's worst case", default_model="lenet-idlg"))

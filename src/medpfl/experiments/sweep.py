@@ -165,12 +165,12 @@ def cell_name(kind: str, defense: str, seed: int, attack: str | None = None) -> 
 
 def plan(config: SweepConfig) -> list[dict[str, Any]]:
     """Every job of the grid: utility jobs first (slowest), then privacy jobs."""
-    from medpfl.attacks import ATTACKS
+    from medpfl.attacks import attack_names
 
-    bad = [a for a in config.attacks if a not in ATTACKS]
+    bad = [a for a in config.attacks if a not in attack_names()]
     if bad or not config.attacks:
         raise MedPFLError(f"--attacks '{','.join(bad or config.attacks)}' names no known attack; "
-                          f"choose from: {', '.join(ATTACKS)}.")
+                          f"choose from: {', '.join(attack_names())}.")
     if config.n_images < 1 or not config.seed_list:
         raise MedPFLError(f"--n-images ({config.n_images}) and --seeds ({config.seeds}) must be 1 or more.")
     if config.privacy not in PRIVACY_MODES:
@@ -197,13 +197,13 @@ def plan(config: SweepConfig) -> list[dict[str, Any]]:
 
 def _check_attackable(config: SweepConfig, chains: list[Chain]) -> None:
     """Refuse, before anything runs, a federation whose updates an attack of the grid cannot take as they are."""
-    from medpfl.experiments.train_run import UPDATE_INVERSION
+    from medpfl.attacks import unrolling_attacks
 
     steps = max(config.training.steps(n) for n in config.site_sizes())
-    gradient_attacks = [a for a in config.attacks if a != UPDATE_INVERSION]
+    gradient_attacks = [a for a in config.attacks if a not in unrolling_attacks()]
     if steps > 1 and gradient_attacks:
         raise MedPFLError(f"--attacks {gradient_attacks[0]} inverts gradients, but the sweep's FedAvg sites take {steps} "
-                          f"local steps per round; attack them with {UPDATE_INVERSION}, or use --protocol fedsgd (or "
+                          f"local steps per round; attack them with {', '.join(unrolling_attacks())}, or use --protocol fedsgd (or "
                           "--local-epochs 1 with --site-images at most --local-batch), or --privacy paper.")
     for chain in chains:
         if chain.channel is not None and (len(chain.defenses) > 1 or chain.sites_per_update != config.sites):

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from medpfl.attacks import THREAT_MODELS, ObservedUpdate, ServerPayload, build_attack
+from medpfl.attacks import ObservedUpdate, ServerPayload, attack_entry, build_attack, unrolling_attacks
 from medpfl.data import ImageDataset, Skipped, open_verified
 from medpfl.defenses import Chain, parse_defense
 from medpfl.defenses.training import DefendedFederation
@@ -44,7 +44,6 @@ from medpfl.seeds import ATTACK, model_seed, site_order, torch_seed
 
 ENGINES = ("inprocess", "flower")
 VECTORISE = ("auto", "on", "off")
-UPDATE_INVERSION = "update-inversion"
 STATE, ROUNDS, ATTACKS_FILE, MODEL = "state.pt", "rounds.jsonl", "attacks.jsonl", "model.pt"
 
 
@@ -137,7 +136,7 @@ def _check(config: TrainRunConfig) -> None:
     if config.attack is None:
         return
     build_attack(config.attack, **config.attack_settings)  # an unknown attack or setting is named here
-    if THREAT_MODELS[config.attack].modifies_model:
+    if attack_entry(config.attack).threat.modifies_model:
         raise MedPFLError(f"--attack {config.attack} needs a malicious server that changes the model it sends; "
                           "medpfl train runs a curious one that follows the protocol: use medpfl attack.")
     bad_rounds = [r for r in config.attack_rounds if not 1 <= r <= config.rounds]
@@ -187,7 +186,7 @@ def _securely_aggregated(config: TrainRunConfig) -> bool:
 
 def _check_attackable(config: TrainRunConfig, n_images: list[int]) -> None:
     """A gradient attack on FedAvg needs updates of one local step (FedSGD-equivalent), else update-inversion."""
-    if config.attack in (None, UPDATE_INVERSION) or config.protocol != "fedavg":
+    if config.attack is None or attack_entry(config.attack).unrolls_local_training or config.protocol != "fedavg":
         return
     attacked = range(len(n_images)) if _securely_aggregated(config) else config.attack_sites
     used = {s: min(config.attack_batch or n_images[s], n_images[s]) for s in attacked}
@@ -195,8 +194,8 @@ def _check_attackable(config: TrainRunConfig, n_images: list[int]) -> None:
         site = max(used, key=used.get)
         raise MedPFLError(f"--attack {config.attack} inverts gradients, but site {site}'s FedAvg update of "
                           f"{config.local_epochs} local epoch(s) over {used[site]} images is several steps; it needs "
-                          f"the {UPDATE_INVERSION} attack (or --local-epochs 1 with --attack-batch at most "
-                          f"--local-batch {config.local_batch}, or --protocol fedsgd).")
+                          f"an attack that unrolls them ({', '.join(unrolling_attacks())}; or --local-epochs 1 with "
+                          f"--attack-batch at most --local-batch {config.local_batch}, or --protocol fedsgd).")
 
 
 class CuriousServer:
@@ -246,7 +245,7 @@ class CuriousServer:
             # A probe: the update this site would have sent from only its first K images this round.
             x, y = x[:self.config.attack_batch], y[:self.config.attack_batch]
             update, observed = local_update(self.model, seen.weights, x, y, self.num_classes, training), "probe"
-        if self.config.attack == UPDATE_INVERSION:
+        if attack_entry(self.config.attack).unrolls_local_training:
             # The server configured the sites' local training, so the attack is granted it with the weights.
             return update, {"local_training": training}, x, y, observed
         if training.protocol == "fedavg":  # one local step (checked before training): the update is -lr x gradient
@@ -271,7 +270,7 @@ class CuriousServer:
         """One vectorised attack on the sites of `group` (same round, same number of images), scored per site."""
         seen_all = [g[0] for g in group]
         x, y = torch.stack([g[3] for g in group]), torch.stack([g[4] for g in group])
-        granted = y if THREAT_MODELS[self.config.attack].knows_labels else None
+        granted = y if attack_entry(self.config.attack).threat.knows_labels else None
         weights = {n: torch.stack([s.weights[n] for s in seen_all]) for n in seen_all[0].weights}
         payload = ServerPayload(self.model, weights, self.num_classes, tuple(x.shape[2:]), "train", **group[0][2],
                                 defense=self.defense)

@@ -1,0 +1,104 @@
+"""The attack registry: one entry per attack, which the CLI, training, the audit, the sweep and the report read.
+
+Adding an attack is one file: the attack (a class following `attacks.base.Attack`; `SettingsAttack` gives
+it settings from a dataclass) and, next to it, one entry:
+
+    register(AttackEntry(
+        name="my-attack",                      # --attack my-attack
+        build=MyAttack,                        # build(**settings) -> the attack, its defaults overridden
+        summary="what it does, technically (Author et al. 2024)",
+        display="My attack",                   # the report's name for it
+        plain="adjusts ... until ...",         # the report's explanation, in plain words
+        default_model="lenet-idlg",            # the model it attacks when no --model is given
+    ))
+
+and the module imported in `attacks/__init__.py`, so that its entry exists whenever medpfl.attacks is
+imported. The other fields (threat model, BatchNorm mode, the paper's procedure, when --attack strongest
+runs it) have defaults for an honest-but-curious attack on ordinary training steps. `unregister` takes an
+entry out again (tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from medpfl.attacks.base import Attack
+from medpfl.attacks.threat import ThreatModel
+from medpfl.errors import MedPFLError
+
+
+@dataclass(frozen=True)
+class AttackEntry:
+    """One attack and everything the rest of the toolkit needs to know about it."""
+
+    name: str
+    build: Callable[..., Attack]  # build(**settings): the attack with its defaults overridden by `settings`
+    summary: str  # one line: what it does and where it comes from
+    display: str  # its name in the report
+    plain: str  # how it works, for the report's readers (no jargon), completing "<display> ..."
+    default_model: str  # a models.registry name: the model it attacks when no --model is given
+    bn_mode: str = "train"  # BatchNorm in the sites' step it is run on by default: "train" (batch) or "eval"
+    threat: ThreatModel = ThreatModel()  # what it is granted: true labels, changing the model the server sends
+    # The settings of its paper's optimisation procedure, which `--paper` sets; None: the defaults already are.
+    paper_procedure: dict[str, Any] | None = None
+    # It inverts a FedAvg weight change of several local steps (the payload carries the sites' local
+    # training); the others invert gradients and need updates of one step.
+    unrolls_local_training: bool = False
+    # When `--attack strongest` runs it: a test on the names of the defenses the sites apply (None: never).
+    # Strongest builds its candidates with the settings it was given, the L-BFGS attacks' settings.
+    strongest_when: Callable[[frozenset[str]], bool] | None = field(default=None, compare=False)
+
+
+_REGISTRY: dict[str, AttackEntry] = {}
+
+
+def register(entry: AttackEntry) -> AttackEntry:
+    """Add `entry`; its name must be new."""
+    if entry.name in _REGISTRY:
+        raise ValueError(f"an attack named {entry.name!r} is registered already")
+    _REGISTRY[entry.name] = entry
+    return entry
+
+
+def unregister(name: str) -> None:
+    """Take the attack `name` out of the registry (a test's own attack, after the test)."""
+    del _REGISTRY[name]
+
+
+def attack_names() -> list[str]:
+    """Every registered attack's name, in the order they were registered (the papers' order first)."""
+    return list(_REGISTRY)
+
+
+def attack_entry(name: str) -> AttackEntry:
+    """The entry of `name`; an unknown name is one sentence listing the known ones."""
+    if name not in _REGISTRY:
+        raise MedPFLError(f"Unknown --attack '{name}'; choose one of: {', '.join(_REGISTRY)}.")
+    return _REGISTRY[name]
+
+
+def registered(name: str) -> AttackEntry | None:
+    """The entry of `name`, or None (a run recorded with an attack this installation does not have)."""
+    return _REGISTRY.get(name)
+
+
+def entries() -> Iterable[AttackEntry]:
+    return tuple(_REGISTRY.values())
+
+
+def unrolling_attacks() -> list[str]:
+    """The attacks that invert a FedAvg weight change of several local steps (AttackEntry.unrolls_local_training)."""
+    return [e.name for e in _REGISTRY.values() if e.unrolls_local_training]
+
+
+def build_attack(name: str, **settings: Any) -> Attack:
+    """The attack `name` with its defaults (the papers'), overridden by `settings`."""
+    return attack_entry(name).build(**settings)
+
+
+def display_name(name: str) -> str:
+    """The report's name for attack `name` (the name itself for an attack not registered here)."""
+    entry = registered(name)
+    return entry.display if entry else name
