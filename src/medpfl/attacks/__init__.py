@@ -7,8 +7,8 @@ this package imports those modules, so the entries exist wherever medpfl.attacks
 from __future__ import annotations
 
 from medpfl.attacks.base import Attack, MaliciousAttack, SettingsAttack
-from medpfl.attacks.registry import (AttackEntry, attack_entry, attack_names, build_attack, display_name, register,
-                                     registered, unregister, unrolling_attacks)
+from medpfl.attacks.registry import (ATTACKS, AttackEntry, attack_entry, attack_names, build_attack, display_name,
+                                     register, unregister, unrolling_attacks)
 from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload, ThreatModel
 
 # Each of these modules registers its attacks when imported, in the order the registry lists them: the papers' first.
@@ -18,6 +18,6 @@ from medpfl.attacks import (gradient_matching, inverting_gradients, update_inver
 # Who holds the labels: handed the true ones, or recovered from the update.
 LABEL_ACCESS = ("granted", "recovered")
 
-__all__ = ["Attack", "AttackEntry", "LABEL_ACCESS", "MaliciousAttack", "ObservedUpdate", "Reconstruction",
+__all__ = ["ATTACKS", "Attack", "AttackEntry", "LABEL_ACCESS", "MaliciousAttack", "ObservedUpdate", "Reconstruction",
            "ServerPayload", "SettingsAttack", "ThreatModel", "attack_entry", "attack_names", "build_attack",
-           "display_name", "register", "registered", "unregister", "unrolling_attacks"]
+           "display_name", "register", "unregister", "unrolling_attacks"]

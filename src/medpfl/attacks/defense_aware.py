@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from medpfl.attacks.registry import entries
+from medpfl.attacks.registry import ATTACKS
 from medpfl.attacks.threat import ObservedUpdate, ServerPayload
 from medpfl.defenses.chain import Chain
 
@@ -32,7 +32,7 @@ def applicable_attacks(chain: Chain) -> list[str]:
     """The attacks `--attack strongest` runs on updates under `chain`: the registered attacks whose entry
     says they fit its defenses (AttackEntry.strongest_when), in the registry's order."""
     names = frozenset(d.name for d in chain.defenses)
-    return [e.name for e in entries() if e.strongest_when is not None and e.strongest_when(names)]
+    return [e.name for e in ATTACKS.values() if e.strongest_when is not None and e.strongest_when(names)]
 
 
 def noise_variance(payload: ServerPayload, update: ObservedUpdate) -> dict[str, torch.Tensor]:

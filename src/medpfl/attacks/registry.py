@@ -20,13 +20,13 @@ entry out again (tests).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from medpfl.attacks.base import Attack
 from medpfl.attacks.threat import ThreatModel
-from medpfl.errors import MedPFLError
+from medpfl.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -51,46 +51,20 @@ class AttackEntry:
     strongest_when: Callable[[frozenset[str]], bool] | None = field(default=None, compare=False)
 
 
-_REGISTRY: dict[str, AttackEntry] = {}
-
-
-def register(entry: AttackEntry) -> AttackEntry:
-    """Add `entry`; its name must be new."""
-    if entry.name in _REGISTRY:
-        raise ValueError(f"an attack named {entry.name!r} is registered already")
-    _REGISTRY[entry.name] = entry
-    return entry
-
-
-def unregister(name: str) -> None:
-    """Take the attack `name` out of the registry (a test's own attack, after the test)."""
-    del _REGISTRY[name]
+ATTACKS: Registry[AttackEntry] = Registry("--attack")
+register = ATTACKS.register  # register(entry): add an attack; its name must be new
+unregister = ATTACKS.unregister  # unregister(name): take it out again (a test's own attack, after the test)
+attack_entry = ATTACKS.entry  # attack_entry(name): its entry; an unknown name is one sentence naming the known
 
 
 def attack_names() -> list[str]:
-    """Every registered attack's name, in the order they were registered (the papers' order first)."""
-    return list(_REGISTRY)
-
-
-def attack_entry(name: str) -> AttackEntry:
-    """The entry of `name`; an unknown name is one sentence listing the known ones."""
-    if name not in _REGISTRY:
-        raise MedPFLError(f"Unknown --attack '{name}'; choose one of: {', '.join(_REGISTRY)}.")
-    return _REGISTRY[name]
-
-
-def registered(name: str) -> AttackEntry | None:
-    """The entry of `name`, or None (a run recorded with an attack this installation does not have)."""
-    return _REGISTRY.get(name)
-
-
-def entries() -> Iterable[AttackEntry]:
-    return tuple(_REGISTRY.values())
+    """Every registered attack's name, in the order they were registered (the papers' first)."""
+    return list(ATTACKS)
 
 
 def unrolling_attacks() -> list[str]:
     """The attacks that invert a FedAvg weight change of several local steps (AttackEntry.unrolls_local_training)."""
-    return [e.name for e in _REGISTRY.values() if e.unrolls_local_training]
+    return [e.name for e in ATTACKS.values() if e.unrolls_local_training]
 
 
 def build_attack(name: str, **settings: Any) -> Attack:
@@ -100,5 +74,5 @@ def build_attack(name: str, **settings: Any) -> Attack:
 
 def display_name(name: str) -> str:
     """The report's name for attack `name` (the name itself for an attack not registered here)."""
-    entry = registered(name)
+    entry = ATTACKS.get(name)
     return entry.display if entry else name

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 
 from PIL import Image
 
-from medpfl.attacks import attack_names, display_name as attack_name, registered
+from medpfl.attacks import ATTACKS, display_name as attack_name
 from medpfl.metrics.chance import pooled_label_chance
 from medpfl.report import plots
 from medpfl.report.html import Section, esc, img, img_file, table
@@ -285,7 +285,7 @@ def section_threat_model(ctx: Context) -> Section | None:
             model_note = "a shared model" if cfg.get("shared_model") else "a freshly initialised model per update"
             context = f"one update per victim, {model_note}"
         else:
-            entry = registered(str(cfg.get("attack")))
+            entry = ATTACKS.get(str(cfg.get("attack")))
             granted = entry is not None and entry.threat.knows_labels
             # The images behind each attacked update as recorded: a probe's K, a whole update's every image
             # the site trained on that round, an aggregate's images of all sites (not the local batch).
@@ -421,14 +421,14 @@ def section_results(ctx: Context) -> Section | None:
 
 
 def _plain(attack: str) -> str:
-    """How `attack` works in plain words (nothing for an attack not registered here)."""
-    entry = registered(attack)
+    """How `attack` works in plain words (for an attack not registered here, that it is unknown)."""
+    entry = ATTACKS.get(attack)
     return entry.plain if entry else "(an attack this installation does not know)"
 
 
 def _attack_order(attack: str) -> int:
     """The registry's order of attacks (the papers' first); attacks not registered here after them."""
-    names = attack_names()
+    names = list(ATTACKS)
     return names.index(attack) if attack in names else len(names)
 
 
