@@ -29,6 +29,7 @@ from medpfl.defenses import Chain, parse_defense, parse_defenses
 from medpfl.errors import MedPFLError
 from medpfl.experiments.run_dir import append_result, open_run_dir, read_results, write_json
 from medpfl.fl.local import LocalTraining
+from medpfl.jsonl import read_jsonl
 
 PRIVACY_MODES = ("federation", "paper")
 
@@ -266,7 +267,7 @@ def _federation_privacy(job: dict[str, Any], sweep: SweepConfig, path: Path) -> 
 
     config = sweep.federation(job["defense"], job["seed"], job["attack"])
     summary = run_training(config, path)
-    attacks = [json.loads(line) for line in (path / ATTACKS_FILE).read_text().splitlines()]
+    attacks = read_jsonl(path / ATTACKS_FILE)
     ssims = [s for a in attacks for s in a["ssim"]]
     hits = [h for a in attacks for h in a["label_correct"]]
     n = len(ssims)
@@ -332,7 +333,7 @@ def _utility(job: dict[str, Any], sweep: SweepConfig, path: Path) -> dict[str, A
     config = sweep.federation(job["defense"], job["seed"])
     started = time.perf_counter()
     summary = run_training(config, path)
-    last = json.loads((path / "rounds.jsonl").read_text().splitlines()[-1])
+    last = read_jsonl(path / "rounds.jsonl")[-1]
     chain = parse_defense(job["defense"]).calibrated()
     return {**summary["final"], "accuracy_chance": summary["chance"]["accuracy"],
             "balanced_accuracy_chance": summary["chance"]["balanced_accuracy"], "model": config.model,

@@ -35,6 +35,7 @@ from medpfl.fl.rounds import AGGREGATE, RoundHooks, SiteObservation, SiteRound, 
 from medpfl.fl.model_check import ModelCheck, fingerprint
 from medpfl.fl.simulation import InProcessFederation
 from medpfl.fl.utility import chance_levels, evaluate
+from medpfl.jsonl import append_jsonl, read_jsonl, rewrite_jsonl
 from medpfl.metrics.intervals import rate_interval, wilson
 from medpfl.metrics.privacy import SUCCESS_SSIM
 from medpfl.models.registry import build_model
@@ -308,32 +309,6 @@ def _load(source, items, config: TrainRunConfig, device: torch.device) -> tuple[
     return x.to(device), y.to(device)
 
 
-def _read_lines(file: Path) -> list[dict[str, Any]]:
-    """Whole JSON lines of `file` (a line cut short by a kill is left out)."""
-    if not file.exists():
-        return []
-    lines = []
-    for line in file.read_text().splitlines():
-        try:
-            lines.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return lines
-
-
-def _rewrite_lines(file: Path, lines: list[dict[str, Any]]) -> None:
-    tmp = file.with_suffix(file.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    os.replace(tmp, file)
-
-
-def _append_line(file: Path, line: dict[str, Any]) -> None:
-    with open(file, "a") as f:
-        f.write(json.dumps(line) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _save_atomic(obj: Any, file: Path) -> None:
     tmp = file.with_suffix(file.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -362,8 +337,8 @@ def _prepare_dir(out: Path, record: dict[str, Any], resume: bool) -> tuple[Path,
     done = int(state["round"])
     # Lines written after the last saved state (a kill between writing them and saving it) are redone.
     for name in (ROUNDS, ATTACKS_FILE):
-        lines = _read_lines(path / name)
-        _rewrite_lines(path / name, [line for line in lines if line["round"] <= done])
+        lines = read_jsonl(path / name)
+        rewrite_jsonl(path / name, [line for line in lines if line["round"] <= done])
     return path, done, state["weights"]
 
 
@@ -432,8 +407,8 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
         """After a round: attack what was observed, record the round, then save the state to resume from."""
         started = time.perf_counter()
         for result in server.attack_pending() if server else []:
-            _append_line(path / ATTACKS_FILE, result)
-        _append_line(path / ROUNDS, {"round": round_index, **record, "attack_seconds": time.perf_counter() - started})
+            append_jsonl(path / ATTACKS_FILE, result)
+        append_jsonl(path / ROUNDS, {"round": round_index, **record, "attack_seconds": time.perf_counter() - started})
         _save_atomic({"round": round_index, "weights": {n: w.detach().cpu() for n, w in new.items()}}, path / STATE)
         if progress:
             progress(round_index, config.rounds)
@@ -504,8 +479,8 @@ def _flower_privacy(config: TrainRunConfig, rounds_done: int) -> dict[str, Any]:
 
 def summarise(path: Path, federation: Federation, test_labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
     """The last round's utility with its chance level, and the attacks' mean scores per round."""
-    rounds = _read_lines(path / ROUNDS)
-    attacks = _read_lines(path / ATTACKS_FILE)
+    rounds = read_jsonl(path / ROUNDS)
+    attacks = read_jsonl(path / ATTACKS_FILE)
     last = rounds[-1]
     summary = {
         "rounds": len(rounds), "sites": len(federation.sites), "partition": federation.partition,
