@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -21,7 +22,7 @@ out = Console()
 
 
 def _parser() -> argparse.ArgumentParser:
-    from medpfl.attacks import LABEL_ACCESS, attack_names
+    from medpfl.attacks import ATTACKS, LABEL_ACCESS, attack_names
     from medpfl.fl.gradients import BN_MODES
     from medpfl.models.registry import MODELS, check_model_name
 
@@ -41,7 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     sample = data.add_parser("sample", parents=[common], help="build (once) and locate the embedded real-image set")
     sample.add_argument("--rebuild", action="store_true", help="build it again even if cached")
 
-    attack = commands.add_parser("attack", parents=[common], help="reconstruct images from shared updates and score the leak")
+    attack = commands.add_parser("attack", parents=[common], help="reconstruct images from shared updates and score the leak",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog="attacks:\n" + "\n".join(
+                                     textwrap.fill(e.summary, 100, initial_indent=f"  {e.name:<18}",
+                                                   subsequent_indent=" " * 20) for e in ATTACKS.values()))
     attack.add_argument("--data", help="class folders, .npz, DICOM or NIfTI (default: embedded real images)")
     attack.add_argument("--attack", default="idlg", choices=sorted(attack_names()))
     attack.add_argument("--model", type=check_model_name, metavar="MODEL",

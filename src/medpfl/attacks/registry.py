@@ -35,13 +35,13 @@ class AttackEntry:
 
     name: str
     build: Callable[..., Attack]  # build(**settings): the attack with its defaults overridden by `settings`
-    summary: str  # one line: what it does and where it comes from
+    summary: str  # one line: what it does and where it comes from (`medpfl attack --help` lists it)
     display: str  # its name in the report
     plain: str  # how it works, for the report's readers (no jargon), completing "<display> ..."
     default_model: str  # a models.registry name: the model it attacks when no --model is given
     bn_mode: str = "train"  # BatchNorm in the sites' step it is run on by default: "train" (batch) or "eval"
     threat: ThreatModel = ThreatModel()  # what it is granted: true labels, changing the model the server sends
-    # The settings of its paper's optimisation procedure, which `--paper` sets; None: the defaults already are.
+    # The settings of its paper's optimisation procedure, which `--paper` sets (None: it has none to set).
     paper_procedure: dict[str, Any] | None = None
     # It inverts a FedAvg weight change of several local steps (the payload carries the sites' local
     # training); the others invert gradients and need updates of one step.

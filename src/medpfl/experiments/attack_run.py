@@ -22,7 +22,7 @@ from medpfl.defenses.observe import observed_gradients
 from medpfl.device import resolve_device
 from medpfl.errors import MedPFLError
 from medpfl.experiments.run_dir import SKIPPED, append_result, open_run_dir, read_results, write_json, write_skipped
-from medpfl.experiments.scoring import score_victim
+from medpfl.experiments.scoring import victim_record
 from medpfl.experiments.victim_models import load_model_state, pretrain, true_class_probability
 from medpfl.fl.gradients import BN_MODES, stack_params
 from medpfl.fl.model_check import ModelCheck, fingerprint
@@ -251,29 +251,11 @@ def _unattacked_images(config: AttackRunConfig, source, attacked: list, device: 
 
 def _score(path: Path, dataset: ImageDataset, victim: int, B: int, originals: torch.Tensor,
            true_labels: torch.Tensor, result, j: int, n_in_batch: int) -> dict[str, Any]:
-    score, matched, strongest = score_victim(originals, true_labels, result, j)
     ids = [dataset.items[victim * B + b].item_id for b in range(B)]
+    record, matched = victim_record(originals, true_labels, result, j, ids, n_in_batch)
     for b in range(B):
         save_png(matched[b], path / "images" / f"victim{victim:05d}-{b}.png")
-    return {
-        "victim": victim,
-        "items": ids,
-        "labels": true_labels.tolist(),
-        "recovered_labels": result.labels[j].tolist(),
-        "ssim": score.ssim,
-        "psnr": score.psnr,
-        "mse": score.mse,
-        "label_correct": score.label_correct,
-        "diverged": bool(result.diverged[j]),
-        "objective": float(result.objective[j]),
-        "evaluations": int(result.evaluations[j]),
-        **({"runs": int(result.extra["runs"][j])} if "runs" in result.extra else {}),
-        # Runs that ended at their first evaluation: never an answer (restarted while restarts remain).
-        **({"stalled_runs": int(result.extra["stalled_runs"][j])} if "stalled_runs" in result.extra else {}),
-        # Victims are attacked together; each is charged an equal share of the batch's wall time.
-        "seconds": result.seconds / n_in_batch,
-        **strongest,
-    }
+    return {"victim": victim, **record}
 
 
 def summarise(path: Path, config: AttackRunConfig, dataset: ImageDataset) -> dict[str, Any]:

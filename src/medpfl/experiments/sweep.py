@@ -204,8 +204,9 @@ def _check_attackable(config: SweepConfig, chains: list[Chain]) -> None:
     gradient_attacks = [a for a in config.attacks if a not in unrolling_attacks()]
     if steps > 1 and gradient_attacks:
         raise MedPFLError(f"--attacks {gradient_attacks[0]} inverts gradients, but the sweep's FedAvg sites take {steps} "
-                          f"local steps per round; attack them with {', '.join(unrolling_attacks())}, or use --protocol fedsgd (or "
-                          "--local-epochs 1 with --site-images at most --local-batch), or --privacy paper.")
+                          f"local steps per round; attack them with {', '.join(unrolling_attacks())}, or use "
+                          "--protocol fedsgd (or --local-epochs 1 with --site-images at most --local-batch), or "
+                          "--privacy paper.")
     for chain in chains:
         if chain.channel is not None and (len(chain.defenses) > 1 or chain.sites_per_update != config.sites):
             raise MedPFLError(f"--defenses {chain.label()}: a federation runs secure aggregation as Flower's SecAgg+ "

@@ -26,7 +26,7 @@ from medpfl.device import resolve_device
 from medpfl.errors import MedPFLError
 from medpfl.experiments.privacy_audit import AUDIT_FILE, PrivacyAudit, compare
 from medpfl.experiments.run_dir import open_run_dir, write_json, write_skipped
-from medpfl.experiments.scoring import score_victim
+from medpfl.experiments.scoring import victim_record
 from medpfl.experiments.victim_models import load_model_state
 from medpfl.fl.gradients import functional_model
 from medpfl.fl.local import LocalTraining, local_update
@@ -195,8 +195,8 @@ def _check_attackable(config: TrainRunConfig, n_images: list[int]) -> None:
         site = max(used, key=used.get)
         raise MedPFLError(f"--attack {config.attack} inverts gradients, but site {site}'s FedAvg update of "
                           f"{config.local_epochs} local epoch(s) over {used[site]} images is several steps; it needs "
-                          f"an attack that unrolls them ({', '.join(unrolling_attacks())}; or --local-epochs 1 with "
-                          f"--attack-batch at most --local-batch {config.local_batch}, or --protocol fedsgd).")
+                          f"the {' or the '.join(unrolling_attacks())} attack (or --local-epochs 1 with --attack-batch "
+                          f"at most --local-batch {config.local_batch}, or --protocol fedsgd).")
 
 
 class CuriousServer:
@@ -286,20 +286,12 @@ class CuriousServer:
         results = []
         for j, (seen, _, _, images, labels, observed) in enumerate(group):
             facts = seen.facts
-            score, matched, strongest = score_victim(images, labels, result, j)
+            record, matched = victim_record(images, labels, result, j, self._items_behind(facts)[:len(labels)],
+                                            len(group))
             for b in range(len(labels)):
                 save_png(matched[b], attacked_png(folder, facts.round, facts.site, b))
-            results.append({
-                "round": facts.round, "site": facts.site, "victim": facts.site, "observed": observed,
-                "items": self._items_behind(facts)[:len(labels)],
-                "labels": labels.tolist(), "recovered_labels": result.labels[j].tolist(),
-                "ssim": score.ssim, "psnr": score.psnr, "mse": score.mse, "label_correct": score.label_correct,
-                "asr": sum(v >= SUCCESS_SSIM for v in score.ssim) / len(score.ssim),
-                "diverged": bool(result.diverged[j]), "objective": float(result.objective[j]),
-                "evaluations": int(result.evaluations[j]),
-                "seconds": result.seconds / len(group),  # sites attacked together share the wall time equally
-                **strongest,
-            })
+            results.append({"round": facts.round, "site": facts.site, "victim": facts.site, "observed": observed,
+                            **record, "asr": sum(v >= SUCCESS_SSIM for v in record["ssim"]) / len(record["ssim"])})
         return results
 
 
