@@ -11,6 +11,7 @@ really were alone in the server's bins (bins placed on public data hold unequal 
   - FedAvg at B = 16 and 64, bins 4x: one local step (batch B), and 4 steps (batch B/4, one epoch), lr 0.05;
   - secure aggregation of 4 sites (in-process `secagg:k=4`), 4 and 16 images each, bins 4x all images;
   - `--grid gain`: the FedAvg cells with the imprint rows at scale 0.1 instead of 1e-3;
+  - `--grid steps`: FedAvg, 16 images in 4 local steps of 4, the rows' scale 1e-3..1 against spread 1e-3 and 0.1;
   - `--grid trap`: trap weights (attacks.trap) in the first layer of the `mlp`, FedSGD, B = 8, 16, 64.
 Every imprinted model sent is checked by a site that agreed on the honest architecture (fingerprint) and
 by one that enrolled on the imprinted model itself (weight signatures alone).
@@ -18,6 +19,7 @@ by one that enrolled on the imprinted model itself (weight signatures alone).
     OMP_NUM_THREADS=1 python benchmarks/imprint_recovery.py                                   # embedded set
     OMP_NUM_THREADS=1 python benchmarks/imprint_recovery.py --grid gain --name embedded-gain
     OMP_NUM_THREADS=1 python benchmarks/imprint_recovery.py --grid trap --name embedded-trap
+    OMP_NUM_THREADS=1 python benchmarks/imprint_recovery.py --grid steps --name embedded-steps
     OMP_NUM_THREADS=1 python benchmarks/imprint_recovery.py --data DIR --name dermoscopy --grid short
 
 JSON goes to benchmarks/results/imprint_recovery_NAME.json.
@@ -57,6 +59,9 @@ def grid(kind: str) -> list[dict]:
     for `gain` the imprint rows' scale (ImprintSettings.gain) on FedAvg."""
     if kind == "trap":
         return [{"attack": "trap", "protocol": "fedsgd", "B": b, "k": 1} for b in (8, 16, 64)]
+    if kind == "steps":  # several local steps: the imprint rows' scale against the spread of their gradient
+        return [{"protocol": "fedavg", "B": 16, "k": 1, "m": 4, "local_batch": 4, "gain": gain, "spread": spread}
+                for gain in (1e-3, 1e-2, 0.1, 1.0) for spread in (1e-3, 0.1)]
     if kind == "gain":
         return [{"protocol": "fedavg", "B": b, "k": 1, "m": 4, "local_batch": lb, "gain": 0.1} for b in (16, 64)
                 for lb in (b, b // 4)]
@@ -77,7 +82,7 @@ def run_cell(cell: dict, images: torch.Tensor, labels: torch.Tensor, public: tor
     if cell.get("attack") == "trap":  # the agreed model's own first layer, trapped: no bins
         attack, model_name, bins, edges = trap(), "mlp", 1, None
     else:
-        attack = imprint(bins=cell["m"] * n, **({"gain": cell["gain"]} if "gain" in cell else {}))
+        attack = imprint(bins=cell["m"] * n, **{k: cell[k] for k in ("gain", "spread") if k in cell})
         model_name, bins = MODEL, attack.bins_for(n)
         edges = quantile_edges(public, bins)
     chain = parse_defense(f"secagg:k={cell['k']}" if cell["k"] > 1 else "none")
@@ -127,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="a source (default: the embedded set)")
     parser.add_argument("--name", default="embedded")
-    parser.add_argument("--grid", choices=("full", "short", "gain", "trap"), default="full")
+    parser.add_argument("--grid", choices=("full", "short", "gain", "steps", "trap"), default="full")
     parser.add_argument("--max-images", type=int, default=512, help="attacked images per cell, at most")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

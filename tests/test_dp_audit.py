@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from fractions import Fraction
 
@@ -16,6 +17,8 @@ from medpfl.errors import MedPFLError
 from medpfl.experiments.privacy_audit import NoiselessClientDP, NoiselessDPSGD, parse_audit
 from medpfl.experiments.train_run import TrainRunConfig, run_training
 from medpfl.report import build_report
+
+from killing import kill_after_lines, medpfl
 
 
 def _exact_p_value(m: int, r: int, v: int, q: Fraction, delta: Fraction) -> Fraction:
@@ -40,6 +43,38 @@ def test_all_correct_without_delta_is_the_closed_form(r):
     q = 0.05 ** (1 / r)
     assert epsilon_lower_bound(r, r, r, 0.0) == pytest.approx(math.log(q / (1 - q)), rel=1e-6)
     assert epsilon_lower_bound(1000, 100, 100, 0.0) == pytest.approx(3.4930, abs=1e-3)  # by hand: q = 0.970487
+
+
+# Reference values from an independent implementation of the same Theorem 5.2: google-deepmind/jax_privacy,
+# jax_privacy/auditing.py at commit 8967688c26d46f3b74bfdfe61ef1f984b887abab (2026-08-20), its
+# _epsilon_one_run(0.0, m, r, v, significance, delta) (Brent's root finding, xtol 1e-6) and _one_run_p_value,
+# computed with that file on its own (numpy, scipy, dp_accounting) and quoted here.
+JAX_PRIVACY_BOUNDS = [  # (m, r, v, delta, significance, epsilon lower bound)
+    (1000, 100, 100, 1e-5, 0.05, 3.465376229385333),
+    (1000, 100, 90, 1e-5, 0.05, 1.6261436787042223),
+    (1000, 200, 150, 1e-5, 0.05, 0.8199728373996844),
+    (1000, 1000, 700, 1e-5, 0.05, 0.7317406384658977),
+    (1000, 20, 20, 1e-5, 0.05 / 6, 1.214692492086419),
+    (100, 50, 45, 1e-5, 0.05, 1.3927909762894453),
+    (1000, 500, 400, 0.0, 0.05, 1.1986453137137123),
+    (10000, 1000, 800, 1e-6, 0.05, 1.2539840913064186),
+    (1000, 1000, 1000, 1e-5, 0.05, 5.782283131572193),
+]
+JAX_PRIVACY_P_VALUES = [  # (m, r, v, epsilon, delta, p-value)
+    (1000, 100, 90, 1.0, 1e-5, 0.0008412885614385309),
+    (1000, 200, 150, 0.5, 1e-5, 0.0006212078358387147),
+    (100, 50, 45, 2.0, 1e-3, 0.476412509675328),
+]
+
+
+@pytest.mark.parametrize("m,r,v,delta,level,expected", JAX_PRIVACY_BOUNDS)
+def test_bound_matches_jax_privacys_one_run_auditor(m, r, v, delta, level, expected):
+    assert epsilon_lower_bound(m, r, v, delta, level) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("m,r,v,eps,delta,expected", JAX_PRIVACY_P_VALUES)
+def test_p_value_matches_jax_privacys_one_run_auditor(m, r, v, eps, delta, expected):
+    assert p_value(m, r, v, eps, delta) == pytest.approx(expected, rel=1e-12)
 
 
 def test_delta_only_weakens_the_bound_and_chance_guessing_refutes_nothing():
@@ -128,3 +163,22 @@ def test_a_bad_audit_option_is_refused_naming_it(text):
 def test_an_audit_of_a_defense_without_epsilon_is_refused_naming_it(tmp_path):
     with pytest.raises(MedPFLError, match="gaussian"):
         _audited(tmp_path, Chain((GaussianNoise(sigma=0.1),)), "heuristic")
+
+
+@pytest.mark.parametrize("defense", ["dpsgd:epsilon=4", "cdp:noise=2"])
+def test_an_audited_run_killed_and_resumed_measures_what_an_uninterrupted_one_does(tmp_path, defense):
+    settings = dict(model="lenet-idlg", norm="none", image_size=16, sites=2, site_images=32, rounds=6, local_epochs=1,
+                    defense=defense, audit_canaries=200)
+    whole = run_training(TrainRunConfig(**settings), tmp_path / "whole")["dp_audit"]
+    args = ["train", "--model", "lenet-idlg", "--norm", "none", "--image-size", "16", "--sites", "2", "--site-images",
+            "32", "--rounds", "6", "--local-epochs", "1", "--defense", defense, "--audit-dp", "canaries=200", "--quiet",
+            "--out", str(tmp_path / "killed")]
+    rounds = tmp_path / "killed" / "rounds.jsonl"
+    kill_after_lines(medpfl(*args), rounds, 2)
+    assert 2 <= len(rounds.read_text().splitlines()) < 6 and not (tmp_path / "killed" / "dp_audit.json").exists()
+    resumed = medpfl(*args)
+    assert resumed.wait() == 0, resumed.stderr.read()
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())["dp_audit"]
+    assert summary == whole and whole["epsilon_lower"] > 0
+    scores = [json.loads((tmp_path / run / "dp_audit.json").read_text()) for run in ("whole", "killed")]
+    assert scores[0] == scores[1]

@@ -99,3 +99,33 @@ def test_client_level_dp_on_flower_matches_the_in_process_sites_and_flowers_serv
 def test_what_flower_has_no_part_for_is_named_in_one_sentence(defense, protocol, words):
     with pytest.raises(MedPFLError, match=words):
         flower_defense(defense, protocol)
+
+
+def test_a_privacy_audit_of_client_level_dp_on_flower_measures_what_the_in_process_engine_does(tmp_path):
+    import json
+
+    from medpfl.experiments.train_run import TrainRunConfig, run_training
+
+    settings = dict(model="lenet-idlg", norm="none", image_size=16, sites=2, site_images=8, rounds=2, local_epochs=1,
+                    local_batch=8, defense="cdp:noise=0.05", audit_canaries=200, seed=5)
+    audits, scores = {}, {}
+    for engine in ("flower", "inprocess"):
+        audits[engine] = run_training(TrainRunConfig(**settings, engine=engine), tmp_path / engine)["dp_audit"]
+        scores[engine] = json.loads((tmp_path / engine / "dp_audit.json").read_text())
+    assert audits["flower"]["level"] == "client" and audits["flower"]["included"] == audits["inprocess"]["included"]
+    # The engines differ only in the server's noise draws (numpy's on Flower, torch's in process; std 0.05 x clip /
+    # sites per entry), so each canary's cosine with the model change moves by about that noise, no more.
+    for side in ("scores_in", "scores_out"):
+        np.testing.assert_allclose(scores["flower"][side], scores["inprocess"][side], rtol=0, atol=0.03)
+    assert np.mean(scores["flower"]["scores_in"]) > 0.05 > abs(np.mean(scores["flower"]["scores_out"]))
+    for key in ("epsilon_lower", "epsilon_upper", "correct", "guesses"):
+        assert audits["flower"][key] == audits["inprocess"][key]
+
+
+@pytest.mark.parametrize("defense", ["none", "clip:norm=1"])
+def test_an_audit_on_flower_without_client_level_dp_is_refused_naming_the_option(tmp_path, defense):
+    from medpfl.experiments.train_run import TrainRunConfig, run_training
+
+    with pytest.raises(MedPFLError, match="--audit-dp on --engine flower audits client-level DP"):
+        run_training(TrainRunConfig(engine="flower", defense=defense, audit_canaries=10), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -94,8 +94,20 @@ def test_the_attack_refuses_an_update_of_a_model_it_did_not_send():
         imprint().reconstruct(ServerPayload(model, params, 2, SHAPE), ObservedUpdate(update, 3), torch.Generator())
 
 
-def test_medpfl_train_refuses_an_attack_that_needs_a_malicious_server(tmp_path):
+def test_medpfl_train_runs_a_malicious_server_only_through_flowers_secure_aggregation(tmp_path):
     from medpfl.experiments.train_run import TrainRunConfig, run_training
 
-    with pytest.raises(MedPFLError, match="needs a malicious server"):
+    with pytest.raises(MedPFLError, match="malicious server .* runs on --engine flower --defense secagg:k=5"):
         run_training(TrainRunConfig(attack="imprint", attack_rounds=[1], attack_sites=[0], rounds=1), tmp_path)
+
+
+def test_gaussian_placement_puts_edges_at_the_fitted_normal_quartiles():
+    from medpfl.attacks.imprint import gaussian_edges
+
+    # Flat images of brightness 0.2, 0.4, 0.6: mean 0.4, sample standard deviation 0.2.
+    public = torch.stack([torch.full(SHAPE, level) for level in (0.2, 0.4, 0.6)])
+    z75 = 0.6744897501960817  # the standard normal's upper quartile, from tables
+    expected = torch.tensor([-1.0, 0.4 - 0.2 * z75, 0.4, 0.4 + 0.2 * z75])
+    assert torch.allclose(gaussian_edges(public, 4), expected, atol=1e-6)
+    with pytest.raises(MedPFLError, match="placement=uniform is not one of quantiles, gaussian"):
+        imprint(placement="uniform").craft(build_model("lenet-idlg", 2, 1, 8), SHAPE, public, 2)

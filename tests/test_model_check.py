@@ -81,3 +81,16 @@ def test_a_flower_site_refuses_a_model_with_an_anchor():
     anchored = _conv_imprint(_params(global_model(SPEC, data.num_classes)))
     with pytest.raises(RuntimeError, match="0 of 2 sites replied"):
         run_simulation(FederationSpec(**{**SPEC.__dict__, "rounds": 1}), weights=anchored)
+
+
+def test_numbered_arrays_are_compared_by_position_and_the_first_difference_is_named():
+    # Flower's legacy records (SecAgg+) number the arrays: an imprinted model's extra ones come first.
+    honest = build_model("lenet-idlg", 6, 1, 16, seed=0)
+    imprinted = ImprintedModel(honest, (1, 16, 16), torch.linspace(-1, 0.9, 64))
+
+    def numbered(model: nn.Module) -> dict[str, torch.Tensor]:
+        return {f"fitins.parameters/{i}": p.detach() for i, p in enumerate(model.parameters())}
+
+    reason = ModelCheck(fingerprint(numbered(honest))).verify(numbered(imprinted))
+    assert reason == ("The site refuses to train: the received model has 12 arrays where the agreed architecture "
+                      "has 8; array 0 is 64 x 256 float32 where the agreed one is 12 x 1 x 5 x 5 float32.")

@@ -188,3 +188,36 @@ def test_a_federation_the_attacks_cannot_take_as_sent_is_refused_before_anything
         plan(SweepConfig(**{"attacks": ["idlg"], **changes}))
     if "protocol" in changes:  # the attack that unrolls the sites' local training takes it
         assert plan(SweepConfig(**{"attacks": ["update-inversion"], **changes}))
+
+
+def _audited_sweep(out: Path) -> dict[str, dict]:
+    assert main(["sweep", *TINY, "--rounds", "2", "--workers", "1", "--defenses", "none", "dpsgd:epsilon=4",
+                 "--audit-dp", "canaries=1000", "--out", str(out)]) == 0
+    return {r["defense"].split(",")[0]: r for r in csv.DictReader(open(out / "tradeoff.csv"))}
+
+
+def test_an_audited_sweep_sets_each_federations_measured_epsilon_beside_the_accountants(tmp_path, monkeypatch):
+    rows = _audited_sweep(tmp_path / "honest")
+    for defense, row in rows.items():  # each row's bound is its utility cell's own run, read from that run's folder
+        cell = tmp_path / "honest" / "cells" / cell_name("utility", row["defense"], 0)
+        audit = json.loads((cell / "summary.json").read_text())["dp_audit"]
+        assert float(row["epsilon_measured"]) == audit["epsilon_lower"]
+        assert row["guarantee_broken"] == str(audit["guarantee_broken"]) == "False"
+        assert json.loads((cell / "config.json").read_text())["config"]["audit_canaries"] == 1000
+    assert float(rows["none"]["epsilon_measured"]) > 2 and rows["none"]["epsilon"] == ""
+    assert float(rows["dpsgd:epsilon=4"]["epsilon_measured"]) <= float(rows["dpsgd:epsilon=4"]["epsilon"])
+    privacy = tmp_path / "honest" / "cells" / cell_name("privacy", rows["none"]["defense"], 0, "idlg")
+    assert "audit_canaries" not in json.loads((privacy / "config.json").read_text())["config"]  # attacks see no canary
+    # DP-SGD with its noise switched off while the accountant still counts it (the audit's own control).
+    from medpfl.defenses import DPSGD
+    from medpfl.experiments.privacy_audit import NoiselessDPSGD
+
+    monkeypatch.setattr(DPSGD, "_noise", NoiselessDPSGD._noise)
+    broken = _audited_sweep(tmp_path / "broken")["dpsgd:epsilon=4"]
+    assert broken["epsilon"] == rows["dpsgd:epsilon=4"]["epsilon"]  # the accountant is none the wiser
+    assert broken["guarantee_broken"] == "True" and float(broken["epsilon_measured"]) > float(broken["epsilon"])
+    from medpfl.report import build_report
+
+    warning = "The measured epsilon exceeds the accountant's for dpsgd:epsilon=4"
+    assert warning in build_report(tmp_path / "broken").read_text()
+    assert warning not in build_report(tmp_path / "honest").read_text()

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,8 @@ from medpfl.errors import MedPFLError
 from medpfl.experiments.train_run import TrainRunConfig, parse_int_list, run_training
 from medpfl.models.registry import build_model
 
+from killing import kill_after_lines, medpfl
+
 # Small and fast: 16 px, 2 sites, one local epoch of big batches; an attack of 2 L-BFGS steps on 1 image.
 TINY = ["--image-size", "16", "--sites", "2", "--rounds", "4", "--local-epochs", "1", "--local-batch", "64",
         "--attack", "idlg", "--attack-rounds", "1,3", "--attack-sites", "0,1", "--attack-batch", "1",
@@ -25,9 +24,7 @@ TIMINGS = {"seconds", "attack_seconds"}
 
 
 def _train(out: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "medpfl.cli", "train", *TINY, "--out", str(out), *extra], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return medpfl("train", *TINY, "--out", str(out), *extra)
 
 
 def _lines(path: Path, drop=()) -> list[dict]:
@@ -38,15 +35,7 @@ def test_killed_run_resumes_from_the_last_finished_round_without_losing_or_repea
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     reference = _train(whole)
     victim = _train(killed)
-    deadline = time.time() + 300
-    while time.time() < deadline and victim.poll() is None:
-        rounds = killed / "rounds.jsonl"
-        if rounds.exists() and len(rounds.read_text().splitlines()) >= 2:
-            victim.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_after_lines(victim, killed / "rounds.jsonl", 2)
     assert reference.wait() == 0, reference.stderr.read()
     finished = len((killed / "rounds.jsonl").read_text().splitlines())
     assert 2 <= finished < 4

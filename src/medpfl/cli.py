@@ -140,6 +140,9 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--local-batch", type=int, help="FedAvg: images per local step (default: 16)")
     sweep.add_argument("--lr", type=float, help="local (FedAvg) or server (FedSGD) learning rate (default: 0.1)")
     sweep.add_argument("--no-utility", action="store_true", help="measure privacy only (no federated training)")
+    sweep.add_argument("--audit-dp", metavar="canaries=N",
+                       help="audit each utility cell's federation with N canaries (as medpfl train --audit-dp): "
+                            "epsilon measured (lower, 95%%) beside the accountant's, for dpsgd, cdp and none")
     sweep.add_argument("--set", action="append", default=[], metavar="ATTACK.KEY=VALUE",
                        help="an attack setting for one attack, e.g. --set invgrad.steps=200 (repeatable)")
     sweep.add_argument("--workers", type=int, help="local worker processes (default: one per core)")
@@ -289,7 +292,9 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
     train.add_argument("--lr", type=float, default=d.lr, help="local (FedAvg) or server (FedSGD) learning rate")
     train.add_argument("--momentum", type=float, default=d.momentum, help="FedAvg local SGD momentum, in [0, 1)")
     train.add_argument("--partition", default=d.partition, help=PARTITION_HELP)
-    train.add_argument("--attack", help=f"attack chosen sites' updates: {', '.join(sorted(attack_names()))}")
+    train.add_argument("--attack", help=f"attack chosen sites' updates: {', '.join(sorted(attack_names()))}; imprint "
+                       "and trap make the server malicious (it sends the crafted model at --attack-rounds; needs "
+                       "--engine flower --defense secagg:k=SITES)")
     train.add_argument("--attack-rounds", help="rounds to attack, e.g. 1,20 or 1-3")
     train.add_argument("--attack-sites", help="sites to attack (0-based), e.g. 0 or 0,2")
     train.add_argument("--attack-batch", type=int,
@@ -305,6 +310,10 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
                             "accountant's upper bound: gradient canaries under dpsgd and without DP, canary "
                             "clients under cdp")
     train.add_argument("--engine", default=d.engine, choices=ENGINES)
+    train.add_argument("--no-site-check", dest="site_check", action="store_false",
+                       help="the sites train on whatever model they receive (default: they check it first and "
+                            "refuse an anchor); only to measure what the check prevents, e.g. with a malicious "
+                            "server: --engine flower --defense secagg:k=SITES --attack imprint --set bins=N")
     train.add_argument("--vectorise", default=d.vectorise, choices=VECTORISE,
                        help="in-process: train equal-sized sites in one vmapped call (auto: on accelerators only)")
     train.add_argument("--seed", type=int, default=d.seed)
@@ -343,7 +352,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         attack=args.attack, attack_rounds=parse_int_list(args.attack_rounds, "--attack-rounds"),
         attack_sites=parse_int_list(args.attack_sites, "--attack-sites"), attack_batch=args.attack_batch,
         attack_settings=settings, engine=args.engine, defense=args.defense, vectorise=args.vectorise,
-        seed=args.seed, device=args.device, audit_canaries=parse_audit(args.audit_dp))
+        seed=args.seed, device=args.device, audit_canaries=parse_audit(args.audit_dp), site_check=args.site_check)
     run = Path(args.out or f"runs/train-{config.model.replace(':', '-')}-{config.partition.replace(':', '')}-seed{config.seed}")
     bar, (checking, update) = _progress(args.quiet, "checking files", "rounds")
     with bar or nullcontext():
@@ -465,6 +474,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
+    from medpfl.experiments.privacy_audit import parse_audit
     from medpfl.experiments.sweep import SweepConfig, load_sweep_config, run_sweep
 
     fields = load_sweep_config(args.config) if args.config else {}
@@ -472,6 +482,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
              "rounds": args.rounds, "sites": args.sites, "device": args.device, "defenses": args.defenses,
              "privacy": args.privacy, "site_images": args.site_images, "model": args.model, "protocol": args.protocol,
              "local_epochs": args.local_epochs, "local_batch": args.local_batch, "lr": args.lr,
+             "audit_canaries": parse_audit(args.audit_dp) or None,
              "attacks": args.attacks and [a.strip() for a in args.attacks.split(",") if a.strip()]}
     fields.update({k: v for k, v in given.items() if v is not None})
     if args.no_utility:
@@ -489,20 +500,38 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         rows = run_sweep(config, args.out, workers=args.workers, ray_address=args.ray, progress=update)
     table = Table(title=f"Privacy and utility per defense ({args.out}/tradeoff.csv)", box=box.SIMPLE_HEAD,
                   padding=(0, 1), pad_edge=False, collapse_padding=True)
-    for column in ("attack", "defense", "images", "ASR", "label acc.", "re-id", "acc.", "epsilon"):
+    audited = any(r.get("epsilon_measured") is not None for r in rows)
+    for column in ("attack", "defense", "images", "ASR", "label acc.", "re-id", "acc.", "epsilon",
+                   *(["measured"] if audited else [])):
         table.add_column(column, justify="right", overflow="fold" if column == "defense" else "ellipsis",
-                         min_width=9 if column in ("ASR", "label acc.", "re-id") else None)  # a whole interval
+                         min_width=9 if column in ("ASR", "label acc.", "re-id", "measured") else None)  # whole
     for r in rows:  # each rate over its 95% interval, so that the table fits a terminal
         table.add_row(r["attack"], r["defense"], str(r["n_images"]),
                       *(f"{r[key]:.2f}\n{r[key + '_low']:.2f}-{r[key + '_high']:.2f}"
                         for key in ("asr", "label_accuracy", "reid_rate")),
                       "pending" if r["accuracy"] is None else f"{r['accuracy']:.3f}",
-                      "" if r["epsilon"] is None else f"{r['epsilon']:.2f}")
+                      "" if r["epsilon"] is None else f"{r['epsilon']:.2f}",
+                      *([_measured(r)] if audited else []))
     out.print(table)
+    if audited:
+        out.print("epsilon: the accountant's (upper bound); measured: the one-run audit's 95% lower bound on the "
+                  "same federation (--audit-dp), averaged over seeds.")
+    for r in rows:
+        if r.get("guarantee_broken"):
+            console.print(f"[bold red]warning:[/bold red] {r['defense']}: a measured epsilon exceeds the accountant's: "
+                          "the DP mechanism or its accounting is broken, and its privacy guarantee does not hold.")
     privacy = "the paper's protocol (one image's gradient on a fresh paper model per victim)" if \
         config.privacy == "paper" else "attacks on what each federation's sites sent at its first and last round"
     out.print(f"Privacy: {privacy}. Under each rate its 95% interval (Wilson) over the images scored.")
     out.print(f"Results in {args.out}/ (results.jsonl, tradeoff.csv, tradeoff.png)")
+
+
+def _measured(row: dict) -> str:
+    """A trade-off row's measured epsilon for the console: '>= x', in red when it refutes the accountant."""
+    if row.get("epsilon_measured") is None:
+        return ""
+    text = f">={row['epsilon_measured']:.2f}"
+    return f"[bold red]{text} BROKEN[/bold red]" if row.get("guarantee_broken") else text
 
 
 COMMANDS = {("data", "inspect"): cmd_data_inspect, ("data", "sample"): cmd_data_sample, ("attack", None): cmd_attack,

@@ -21,9 +21,9 @@ equal columns drift apart and the readout becomes an approximation (measured in 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import torch
 from torch import nn
@@ -33,35 +33,7 @@ from medpfl.attacks.labels import recover_labels
 from medpfl.attacks.registry import AttackEntry, register
 from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload, ThreatModel
 from medpfl.errors import MedPFLError
-
-IMPRINT_WEIGHT, IMPRINT_BIAS = "imprint.weight", "imprint.bias"
-
-
-class ImprintedModel(nn.Module):
-    """The agreed model `body` behind an imprint module on its raw input (what the malicious server sends)."""
-
-    def __init__(self, body: nn.Module, image_shape: tuple[int, int, int], edges: torch.Tensor,
-                 spread: float = 1e-3, gain: float = 1e-3) -> None:
-        super().__init__()
-        pixels = math.prod(image_shape)
-        self.image_shape = tuple(image_shape)
-        self.imprint = nn.Linear(pixels, len(edges))
-        self.spread = nn.Linear(len(edges), pixels)
-        with torch.no_grad():
-            # Every row measures brightness, the mean pixel value, scaled by `gain`: small rows get large
-            # gradients, so that a FedAvg weight change (new float32 weights minus old) keeps them exactly.
-            self.imprint.weight.fill_(gain / pixels)
-            self.imprint.bias.copy_(-gain * edges)
-            # Equal columns: each firing row hands an image the same gradient back. The body sees its images
-            # shifted in brightness by `spread` times the mean firing, little, and trains much as it would have.
-            self.spread.weight.fill_(spread / gain / len(edges))
-            self.spread.bias.zero_()
-        self.body = body
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fired = torch.relu(self.imprint(x.flatten(1)))
-        return self.body(x + self.spread(fired).reshape(x.shape))
-
+from medpfl.models.imprint import IMPRINT_BIAS, IMPRINT_WEIGHT, ImprintedModel
 
 def brightness(images: torch.Tensor) -> torch.Tensor:
     """The measurement every imprint row takes: mean pixel value of each image (N x C x H x W -> N)."""
@@ -78,6 +50,20 @@ def quantile_edges(public_images: torch.Tensor, bins: int) -> torch.Tensor:
     levels = torch.arange(1, bins, dtype=torch.float64) / bins
     inner = torch.quantile(brightness(public_images).double(), levels)
     return torch.cat([torch.tensor([-1.0], dtype=torch.float64), inner]).float()
+
+
+def gaussian_edges(public_images: torch.Tensor, bins: int) -> torch.Tensor:
+    """Lower edges of `bins` bins of equal mass under a Gaussian fitted to the public images' brightness (mean
+    and standard deviation; breaching's placement); the first is below any image. Smoother than empirical
+    quantiles when the server holds few public images for many bins."""
+    if bins < 1 or len(public_images) < 2:
+        return quantile_edges(public_images, bins)  # which says what is wrong
+    measured = brightness(public_images).double()
+    fit = NormalDist(float(measured.mean()), float(measured.std()))
+    return torch.tensor([-1.0] + [fit.inv_cdf(i / bins) for i in range(1, bins)], dtype=torch.float32)
+
+
+PLACEMENTS = {"quantiles": quantile_edges, "gaussian": gaussian_edges}
 
 
 def expected_share(masses: torch.Tensor, batch: int) -> float:
@@ -106,6 +92,7 @@ class ImprintSettings:
     bins_per_image: float = 4.0
     spread: float = 1e-3  # how far the body's input moves in brightness per unit of mean firing
     gain: float = 1e-3  # the imprint rows' scale (breaching's default)
+    placement: str = "quantiles"  # bin edges from the public brightness: "quantiles" or "gaussian" (PLACEMENTS)
 
 
 class ImprintAttack(SettingsAttack):
@@ -121,8 +108,11 @@ class ImprintAttack(SettingsAttack):
 
     def craft(self, model: nn.Module, image_shape: tuple[int, int, int], public_images: torch.Tensor,
               images_per_update: int) -> ImprintedModel:
-        """The model the server sends instead of `model`: edges at quantiles of the public images' brightness."""
-        edges = quantile_edges(public_images, self.bins_for(images_per_update))
+        """The model the server sends instead of `model`: edges at quantiles of the public images' brightness
+        (empirical, or of a Gaussian fitted to it: `placement`)."""
+        if self.settings.placement not in PLACEMENTS:
+            raise MedPFLError(f"--set placement={self.settings.placement} is not one of {', '.join(PLACEMENTS)}.")
+        edges = PLACEMENTS[self.settings.placement](public_images, self.bins_for(images_per_update))
         return ImprintedModel(model, image_shape, edges, self.settings.spread, self.settings.gain)
 
     def reconstruct(self, payload: ServerPayload, update: ObservedUpdate, generator: torch.Generator) -> Reconstruction:

@@ -52,7 +52,6 @@ class GradientCanaries:
     rates: list[float]  # each site's local sample rate (defenses.dpsgd.local_sample_rate)
     seed: int
     scores: np.ndarray = field(init=False)
-    samplers: dict[int, torch.Generator] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.scores = np.zeros(len(self.coordinates))
@@ -72,12 +71,15 @@ class GradientCanaries:
         """`dp` with these canaries, of L2 norm `norm` (default: dp's clipping norm) in its steps."""
         return CanaryDPSGD(dp, self, norm=dp.clip if norm is None else norm)
 
-    def sampled(self, site: int) -> np.ndarray:
+    def sampler(self, site: int, round_index: int) -> torch.Generator:
+        """The stream that draws the site's canaries into its batches in one round: from the seed, round and site
+        alone, so a resumed run draws what an uninterrupted one does."""
+        return torch.Generator().manual_seed(torch_seed(self.seed, CANARIES, 4, site, round_index))
+
+    def sampled(self, site: int, sampler: torch.Generator) -> np.ndarray:
         """The site's included canaries drawn into one step's batch, each at the site's sample rate."""
-        if site not in self.samplers:
-            self.samplers[site] = torch.Generator().manual_seed(torch_seed(self.seed, CANARIES, 4, site))
         mine = np.flatnonzero((self.site == site) & self.included)
-        drawn = torch.rand(len(mine), generator=self.samplers[site]).numpy() < self.rates[site]
+        drawn = torch.rand(len(mine), generator=sampler).numpy() < self.rates[site]
         return mine[drawn]
 
     def wants(self, round_index: int, site: int) -> bool:
@@ -94,8 +96,10 @@ class GradientCanaries:
 class CanaryDPSGD:
     """DP-SGD with gradient canaries among each step's per-example gradients; everything else is `dp`'s."""
 
-    def __init__(self, dp: DPSGD, canaries: GradientCanaries, norm: float, site: int | None = None) -> None:
+    def __init__(self, dp: DPSGD, canaries: GradientCanaries, norm: float, site: int | None = None,
+                 round_index: int = 0) -> None:
         self.dp, self.canaries, self.norm, self.site = dp, canaries, norm, site
+        self.sampler = canaries.sampler(site, round_index) if site is not None else None
 
     def __getattr__(self, name: str):
         return getattr(self.dp, name)
@@ -106,13 +110,13 @@ class CanaryDPSGD:
     def for_sites(self, schedules) -> CanaryDPSGD:
         return CanaryDPSGD(self.dp.for_sites(schedules), self.canaries, self.norm)
 
-    def at_site(self, site: int) -> CanaryDPSGD:
-        return CanaryDPSGD(self.dp, self.canaries, self.norm, site)
+    def at_site(self, site: int, round_index: int = 0) -> CanaryDPSGD:
+        return CanaryDPSGD(self.dp, self.canaries, self.norm, site, round_index)
 
     def private_gradient(self, per_example: Update, generator: torch.Generator,
                          batch_size: float | None = None) -> Update:
         batch = batch_size or next(iter(per_example.values())).shape[0]
-        drawn = self.canaries.sampled(self.site) if self.site is not None else []
+        drawn = self.canaries.sampled(self.site, self.sampler) if self.site is not None else []
         if len(drawn):
             sizes = [g[0].numel() for g in per_example.values()]
             rows = torch.zeros(len(drawn), sum(sizes), dtype=next(iter(per_example.values())).dtype)
@@ -143,7 +147,7 @@ class ClientCanaries:
 
     def scores(self, initial: Update, final: Update) -> np.ndarray:
         """Each canary direction's cosine with the final model change."""
-        change = _flat({n: (final[n] - initial[n])[None] for n in initial})[0]
+        change = _flat({n: (final[n].to(initial[n]) - initial[n])[None] for n in initial})[0]
         flat = _flat(self.directions).to(change.dtype)
         return (flat @ change / (flat.norm(dim=1) * change.norm()).clamp_min(1e-30)).double().cpu().numpy()
 
@@ -169,3 +173,10 @@ class CanaryServer:
         sites = expected_sites or next(iter(updates.values())).shape[0]
         joined = {n: torch.cat([u, self.joining[n].to(u)]) for n, u in updates.items()}
         return self.cdp.aggregate(joined, generator, expected_sites=sites)
+
+    def flower_mean(self, clipped: Update, n_images=None) -> Update:
+        """The Flower engine's aggregator under client-level DP: the sites' updates, clipped by Flower's
+        fixedclipping_mod, summed with the included canary clients' and divided by the real sites, as `aggregate`
+        does; Flower's DP wrapper adds the noise (defenses.flower)."""
+        sites = next(iter(clipped.values())).shape[0]
+        return {n: (u.sum(0) + self.joining[n].to(u).sum(0)) / sites for n, u in clipped.items()}

@@ -77,8 +77,8 @@ class DPSGD(Defense):
         """Epsilon this noise multiplier spends over the schedule (Opacus's accountant)."""
         return epsilon_spent(self._noise(), self.sample_rate, self.steps, self.delta, self.accountant)
 
-    def at_site(self, site: int) -> DPSGD:
-        """The DP-SGD site `site` runs: this one everywhere (a privacy audit's canaries differ per site)."""
+    def at_site(self, site: int, round_index: int = 0) -> DPSGD:
+        """The DP-SGD site `site` runs in a round: this one everywhere (a privacy audit's canaries differ)."""
         return self
 
     def _noise(self) -> float:

@@ -41,7 +41,7 @@ class DPSGDFederation(InProcessFederation):
             xo, yo = ordered(x, y, self.seed, round_index, s)
             noise = noise_stream(self.seed, round_index, s, 1, xo.device)
             updates.append(dp_local_update(self.model, weights, xo, yo, self.num_classes, self.training,
-                                           self.dp.at_site(s), noise))
+                                           self.dp.at_site(s, round_index), noise))
         return updates
 
 

@@ -9,6 +9,7 @@ the accountant's epsilon.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,12 @@ def parse_audit(text: str | None) -> int:
     return int(value)
 
 
+def auditable(chain: Chain) -> bool:
+    """Whether --audit-dp has a guarantee to check in `chain`: client-level DP, DP-SGD, or none at all (what one
+    record shows of itself without DP)."""
+    return isinstance(chain.server, ClientLevelDP) or chain.local is not None or not chain.defenses
+
+
 class PrivacyAudit:
     """The canaries of one run: where they join training, and the bound their scores give after it."""
 
@@ -53,9 +60,9 @@ class PrivacyAudit:
         if isinstance(chain.server, ClientLevelDP):
             self.level, self.kind = "client", "random-direction clients"
             self.clients = ClientCanaries.draw(m, weights, chain.server.clip, seed)
-            server = self.clients.server(chain.server)
+            self.server = server = self.clients.server(chain.server)
             self.chain = replace(chain, defenses=tuple(server if d is chain.server else d for d in chain.defenses))
-        elif chain.local is not None or not chain.defenses:
+        elif auditable(chain):
             # Without DP the canaries join plain SGD computed as DP-SGD computes it (per example, on Poisson-
             # sampled batches) with no clipping and no noise, each of norm 1, where DP-SGD clips by default.
             self.level, self.kind = "example", "Dirac gradients"
@@ -77,6 +84,23 @@ class PrivacyAudit:
             return None
         return DPSGDFederation(model, self.sites, num_classes, training, seed, hooks, vectorise=False,
                                dp=self.plain_sgd, model_check=model_check)
+
+    def flower_aggregate(self):
+        """The aggregator of the Flower engine's rounds: client-level DP's mean with the canary clients in it."""
+        return self.server.flower_mean
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """What a resumed run needs besides the weights: the gradient canaries' scores summed so far (canary
+        clients are scored from the initial and final weights alone)."""
+        return {"audit_scores": torch.from_numpy(self.gradients.scores.copy())} if self.gradients is not None else {}
+
+    def resume(self, saved: dict[str, Any] | None, file: Path) -> None:
+        """Take up the scores of the rounds a resumed run finished earlier (`saved`: its state, None when fresh)."""
+        if saved is None or self.gradients is None:
+            return
+        if "audit_scores" not in saved:
+            raise MedPFLError(f"'{file}' holds no canary scores of the privacy audit to resume; rerun with --fresh.")
+        self.gradients.scores = saved["audit_scores"].double().numpy().copy()
 
     def result(self, final: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The bound, what it rests on, and the canary scores (for a plot of in against out)."""

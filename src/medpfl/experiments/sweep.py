@@ -74,6 +74,10 @@ class SweepConfig:
     lr: float = 0.1
     momentum: float = 0.0
     device: str = "cpu"
+    # Canaries of a one-run privacy audit (`medpfl train --audit-dp`) in each utility cell's federation, where
+    # its defense gives an epsilon to check (DP-SGD, client-level DP) or none is used; 0: no audit. Privacy
+    # cells never carry canaries: they would change the updates the attacks invert.
+    audit_canaries: int = 0
 
     @property
     def seed_list(self) -> list[int]:
@@ -86,9 +90,11 @@ class SweepConfig:
     def federation(self, defense: str, seed: int, attack: str | None = None):
         """The `medpfl train` run of one cell: the federation with `defense` inside; with `attack`, its curious
         server attacks every site's update (the aggregate, under secure aggregation) at the first and last round."""
+        from medpfl.experiments.privacy_audit import auditable
         from medpfl.experiments.train_run import TrainRunConfig
 
         secure = parse_defense(defense).channel is not None
+        audited = attack is None and auditable(parse_defense(defense))
         # "paper": `norm` is the attacked paper models'; the federation keeps medpfl train's (GroupNorm).
         norm = self.norm if self.privacy == "federation" else TrainRunConfig.norm
         return TrainRunConfig(
@@ -100,7 +106,7 @@ class SweepConfig:
             attack_sites=list(range(self.sites)) if attack and not secure else [],
             attack_settings=dict(self.attack_settings.get(attack, {})) if attack else {},
             engine="flower" if secure else "inprocess", defense=defense, seed=seed,
-            device=self.device)
+            audit_canaries=self.audit_canaries if audited else 0, device=self.device)
 
     def site_sizes(self) -> list[int]:
         """Images per site of the sweep's federation (IID; the same for every seed's draw up to one image)."""
@@ -174,6 +180,8 @@ def plan(config: SweepConfig) -> list[dict[str, Any]]:
                           f"choose from: {', '.join(attack_names())}.")
     if config.n_images < 1 or not config.seed_list:
         raise MedPFLError(f"--n-images ({config.n_images}) and --seeds ({config.seeds}) must be 1 or more.")
+    if config.audit_canaries and not config.utility:
+        raise MedPFLError("--audit-dp audits the federations of the utility cells; drop --no-utility.")
     if config.privacy not in PRIVACY_MODES:
         raise MedPFLError(f"--privacy must be one of {', '.join(PRIVACY_MODES)}, got '{config.privacy}'.")
     if config.privacy == "federation" and (config.models or config.batch_size != 1 or config.labels or config.bn_mode):
@@ -336,10 +344,12 @@ def _utility(job: dict[str, Any], sweep: SweepConfig, path: Path) -> dict[str, A
     summary = run_training(config, path)
     last = read_jsonl(path / "rounds.jsonl")[-1]
     chain = parse_defense(job["defense"]).calibrated()
+    audit = summary.get("dp_audit", {})  # measured (lower, 95%) beside the accountant's epsilon
     return {**summary["final"], "accuracy_chance": summary["chance"]["accuracy"],
             "balanced_accuracy_chance": summary["chance"]["balanced_accuracy"], "model": config.model,
             "train_seconds": time.perf_counter() - started, "epsilon": summary["epsilon"],
             "noise_multiplier": last.get("noise_multiplier"), "delta": chain.local.delta if chain.local else None,
+            "epsilon_measured": audit.get("epsilon_lower"), "guarantee_broken": audit.get("guarantee_broken"),
             # DP-SGD per site: each site's epsilon, sample rate and noisy steps (the worst-off site's is `epsilon`)
             **{k: last[k] for k in ("epsilon_per_site", "dp_sample_rate_per_site", "dp_steps_per_site") if k in last}}
 
@@ -355,7 +365,10 @@ def run_sweep(config: SweepConfig, out: str | Path, workers: int | None = None, 
               progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Run (or resume) the grid into `out`; returns the trade-off rows also written to tradeoff.csv/.png."""
     jobs = plan(config)
-    path = open_run_dir(out, asdict(config))
+    recorded = asdict(config)
+    if not config.audit_canaries:
+        del recorded["audit_canaries"]  # so sweeps recorded before audits existed still resume
+    path = open_run_dir(out, recorded)
     done = {r["cell"] for r in read_results(path)}
     todo = [j for j in jobs if j["cell"] not in done]
     if progress:

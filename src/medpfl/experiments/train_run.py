@@ -24,6 +24,7 @@ from medpfl.defenses import Chain, parse_defense
 from medpfl.defenses.training import DefendedFederation
 from medpfl.device import resolve_device
 from medpfl.errors import MedPFLError
+from medpfl.experiments.malicious import MaliciousServer, for_secure_aggregation
 from medpfl.experiments.privacy_audit import AUDIT_FILE, PrivacyAudit, compare
 from medpfl.experiments.run_dir import open_run_dir, write_json, write_skipped
 from medpfl.experiments.scoring import victim_record
@@ -32,12 +33,13 @@ from medpfl.fl.gradients import functional_model
 from medpfl.fl.local import LocalTraining, local_update
 from medpfl.fl.partition import Federation, federate, keep_per_site
 from medpfl.fl.rounds import AGGREGATE, RoundHooks, SiteObservation, SiteRound, ordered
-from medpfl.fl.model_check import ModelCheck, fingerprint
+from medpfl.fl.model_check import ModelCheck, ModelRefused, fingerprint
 from medpfl.fl.simulation import InProcessFederation
 from medpfl.fl.utility import chance_levels, evaluate
 from medpfl.jsonl import append_jsonl, read_jsonl, rewrite_jsonl
 from medpfl.metrics.intervals import rate_interval, wilson
 from medpfl.metrics.privacy import SUCCESS_SSIM
+from medpfl.models.imprint import imprint_bins, imprinted_architecture
 from medpfl.models.registry import build_model
 from medpfl.report.images import save_png
 from medpfl.report.runs import attacked_png
@@ -46,6 +48,7 @@ from medpfl.seeds import ATTACK, model_seed, site_order, torch_seed
 ENGINES = ("inprocess", "flower")
 VECTORISE = ("auto", "on", "off")
 STATE, ROUNDS, ATTACKS_FILE, MODEL = "state.pt", "rounds.jsonl", "attacks.jsonl", "model.pt"
+REFUSAL = "refusal.json"  # the sites refused the model a malicious server sent: the round and their reason
 
 
 @dataclass
@@ -84,6 +87,7 @@ class TrainRunConfig:
     engine: str = "inprocess"
     defense: str = "none"  # a defense spec (medpfl.defenses.spec) run at every site in every round (in-process)
     audit_canaries: int = 0  # canaries of a one-run privacy audit (experiments.privacy_audit); 0: no audit
+    site_check: bool = True  # sites check every model they receive (fl.model_check); off only to measure it
     # Train equal-sized sites in one vmapped call: "auto" does so on accelerators only. On CPUs it is no
     # faster than one site after another (benchmarks/federation_throughput.py), and one site after another
     # is bit-for-bit the Flower client's arithmetic, where batched kernels round differently.
@@ -132,14 +136,18 @@ def _check(config: TrainRunConfig) -> None:
         raise MedPFLError(f"--vectorise must be one of {', '.join(VECTORISE)}, got '{config.vectorise}'.")
     if config.rounds < 1:
         raise MedPFLError(f"--rounds {config.rounds} is invalid; train for 1 or more rounds.")
-    if config.audit_canaries and config.engine == "flower":
-        raise MedPFLError("--audit-dp runs on the in-process engine; drop --engine flower.")
+    if config.audit_canaries and config.engine == "flower" and parse_defense(config.defense).server is None:
+        raise MedPFLError("--audit-dp on --engine flower audits client-level DP (--defense cdp:noise=Z), whose canary "
+                          "clients join Flower's DP aggregation; audit DP-SGD or a run without DP on --engine "
+                          "inprocess.")
     if config.attack is None:
         return
     build_attack(config.attack, **config.attack_settings)  # an unknown attack or setting is named here
-    if attack_entry(config.attack).threat.modifies_model:
-        raise MedPFLError(f"--attack {config.attack} needs a malicious server that changes the model it sends; "
-                          "medpfl train runs a curious one that follows the protocol: use medpfl attack.")
+    if attack_entry(config.attack).threat.modifies_model and not (config.engine == "flower"
+                                                                   and _securely_aggregated(config)):
+        raise MedPFLError(f"--attack {config.attack} is a malicious server that changes the model it sends; in "
+                          f"medpfl train it runs on --engine flower --defense secagg:k={config.sites} (Flower's "
+                          "SecAgg+), or use medpfl attack.")
     bad_rounds = [r for r in config.attack_rounds if not 1 <= r <= config.rounds]
     bad_sites = [s for s in config.attack_sites if not 0 <= s < config.sites]
     if not config.attack_rounds or bad_rounds:
@@ -214,6 +222,8 @@ class CuriousServer:
         # The defense the server configured its sites with (DP-SGD as calibrated for this run): what a
         # defense-aware attack may know. Set by run_training once the defended federation is built.
         self.defense = Chain(())
+        # A malicious server's note per round of what the sites' check says of the model it sent.
+        self.site_checks: dict[int, str | None] = {}
 
     def wants(self, round_index: int, site: int) -> bool:
         # AGGREGATE: all a server under secure aggregation is ever handed
@@ -253,6 +263,11 @@ class CuriousServer:
             update = {n: -u / training.lr for n, u in update.items()}
         return update, {}, x, y, observed
 
+    def _architecture(self, sent: dict[str, torch.Tensor], image_shape: tuple[int, int, int]) -> torch.nn.Module:
+        """The architecture of the model the server sent: the global model, or it behind an imprint module."""
+        bins = imprint_bins(sent)
+        return imprinted_architecture(self.model, image_shape, bins) if bins else self.model
+
     def _sites_behind(self, facts: SiteRound) -> list[int]:
         """The sites whose images are behind an observed update: one, or every site behind an aggregate."""
         return list(range(len(self.sites))) if facts.site == AGGREGATE else [facts.site]
@@ -273,7 +288,8 @@ class CuriousServer:
         x, y = torch.stack([g[3] for g in group]), torch.stack([g[4] for g in group])
         granted = y if attack_entry(self.config.attack).threat.knows_labels else None
         weights = {n: torch.stack([s.weights[n] for s in seen_all]) for n in seen_all[0].weights}
-        payload = ServerPayload(self.model, weights, self.num_classes, tuple(x.shape[2:]), "train", **group[0][2],
+        architecture = self._architecture(seen_all[0].weights, tuple(x.shape[2:]))
+        payload = ServerPayload(architecture, weights, self.num_classes, tuple(x.shape[2:]), "train", **group[0][2],
                                 defense=self.defense)
         update = ObservedUpdate({n: torch.stack([g[1][n] for g in group]) for n in group[0][1]}, y.shape[1],
                                 labels=granted)
@@ -291,7 +307,9 @@ class CuriousServer:
             for b in range(len(labels)):
                 save_png(matched[b], attacked_png(folder, facts.round, facts.site, b))
             results.append({"round": facts.round, "site": facts.site, "victim": facts.site, "observed": observed,
-                            **record, "asr": sum(v >= SUCCESS_SSIM for v in record["ssim"]) / len(record["ssim"])})
+                            **record, "asr": sum(v >= SUCCESS_SSIM for v in record["ssim"]) / len(record["ssim"]),
+                            **({"site_check": self.site_checks[facts.round]} if facts.round in self.site_checks
+                               else {})})
         return results
 
 
@@ -307,8 +325,8 @@ def _save_atomic(obj: Any, file: Path) -> None:
     os.replace(tmp, file)
 
 
-def _prepare_dir(out: Path, record: dict[str, Any], resume: bool) -> tuple[Path, int, dict[str, torch.Tensor] | None]:
-    """Open the run directory; (path, last finished round, its global weights) when resuming, else (path, 0, None)."""
+def _prepare_dir(out: Path, record: dict[str, Any], resume: bool) -> tuple[Path, int, dict[str, Any] | None]:
+    """Open the run directory; (path, last finished round, its saved state) when resuming, else (path, 0, None)."""
     config_file = out / "config.json"
     if resume and (out / STATE).exists() and config_file.exists():
         previous = json.loads(config_file.read_text()).get("config", {})
@@ -317,7 +335,7 @@ def _prepare_dir(out: Path, record: dict[str, Any], resume: bool) -> tuple[Path,
             raise MedPFLError(f"'{out}' holds a training run with other settings ({', '.join(changed)}); pass a new "
                               "--out, the same settings to resume it, or --fresh to start over.")
     if not resume:
-        for name in (STATE, ROUNDS, ATTACKS_FILE, MODEL, AUDIT_FILE):
+        for name in (STATE, ROUNDS, ATTACKS_FILE, MODEL, AUDIT_FILE, REFUSAL):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "attacks", ignore_errors=True)
     path = open_run_dir(out, record, resume=resume)
@@ -331,7 +349,7 @@ def _prepare_dir(out: Path, record: dict[str, Any], resume: bool) -> tuple[Path,
     for name in (ROUNDS, ATTACKS_FILE):
         lines = read_jsonl(path / name)
         rewrite_jsonl(path / name, [line for line in lines if line["round"] <= done])
-    return path, done, state["weights"]
+    return path, done, state
 
 
 def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
@@ -360,7 +378,9 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
     record = asdict(config)
     if not config.audit_canaries:
         del record["audit_canaries"]  # so runs recorded before audits existed still resume
-    path, done, weights = _prepare_dir(Path(out), record, resume)
+    if config.site_check:
+        del record["site_check"]  # likewise: only a run whose sites trained unchecked records it
+    path, done, state = _prepare_dir(Path(out), record, resume)
     write_skipped(path, skipped)
     write_json(path / "federation.json", {"classes": list(federation.classes), "n_images": federation.n_images,
                                           "label_counts": federation.label_counts(), "n_test": len(federation.test),
@@ -372,18 +392,15 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
                          f"{config.channels} channels at {config.image_size} px")
     net = net.to(device)
     model = functional_model(net)
-    if weights is None:
-        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    weights = {n: w.to(device) for n, w in weights.items()}
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    weights = {n: w.to(device) for n, w in (state["weights"] if state else initial).items()}
     sites = [_load(source, items, config, device) for items in federation.sites]
     test = _load(source, federation.test, config, device)
     chain = chain or parse_defense(config.defense)
     privacy_audit = None
     if config.audit_canaries:
-        if 0 < done < config.rounds:
-            raise MedPFLError(f"A privacy audit scores its canaries in every round and cannot resume after round "
-                              f"{done}; rerun with --fresh.")
-        privacy_audit = PrivacyAudit(config.audit_canaries, chain, sites, weights, config.training, config.seed)
+        privacy_audit = PrivacyAudit(config.audit_canaries, chain, sites, initial, config.training, config.seed)
+        privacy_audit.resume(state, path / STATE)
         chain = privacy_audit.chain
     server = (CuriousServer(config, model, sites, num_classes, [[it.item_id for it in s] for s in federation.sites],
                             path) if config.attack else None)
@@ -401,16 +418,27 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
         for result in server.attack_pending() if server else []:
             append_jsonl(path / ATTACKS_FILE, result)
         append_jsonl(path / ROUNDS, {"round": round_index, **record, "attack_seconds": time.perf_counter() - started})
-        _save_atomic({"round": round_index, "weights": {n: w.detach().cpu() for n, w in new.items()}}, path / STATE)
+        _save_atomic({"round": round_index, "weights": {n: w.detach().cpu() for n, w in new.items()},
+                      **(privacy_audit.state() if privacy_audit else {})}, path / STATE)
         if progress:
             progress(round_index, config.rounds)
 
+    tamper = (MaliciousServer(server.attack, model, tuple(test[0].shape[1:]), test[0], config.attack_rounds,
+                              sum(federation.n_images))
+              if server and attack_entry(config.attack).threat.modifies_model else None)
+    if tamper:
+        for_secure_aggregation(server.attack, config.attack_settings)
+        server.site_checks = tamper.verdicts  # filled as the model of each attacked round is sent
     if config.engine == "flower" and done < config.rounds:
-        weights = _train_on_flower(config, hooks, weights, done, finished)
+        try:
+            weights = _train_on_flower(config, hooks, weights, done, finished, privacy_audit, tamper)
+        except ModelRefused as refused:  # the run ends here: kept for the report, then said to the user
+            write_json(path / REFUSAL, {"round": refused.round, "reason": str(refused)})
+            raise
     elif done < config.rounds:
         vectorise = config.vectorise == "on" or (config.vectorise == "auto" and device.type != "cpu")
         # The sites verify every model they receive against the architecture they built themselves.
-        check = ModelCheck(fingerprint(dict(model.named_parameters())))
+        check = ModelCheck(fingerprint(dict(model.named_parameters()))) if config.site_check else None
         defended = (DefendedFederation(chain, model, sites, num_classes, config.training, config.rounds, config.seed,
                                        tuple(hooks.observers), vectorise, check) if chain.defenses else None)
         if server and defended:
@@ -436,9 +464,12 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
 
 
 def _train_on_flower(config: TrainRunConfig, hooks: RoundHooks, weights: dict[str, torch.Tensor], done: int,
-                     finished: Callable[[int, dict[str, torch.Tensor], dict[str, Any]], None]
-                     ) -> dict[str, torch.Tensor]:
-    """Rounds done+1.. on Flower's simulation runtime (the optional extra), with the same sites, seed and hooks."""
+                     finished: Callable[[int, dict[str, torch.Tensor], dict[str, Any]], None],
+                     privacy_audit: PrivacyAudit | None = None,
+                     tamper: MaliciousServer | None = None) -> dict[str, torch.Tensor]:
+    """Rounds done+1.. on Flower's simulation runtime (the optional extra), with the same sites, seed and hooks;
+    a privacy audit's canary clients join the aggregation that Flower's DP wrapper noises, and a malicious
+    server (`tamper`) sends the models it crafts."""
     _require_flower()
     from medpfl.defenses.flower import flower_parts
     from medpfl.fl.flower.federation import FederationSpec
@@ -453,13 +484,14 @@ def _train_on_flower(config: TrainRunConfig, hooks: RoundHooks, weights: dict[st
     start = None if secure else {n: w.cpu() for n, w in weights.items()}  # SecAgg+: the run's initial model
     parts = flower_parts(parse_defense(config.defense), config.seed, config.sites)
     if parts.aggregate is not None:
-        hooks = RoundHooks(hooks.site_transform, parts.aggregate, hooks.observers)
+        aggregate = privacy_audit.flower_aggregate() if privacy_audit else parts.aggregate
+        hooks = RoundHooks(hooks.site_transform, aggregate, hooks.observers)
     result = run_simulation(FederationSpec.of(config), hooks, start, done + 1,
                             lambda record, new: finished(record["round"], new,
                                                          {**{k: record[k] for k in keys if k in record},
                                                           **_flower_privacy(config, record["round"])}),
                             secure_aggregation=secure, client_mods=parts.client_mods,
-                            wrap_strategy=parts.wrap_strategy)
+                            wrap_strategy=parts.wrap_strategy, tamper=tamper, site_check=config.site_check)
     return result.weights
 
 

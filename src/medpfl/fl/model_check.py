@@ -44,6 +44,10 @@ Fingerprint = tuple[tuple[str, tuple[int, ...], str], ...]
 class ModelRefused(MedPFLError):
     """A site refused to train on the model it received; the message says why in one sentence."""
 
+    def __init__(self, reason: str, round_index: int | None = None) -> None:
+        super().__init__(reason)
+        self.round = round_index  # the federation's round it happened in, where known
+
 
 def fingerprint(weights: Mapping[str, torch.Tensor]) -> Fingerprint:
     """Names, shapes and dtypes of a model's parameters, in order."""
@@ -55,6 +59,8 @@ def fingerprint_difference(agreed: Fingerprint, received: Fingerprint) -> str | 
     if agreed == received:
         return None
     known, got = {n: (s, d) for n, s, d in agreed}, {n: (s, d) for n, s, d in received}
+    if all(n.rpartition("/")[2].isdigit() for n in [*known, *got]):  # numbered arrays (Flower's legacy records)
+        return _positional_difference(agreed, received)
     # A model that wraps the agreed one keeps its parameters under a prefix: those are not the news.
     wrapped = [n for n in got if n not in known and any(n.endswith("." + k) and got[n] == known[k] for k in known)]
     extra = [n for n in got if n not in known and n not in wrapped]
@@ -69,6 +75,20 @@ def fingerprint_difference(agreed: Fingerprint, received: Fingerprint) -> str | 
     changed = next(n for n in known if known[n] != got[n])
     return (f"parameter {changed} is {' x '.join(map(str, got[changed][0]))} {got[changed][1]} where the agreed "
             f"architecture has {' x '.join(map(str, known[changed][0]))} {known[changed][1]}")
+
+
+def _positional_difference(agreed: Fingerprint, received: Fingerprint) -> str:
+    """How numbered arrays differ: their count and the first that differs (names say nothing here)."""
+    def shape(entry) -> str:
+        return " x ".join(map(str, entry[1])) + f" {entry[2]}"
+
+    first = next((i for i, (a, r) in enumerate(zip(agreed, received)) if a[1:] != r[1:]), min(len(agreed),
+                                                                                            len(received)))
+    count = (f"the received model has {len(received)} arrays where the agreed architecture has {len(agreed)}; "
+             if len(received) != len(agreed) else "")
+    if first >= min(len(agreed), len(received)):
+        return count.removesuffix("; ")
+    return f"{count}array {first} is {shape(received[first])} where the agreed one is {shape(agreed[first])}"
 
 
 def _rows(weights: Mapping[str, torch.Tensor]):

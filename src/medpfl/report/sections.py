@@ -17,6 +17,7 @@ from medpfl.attacks import ATTACKS, display_name as attack_name
 from medpfl.metrics.chance import pooled_label_chance
 from medpfl.report import plots
 from medpfl.report.html import Section, esc, img, img_file, table
+from medpfl.report.malicious import section_malicious_server
 from medpfl.report.runs import AttackRun, ImageResult, Run, SweepRun, TrainRun
 from medpfl.metrics.intervals import Rate, observed_rate_sentence, rate_interval
 from medpfl.report.tradeoff import RATES, pareto_front
@@ -772,6 +773,11 @@ def section_tradeoff(ctx: Context) -> Section | None:
             if rec:
                 parts.append("<ul class=findings>" + "".join(f"<li>{esc(r)}</li>" for r in rec) + "</ul>")
         parts.append(_defense_table_html(cells))
+        broken = list(dict.fromkeys(str(c["defense"]) for c in sweep.cells if str(c.get("guarantee_broken")) == "True"))
+        if broken:
+            parts.append(f"<p><strong>The measured epsilon exceeds the accountant's for {esc(', '.join(broken))}: the "
+                         "DP mechanism or its accounting is broken, and its privacy guarantee does not hold."
+                         "</strong></p>")
     return Section("tradeoff", "Defenses: privacy against utility", "".join(parts))
 
 
@@ -784,6 +790,7 @@ _DEFENSE_COLUMNS = (
     ("test accuracy", "accuracy", 3, "accuracy_chance", False),
     ("balanced accuracy", "balanced_accuracy", 3, "balanced_accuracy_chance", True),
     ("AUC", "auc", 3, 0.5, False), ("epsilon", "epsilon", 2, None, False),
+    ("epsilon measured (lower, 95%)", "epsilon_measured", 2, None, False),
 )
 
 
@@ -800,6 +807,9 @@ def _defense_table_html(cells: list[dict[str, Any]]) -> str:
             row.append(_with_chance(cell.get(key), level, digits, fraction, row=cell, key=key))
         rows.append(row)
     notes = ["none: no defense", "epsilon only where the defense is differential privacy"]
+    if any(c.get("epsilon_measured") is not None for c in cells):
+        notes.append("epsilon is the accountant's (an upper bound), epsilon measured a 95% lower bound from canaries "
+                     "in the federation trained with the defense (one-run audit, --audit-dp)")
     if any(str(c["defense"]).startswith("laplace") for c in cells):
         notes.insert(1, "laplace:b=B: i.i.d. Laplace(0, B) noise on every entry of each shared update (the paper's "
                         "defense), at every site in every round of the federation whose utility is shown")
@@ -853,3 +863,4 @@ SECTIONS: list[Callable[[Context], Section | None]] = [
     section_overview, section_threat_model, section_data, section_results, section_tradeoff, section_training,
     section_reconstructions, section_risk_ranking, section_provenance,
 ]
+SECTIONS.insert(SECTIONS.index(section_results) + 1, section_malicious_server)  # report.malicious

@@ -71,6 +71,13 @@ def tradeoff_rows(privacy: list[dict[str, Any]], utility: list[dict[str, Any]]) 
         per_site = [u["epsilon_per_site"] for u in trained if u.get("epsilon_per_site")]
         row["epsilon_per_site"] = (" ".join(f"{_mean(list(e)):.3f}" for e in zip(*per_site)) if per_site else None)
         row["delta"] = cells[0].get("delta")
+        # The one-run privacy audit of the trained federation (--audit-dp): each seed's 95% lower bound, averaged,
+        # flagged when any seed's exceeds its accountant's epsilon. None under secure aggregation: the audit
+        # scores each site's update, which that server never sees.
+        secure = cells[0].get("trained_as", defense) != defense
+        audited = [u for u in trained if u.get("epsilon_measured") is not None and not secure]
+        row["epsilon_measured"] = _mean([u["epsilon_measured"] for u in audited])
+        row["guarantee_broken"] = any(u.get("guarantee_broken") for u in audited) if audited else None
         rows.append(row)
     return rows
 
@@ -78,7 +85,8 @@ def tradeoff_rows(privacy: list[dict[str, Any]], utility: list[dict[str, Any]]) 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     """The trade-off table as CSV (empty fields where a value is undefined or pending)."""
     columns = ["attack", "defense", "seeds", "n_images", *PRIVACY_KEYS, *INTERVAL_KEYS, *UTILITY_KEYS,
-               *UTILITY_CHANCE, "utility", "epsilon", "epsilon_per_site", "delta", "model", "trained_model"]
+               *UTILITY_CHANCE, "utility", "epsilon", "epsilon_measured", "guarantee_broken", "epsilon_per_site",
+               "delta", "model", "trained_model"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
         writer.writeheader()
@@ -89,6 +97,15 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 def _short(defense: str) -> str:
     """A plot label without DP-SGD's schedule (rate, steps), which the CSV keeps."""
     return re.sub(r",(rate|steps)=[^,+]*", "", defense)
+
+
+def _point_label(row: dict[str, Any]) -> str:
+    """A point's label: the defense and, in an audited sweep, epsilon between the accountant's upper bound and the
+    audit's measured lower bound (95%)."""
+    if row.get("epsilon_measured") is None:
+        return _short(row["defense"])
+    upper = "" if row.get("epsilon") is None else f"\u2264{row['epsilon']:.2f}, "
+    return f"{_short(row['defense'])} (\u03b5 {upper}\u2265{row['epsilon_measured']:.2f})"
 
 
 def label_rows(points: Sequence[tuple[float, float]], x_span: float, y_span: float) -> list[int]:
@@ -128,8 +145,12 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
                         elinewidth=0.8, capsize=2, label="ASR, 95% interval")
             x_span = max(x for x, _ in points) - min(x for x, _ in points) or 1.0
             for r, (x, y), row in zip(measured, points, label_rows(points, x_span, 1.0)):
-                ax.annotate(_short(r["defense"]), (x, y), fontsize=7, xytext=(3, 3 + 9 * row),
-                            textcoords="offset points")
+                ax.annotate(_point_label(r), (x, y), fontsize=7, xytext=(3, 3 + 9 * row),
+                            textcoords="offset points", color="tab:red" if r.get("guarantee_broken") else None)
+            broken = [p for r, p in zip(measured, points) if r.get("guarantee_broken")]
+            if broken:
+                ax.scatter(*zip(*broken), s=120, facecolors="none", edgecolors="tab:red", zorder=3,
+                           label="measured \u03b5 > accountant's: guarantee broken")
             front = sorted((points[i] for i in pareto_front(points)), key=lambda p: p[0])
             ax.plot(*zip(*front), color="tab:red", marker="o", label="Pareto front")
             chance = measured[0].get("accuracy_chance")

@@ -58,10 +58,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-def client_app(mods=()) -> ClientApp:
+def client_app(mods=(), site_check: bool = True) -> ClientApp:
     """A ClientApp running `train` and `evaluate`: every site first checks the model it receives before its
-    data meets it (fl.model_check), then runs `mods` (e.g. a defense's, by Flower's own mods: defenses.flower)."""
-    client = ClientApp(mods=[model_check_mod, *mods])
+    data meets it (fl.model_check; off only with `site_check` False, to measure what the check prevents), then
+    runs `mods` (e.g. a defense's, by Flower's own mods: defenses.flower)."""
+    client = ClientApp(mods=[model_check_mod, *mods] if site_check else list(mods))
     client.train()(train)
     client.evaluate()(evaluate)
     return client

@@ -18,8 +18,13 @@ from medpfl.data import ImageDataset, open_verified
 from medpfl.fl.local import LocalTraining
 from medpfl.fl.partition import federate, keep_per_site
 from medpfl.fl.rounds import AGGREGATE  # noqa: F401  (where Flower's modules look for it)
+from medpfl.models.imprint import imprinted_architecture
 from medpfl.models.registry import build_model
 from medpfl.seeds import model_seed
+
+# The architecture the server describes in a round's config: the agreed model behind this many imprint
+# rows (models.imprint). 0 or absent: the agreed model. An honest server never sets it; a malicious one does.
+IMPRINT_BINS_KEY = "medpfl-imprint-bins"
 
 
 @dataclass(frozen=True)
@@ -104,3 +109,12 @@ def global_model(spec: FederationSpec, num_classes: int) -> nn.Module:
     """The architecture with the run's initial global weights (the in-process engine's draw)."""
     return build_model(spec.model, num_classes, spec.channels, spec.image_size, norm=spec.norm,
                        seed=model_seed(spec.seed), model_kwargs=json.loads(spec.model_kwargs or "{}"))
+
+
+def received_model(spec: FederationSpec, num_classes: int, config) -> nn.Module:
+    """The architecture a site builds for a round: the one the server describes in the round's config (the
+    agreed model, or it behind an imprint module), as in a deployment where the server distributes the model."""
+    model = global_model(spec, num_classes)
+    bins = int(config.get(IMPRINT_BINS_KEY, 0))
+    return model if bins == 0 else imprinted_architecture(model, (spec.channels, spec.image_size, spec.image_size),
+                                                          bins)

@@ -81,6 +81,8 @@ class FlowerRun:
 
     weights: Update = field(default_factory=dict)
     rounds: list[dict] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)  # why sites refused the model the server sent, if they did
+    refused_round: int | None = None
 
 
 RoundCallback = Callable[[dict, Update], None]  # (the round's record, its new global weights)
