@@ -70,7 +70,7 @@ def test_a_registered_attack_is_offered_run_and_explained(toy_attack, tmp_path, 
     assert "flat-guess" in _attack_choices()
     with pytest.raises(SystemExit):
         main(["attack", "--help"])
-    assert "flat-guess          a flat grey image per victim" in capsys.readouterr().out
+    assert "  flat-guess        a flat grey image per victim, labels from the last layer" in capsys.readouterr().out
 
     out = tmp_path / "run"
     assert main(["attack", "--attack", "flat-guess", "--image-size", "16", "--n-images", "1", "--seed", "4",
