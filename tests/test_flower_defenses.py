@@ -18,7 +18,7 @@ from medpfl.fl.gradients import functional_model  # noqa: E402
 from medpfl.fl.rounds import RoundHooks, SiteObservation  # noqa: E402
 
 BASE = dict(sites=2, site_images=4, rounds=1, model="lenet-idlg", norm="none", image_size=16, seed=5,
-            protocol="fedavg", local_epochs=1, local_batch=4, lr=0.05)
+            protocol="fedavg", local_epochs=1, local_batch=4, lr=0.05, momentum=0.0)
 
 
 class Seen:

@@ -24,9 +24,10 @@ def test_missing_flower_is_one_sentence_and_bad_sites_are_named():
 
 
 def test_spec_travels_through_a_flat_config():
-    spec = FederationSpec(data="/data/x", sites=3, partition="dirichlet:0.3", lr=0.1, momentum=0.9, seed=7)
+    spec = FederationSpec(data="/data/x", sites=3, partition="dirichlet:0.3", local_epochs=3, lr=0.1, momentum=0.9,
+                          seed=7)
     config = spec.to_config()
-    assert config["local-epochs"] == 1 and config["partition"] == "dirichlet:0.3"
+    assert config["local-epochs"] == 3 and config["partition"] == "dirichlet:0.3"
     assert FederationSpec.from_config(config) == spec
     assert FederationSpec.from_config({**config, "lr": 1, "out": "ignored"}).lr == 1.0
 

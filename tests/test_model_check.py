@@ -15,7 +15,7 @@ from medpfl.fl.simulation import InProcessFederation
 from medpfl.models.registry import build_model
 
 SPEC = FederationSpec(sites=2, site_images=8, rounds=4, model="lenet-idlg", image_size=16, channels=1,
-                      protocol="fedavg", local_epochs=1, local_batch=4, lr=0.05, seed=1)
+                      protocol="fedavg", local_epochs=1, local_batch=4, lr=0.05, momentum=0.0, seed=1)
 
 
 def _params(model: nn.Module) -> dict[str, torch.Tensor]:

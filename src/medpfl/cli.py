@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich import box
+from rich.markup import escape
 from rich.table import Table
 
 from medpfl.errors import MedPFLError
@@ -23,6 +24,8 @@ out = Console()
 
 def _parser() -> argparse.ArgumentParser:
     from medpfl.attacks import ATTACKS, LABEL_ACCESS, attack_names
+    from medpfl.experiments.sweep import SweepConfig
+    from medpfl.fl.settings import add_arguments as add_federation_arguments
     from medpfl.fl.gradients import BN_MODES
     from medpfl.models.registry import MODELS, check_model_name
 
@@ -130,15 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--n-images", type=int, help="--privacy paper: images attacked per cell (default: 16)")
     sweep.add_argument("--seeds", type=int, help="seeds per cell (default: 1)")
     sweep.add_argument("--image-size", type=int, help="default: 32")
-    sweep.add_argument("--rounds", type=int, help="federated rounds of each cell's federation (default: 20)")
-    sweep.add_argument("--sites", type=int, help="sites of that federation (default: 5)")
-    sweep.add_argument("--site-images", type=int, metavar="N",
-                       help="images per site, so per attacked update (default: 1; 0: all of its share)")
+    add_federation_arguments(sweep, SweepConfig())  # each cell's federation
     sweep.add_argument("--model", help="the federation's model (default: lenet-idlg)")
-    sweep.add_argument("--protocol", choices=("fedsgd", "fedavg"), help="default: fedsgd (the update is a gradient)")
-    sweep.add_argument("--local-epochs", type=int, help="FedAvg: passes over a site's images (default: 1)")
-    sweep.add_argument("--local-batch", type=int, help="FedAvg: images per local step (default: 16)")
-    sweep.add_argument("--lr", type=float, help="local (FedAvg) or server (FedSGD) learning rate (default: 0.1)")
     sweep.add_argument("--no-utility", action="store_true", help="measure privacy only (no federated training)")
     sweep.add_argument("--audit-dp", metavar="canaries=N",
                        help="audit each utility cell's federation with N canaries (as medpfl train --audit-dp): "
@@ -266,8 +262,7 @@ def cmd_attack(args: argparse.Namespace) -> None:
 def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
     from medpfl.attacks import attack_names
     from medpfl.experiments.train_run import ENGINES, VECTORISE, TrainRunConfig
-    from medpfl.fl.local import PROTOCOLS
-    from medpfl.fl.partition import PARTITION_HELP
+    from medpfl.fl.settings import add_arguments as add_federation_arguments
     from medpfl.models.registry import MODELS, check_model_name
 
     d = TrainRunConfig()
@@ -282,16 +277,7 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
     train.add_argument("--norm", default=d.norm, choices=("batch", "group", "none"))
     train.add_argument("--image-size", type=int, default=d.image_size)
     train.add_argument("--channels", type=int, default=d.channels, choices=(1, 3))
-    train.add_argument("--sites", type=int, default=d.sites)
-    train.add_argument("--site-images", type=int, default=d.site_images, metavar="N",
-                       help="each site keeps at most N of its images, a seeded draw (0: all)")
-    train.add_argument("--rounds", type=int, default=d.rounds)
-    train.add_argument("--protocol", default=d.protocol, choices=PROTOCOLS)
-    train.add_argument("--local-epochs", type=int, default=d.local_epochs, help="FedAvg: passes over a site's images")
-    train.add_argument("--local-batch", type=int, default=d.local_batch, help="FedAvg: images per local step")
-    train.add_argument("--lr", type=float, default=d.lr, help="local (FedAvg) or server (FedSGD) learning rate")
-    train.add_argument("--momentum", type=float, default=d.momentum, help="FedAvg local SGD momentum, in [0, 1)")
-    train.add_argument("--partition", default=d.partition, help=PARTITION_HELP)
+    add_federation_arguments(train, d)
     train.add_argument("--attack", help=f"attack chosen sites' updates: {', '.join(sorted(attack_names()))}; imprint "
                        "and trap make the server malicious (it sends the crafted model at --attack-rounds; needs "
                        "--engine flower --defense secagg:k=SITES)")
@@ -335,24 +321,29 @@ def _warn_skipped(run: Path):
     return warn
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def train_config(args: argparse.Namespace):
+    """The TrainRunConfig `medpfl train`'s parsed options describe."""
     from medpfl.experiments.privacy_audit import parse_audit
-    from medpfl.experiments.train_run import TrainRunConfig, parse_int_list, run_training
+    from medpfl.experiments.train_run import TrainRunConfig, parse_int_list
+    from medpfl.fl.settings import given
     from medpfl.models.registry import parse_model_kwargs
 
     settings = dict(_parse_setting(s) for s in args.set)
     if args.steps is not None:
         settings["steps"] = args.steps
-    config = TrainRunConfig(
-        data=args.data, model=args.model, model_kwargs=parse_model_kwargs(args.model_kwargs),
-        model_state=args.model_state, norm=args.norm,
-        image_size=args.image_size, channels=args.channels, sites=args.sites, site_images=args.site_images, rounds=args.rounds, protocol=args.protocol,
-        local_epochs=args.local_epochs, local_batch=args.local_batch, lr=args.lr, momentum=args.momentum,
-        partition=args.partition,
+    return TrainRunConfig(
+        **given(args), data=args.data, model=args.model, model_kwargs=parse_model_kwargs(args.model_kwargs),
+        model_state=args.model_state, norm=args.norm, image_size=args.image_size, channels=args.channels,
         attack=args.attack, attack_rounds=parse_int_list(args.attack_rounds, "--attack-rounds"),
         attack_sites=parse_int_list(args.attack_sites, "--attack-sites"), attack_batch=args.attack_batch,
         attack_settings=settings, engine=args.engine, defense=args.defense, vectorise=args.vectorise,
         seed=args.seed, device=args.device, audit_canaries=parse_audit(args.audit_dp), site_check=args.site_check)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from medpfl.experiments.train_run import run_training
+
+    config = train_config(args)
     run = Path(args.out or f"runs/train-{config.model.replace(':', '-')}-{config.partition.replace(':', '')}-seed{config.seed}")
     bar, (checking, update) = _progress(args.quiet, "checking files", "rounds")
     with bar or nullcontext():
@@ -473,18 +464,18 @@ def cmd_report(args: argparse.Namespace) -> None:
               f"{Path(args.run_dir) / 'results.csv'}")
 
 
-def cmd_sweep(args: argparse.Namespace) -> None:
+def sweep_config(args: argparse.Namespace):
+    """The SweepConfig `medpfl sweep`'s parsed options describe: its --config file, overridden by the options."""
     from medpfl.experiments.privacy_audit import parse_audit
-    from medpfl.experiments.sweep import SweepConfig, load_sweep_config, run_sweep
+    from medpfl.experiments.sweep import SweepConfig, load_sweep_config
+    from medpfl.fl.settings import given as federation_given
 
     fields = load_sweep_config(args.config) if args.config else {}
     given = {"data": args.data, "n_images": args.n_images, "seeds": args.seeds, "image_size": args.image_size,
-             "rounds": args.rounds, "sites": args.sites, "device": args.device, "defenses": args.defenses,
-             "privacy": args.privacy, "site_images": args.site_images, "model": args.model, "protocol": args.protocol,
-             "local_epochs": args.local_epochs, "local_batch": args.local_batch, "lr": args.lr,
+             "device": args.device, "defenses": args.defenses, "privacy": args.privacy, "model": args.model,
              "audit_canaries": parse_audit(args.audit_dp) or None,
              "attacks": args.attacks and [a.strip() for a in args.attacks.split(",") if a.strip()]}
-    fields.update({k: v for k, v in given.items() if v is not None})
+    fields.update({k: v for k, v in given.items() if v is not None}, **federation_given(args))
     if args.no_utility:
         fields["utility"] = False
     settings = {k: dict(v) for k, v in fields.get("attack_settings", {}).items()}
@@ -494,7 +485,13 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         if not dot or not name:
             raise MedPFLError(f"--set '{text}' needs the form ATTACK.KEY=VALUE, e.g. --set invgrad.steps=200.")
         settings.setdefault(attack, {})[name] = value
-    config = SweepConfig(**{**fields, "attack_settings": settings})
+    return SweepConfig(**{**fields, "attack_settings": settings})
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from medpfl.experiments.sweep import run_sweep
+
+    config = sweep_config(args)
     bar, (update,) = _progress(args.quiet, "sweep cells")
     with bar or nullcontext():
         rows = run_sweep(config, args.out, workers=args.workers, ray_address=args.ray, progress=update)
@@ -545,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[(args.command, getattr(args, "data_command", None))](args)
     except MedPFLError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        # The sentence as written: a value such as dirichlet:-1: is no emoji code, [0, 1) no markup.
+        console.print(f"[red]error:[/red] {escape(str(exc))}", emoji=False)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted; finished results are saved and the same command resumes the run")

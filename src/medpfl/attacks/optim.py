@@ -138,46 +138,99 @@ def lbfgs(
     hardware handles well until the very end. With `target` (V), a run also stops once its loss is at or
     below its victim's target: where the objective cannot fall below a known floor without fitting noise.
     """
-    if max_eval is None:
-        max_eval = max_iter * 5 // 4
-    V, D = x0.shape
-    dev, dt = x0.device, x0.dtype
-    m = history_size
-    zeros = lambda *shape, dtype=dt: torch.zeros(*shape, device=dev, dtype=dtype)  # noqa: E731
-    # Results, indexed by victim.
-    out = OptimResult(x=x0.detach().clone(), loss=torch.full((V,), float("nan"), device=dev, dtype=dt),
-                      evaluations=zeros(V, dtype=torch.long), steps=zeros(V, dtype=torch.long),
-                      converged=zeros(V, dtype=torch.bool), diverged=zeros(V, dtype=torch.bool),
-                      runs=zeros(V, dtype=torch.long), stalled=zeros(V, dtype=torch.long))
+    return _BatchedLBFGS(
+        objective, x0, steps=steps, lr=lr, max_iter=max_iter,
+        max_eval=max_iter * 5 // 4 if max_eval is None else max_eval,
+        tolerance_grad=tolerance_grad, tolerance_change=tolerance_change, history_size=history_size,
+        restart=restart, max_active=max_active, curvature_tolerance=curvature_tolerance,
+        relative_curvature=relative_curvature, target=target,
+    ).run()
 
-    def new_rows(victims: torch.Tensor, x: torch.Tensor) -> _Rows:
-        n = len(victims)
+
+class _BatchedLBFGS:
+    """One `lbfgs` call: the runs in progress (`rows`), the victims' results (`out`), and an iteration's
+    phases. Each iteration evaluates every running row once; then, per row, torch's stopping rules, the
+    last step's curvature pair into the history, the two-loop direction, and the move along it. Rows
+    whose run ends leave the batch at once; restarts and victims not yet started take their places."""
+
+    def __init__(self, objective: Objective, x0: torch.Tensor, *, steps: int, lr: float, max_iter: int,
+                 max_eval: int, tolerance_grad: float, tolerance_change: float, history_size: int,
+                 restart: Restart | None, max_active: int | None, curvature_tolerance: float,
+                 relative_curvature: bool, target: torch.Tensor | None) -> None:
+        self.objective, self.x0, self.restart, self.target = objective, x0, restart, target
+        self.steps, self.lr, self.max_iter, self.max_eval = steps, lr, max_iter, max_eval
+        self.tolerance_grad, self.tolerance_change = tolerance_grad, tolerance_change
+        self.curvature_tolerance, self.relative_curvature = curvature_tolerance, relative_curvature
+        self.m = history_size
+        V = x0.shape[0]
+        self.dev, self.dt = x0.device, x0.dtype
+        self.slots = torch.arange(self.m, device=self.dev)
+        # Results, indexed by victim.
+        self.out = OptimResult(
+            x=x0.detach().clone(), loss=torch.full((V,), float("nan"), device=self.dev, dtype=self.dt),
+            evaluations=self._zeros(V, dtype=torch.long), steps=self._zeros(V, dtype=torch.long),
+            converged=self._zeros(V, dtype=torch.bool), diverged=self._zeros(V, dtype=torch.bool),
+            runs=self._zeros(V, dtype=torch.long), stalled=self._zeros(V, dtype=torch.long))
+        self.active = V if max_active is None else max(1, min(max_active, V))
+        self.rows = self._new_rows(torch.arange(self.active, device=self.dev), x0[:self.active])
+        self.queued = self.active  # victims queued..V-1 have not started yet
+        self.waiting: list[torch.Tensor] = []  # victims to start again before the next evaluation
+
+    def run(self) -> OptimResult:
+        while self._fill():
+            f, grad = self._evaluate()
+            f, grad = self._end_steps(f, grad)
+            if not self.rows.victim.numel():
+                continue
+            r = self.rows
+            first = r.n_iter == 0
+            r.n_iter += 1
+            r.iter_in_step += 1
+            Sg, Yg = self._update_history(grad, first)
+            self._move(f, grad, self._direction(grad, Sg, Yg), first)
+        return self.out
+
+    def _zeros(self, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.zeros(*shape, device=self.dev, dtype=self.dt if dtype is None else dtype)
+
+    def _new_rows(self, victims: torch.Tensor, x: torch.Tensor) -> _Rows:
+        n, D, m, zeros = len(victims), self.x0.shape[1], self.m, self._zeros
         return _Rows(
-            victim=victims, x=x.detach().to(dev, dt).clone(), loss=zeros(n), prev_g=zeros(n, D),
-            prev_loss=zeros(n), d=zeros(n, D), t=zeros(n), h_diag=torch.ones(n, device=dev, dtype=dt),
+            victim=victims, x=x.detach().to(self.dev, self.dt).clone(), loss=zeros(n), prev_g=zeros(n, D),
+            prev_loss=zeros(n), d=zeros(n, D), t=zeros(n), h_diag=torch.ones(n, device=self.dev, dtype=self.dt),
             # Curvature pairs in a ring buffer per run, steps s in W[:m] and gradient changes y in W[m:]:
             # `head` is the oldest slot, `count` how many are held; SY[i, j] = s_i . y_j and YY[i, j] = y_i . y_j
             # in history order are kept up to date as pairs arrive (SY's diagonal is 1 at empty places).
-            W=zeros(n, 2 * m, D), SY=torch.eye(m, device=dev, dtype=dt).repeat(n, 1, 1), YY=zeros(n, m, m),
+            W=zeros(n, 2 * m, D), SY=torch.eye(m, device=self.dev, dtype=self.dt).repeat(n, 1, 1),
+            YY=zeros(n, m, m),
             # Last iteration's products of the pairs with g_prev and its direction's coefficients (history order).
             prev_Sg=zeros(n, m), prev_Yg=zeros(n, m), coef=zeros(n, 2 * m),
             head=zeros(n, dtype=torch.long), count=zeros(n, dtype=torch.long),
             n_iter=zeros(n, dtype=torch.long),  # iterations over all steps (torch's state['n_iter'])
             iter_in_step=zeros(n, dtype=torch.long), evals_in_step=zeros(n, dtype=torch.long),
             step=zeros(n, dtype=torch.long), evaluations=zeros(n, dtype=torch.long),
-            at_step_start=torch.ones(n, dtype=torch.bool, device=dev),  # next evaluation opens a new .step()
+            at_step_start=torch.ones(n, dtype=torch.bool, device=self.dev),  # next evaluation opens a new .step()
             # Ended on a move: the next evaluation only reports the loss at the final point.
             closing=zeros(n, dtype=torch.bool), converged=zeros(n, dtype=torch.bool),
         )
 
-    active = V if max_active is None else max(1, min(max_active, V))
-    r = new_rows(torch.arange(active, device=dev), x0[:active])
-    queued = active  # victims queued..V-1 have not started yet
-    slots = torch.arange(m, device=dev)
-    waiting: list[torch.Tensor] = []  # victims to start again before the next evaluation
+    def _fill(self) -> bool:
+        """Restarts first, then victims not yet started, into the free places; False once nothing runs."""
+        if self.waiting:
+            victims = torch.cat(self.waiting)
+            self.waiting.clear()
+            if victims.numel():
+                self.rows.extend(self._new_rows(victims, self.restart.draw(len(victims))))
+        room = min(self.active - len(self.rows.victim), len(self.x0) - self.queued)
+        if room > 0:
+            start, end = self.queued, self.queued + room
+            self.rows.extend(self._new_rows(torch.arange(start, end, device=self.dev), self.x0[start:end]))
+            self.queued = end
+        return bool(self.rows.victim.numel())
 
-    def finish(mask: torch.Tensor, diverged: bool = False) -> torch.Tensor:
+    def _finish(self, mask: torch.Tensor, diverged: bool = False) -> torch.Tensor:
         """Record the runs in `mask` as done and drop their rows; returns ~mask to filter this step's values."""
+        r, out, restart = self.rows, self.out, self.restart
         if bool(mask.any()):
             v = r.victim[mask]
             broke = torch.full_like(v, diverged, dtype=torch.bool)
@@ -195,22 +248,14 @@ def lbfgs(
             if restart is not None:
                 again = (out.runs[v] <= restart.tries) & (
                     out.diverged[v] | stalled | restart.unsatisfied(v, out.loss[v]))
-                waiting.append(v[again])
+                self.waiting.append(v[again])
         return ~mask
 
-    while True:
-        if waiting:
-            victims = torch.cat(waiting)
-            waiting.clear()
-            if victims.numel():
-                r.extend(new_rows(victims, restart.draw(len(victims))))
-        room = min(active - len(r.victim), V - queued)
-        if room > 0:
-            r.extend(new_rows(torch.arange(queued, queued + room, device=dev), x0[queued:queued + room]))
-            queued += room
-        if not r.victim.numel():
-            break
-        f, grad = objective(r.x, r.victim)
+    def _evaluate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and gradient of every running row; rows that diverged, or were evaluated only to report
+        their final loss, finish here. Returns the values of the rows still running."""
+        r = self.rows
+        f, grad = self.objective(r.x, r.victim)
         f, grad = f.detach(), grad.detach()
         r.evaluations += (~r.closing).long()
         # A sum is finite only if every term is (a finite gradient whose sum overflows has diverged too).
@@ -218,101 +263,124 @@ def lbfgs(
         if bool(bad.any()):
             # Step back to the last finite point so the victim's iterate stays usable.
             r.x[bad] -= r.t[bad, None] * r.d[bad]
-            keep = finish(bad, diverged=True)
+            keep = self._finish(bad, diverged=True)
             f, grad = f[keep], grad[keep]
         r.loss = f
         # A run that ended on a move was evaluated only to report the loss where it ended.
-        keep = finish(r.closing)
-        f, grad = f[keep], grad[keep]
-        opt_cond = grad.abs().amax(1) <= tolerance_grad
-        if target is not None:
-            opt_cond |= f <= target[r.victim]
+        keep = self._finish(r.closing)
+        return f[keep], grad[keep]
+
+    def _end_steps(self, f: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """torch's stopping rules: which rows' .step() call ends here, and which runs end with it."""
+        r = self.rows
+        opt_cond = grad.abs().amax(1) <= self.tolerance_grad
+        if self.target is not None:
+            opt_cond |= f <= self.target[r.victim]
         starting = r.at_step_start
         r.evals_in_step = torch.where(starting, 1, r.evals_in_step + 1)
         # After an in-step evaluation torch checks its stopping rules; any of them ends the .step() call.
         # The next call re-evaluates the same point (same loss and gradient), so that evaluation is skipped.
-        moved = (r.d * r.t[:, None]).abs().amax(1) <= tolerance_change
-        flat = (f - r.prev_loss).abs() < tolerance_change
-        ends = ~starting & (opt_cond | moved | flat | (r.evals_in_step >= max_eval))
+        moved = (r.d * r.t[:, None]).abs().amax(1) <= self.tolerance_change
+        flat = (f - r.prev_loss).abs() < self.tolerance_change
+        ends = ~starting & (opt_cond | moved | flat | (r.evals_in_step >= self.max_eval))
         r.step += (ends | (opt_cond & starting)).long()
         r.evals_in_step = torch.where(ends, 1, r.evals_in_step)
         r.iter_in_step = torch.where(ends | starting, 0, r.iter_in_step)
         # A point whose gradient is under tolerance is final: every later .step() returns at once.
         r.converged |= opt_cond
-        keep = finish(opt_cond | (r.step >= steps))
-        f, grad = f[keep], grad[keep]
-        if not r.victim.numel():
-            continue
+        keep = self._finish(opt_cond | (r.step >= self.steps))
+        return f[keep], grad[keep]
 
-        first = r.n_iter == 0
-        r.n_iter += 1
-        r.iter_in_step += 1
-        # Update the curvature history with the last step (not on a victim's very first iteration).
+    def _update_history(self, grad: torch.Tensor, first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the last step's curvature pair where it passes the curvature test (not on a victim's very
+        first iteration); returns the pairs' products with the new gradient (Sg, Yg), in history order."""
+        r, m = self.rows, self.m
         s_new = r.d * r.t[:, None]
         y_new = grad - r.prev_g
         ys = (y_new * s_new).sum(1)
         # One pass over the history per iteration: its pairs' products with the new gradient, in history
         # order. The new pair's products with the others follow from last iteration's without another
-        # pass: s_i.y = s_i.g - s_i.g_prev, y_i.y likewise, and s = t d with d = -h g_prev + [S; Y]^T coef.
-        order = (r.head[:, None] + slots[None, :]) % m  # order[v, i] = slot of the i-th oldest pair
+        # pass (see _add_pairs).
         dots = torch.bmm(grad[:, None, :], r.W.transpose(1, 2))[:, 0]
+        order = self._history_order()
         Sg, Yg = torch.gather(dots[:, :m], 1, order), torch.gather(dots[:, m:], 1, order)
-        bound = curvature_tolerance * (s_new.norm(dim=1) * y_new.norm(dim=1) if relative_curvature else 1.0)
-        add = ~first & (ys > bound)
+        scale = s_new.norm(dim=1) * y_new.norm(dim=1) if self.relative_curvature else 1.0
+        add = ~first & (ys > self.curvature_tolerance * scale)
         if bool(add.any()):
-            s_ynew, y_ynew = Sg - r.prev_Sg, Yg - r.prev_Yg
-            coef_s, coef_y = r.coef[:, None, :m], r.coef[:, None, m:]
-            s_y = r.t[:, None] * (-r.h_diag[:, None] * r.prev_Yg
-                                  + torch.bmm(coef_s, r.SY)[:, 0] + torch.bmm(coef_y, r.YY)[:, 0])
-            # A full history drops its oldest pair: everything kept in history order moves up one place.
-            evict = add & (r.count == m)
-            if bool(evict.any()):
-                everyone = bool(evict.all())  # the usual case once histories are full
-
-                def drop_oldest(t: torch.Tensor) -> torch.Tensor:
-                    # Shifted up one place; the freed last row/column is zero until the new pair fills it.
-                    moved = F.pad(t[:, 1:], (0, 1)) if t.dim() == 2 else F.pad(t[:, 1:, 1:], (0, 1, 0, 1))
-                    return moved if everyone else torch.where(evict.view(-1, *[1] * (t.dim() - 1)), moved, t)
-                r.SY, r.YY = drop_oldest(r.SY), drop_oldest(r.YY)
-                Sg, Yg, s_y, s_ynew, y_ynew = map(drop_oldest, (Sg, Yg, s_y, s_ynew, y_ynew))
-            at = torch.where(evict, m - 1, r.count)  # the new pair's place in history order
-            slot = torch.where(evict, r.head, (r.head + r.count) % m)
-            r.head = torch.where(evict, (r.head + 1) % m, r.head)
-            r.count = r.count + (add & ~evict).long()
-            yy = (y_new ** 2).sum(1)
-            rows, a = add.nonzero().squeeze(1), at[add]
-            r.W[rows, slot[add]], r.W[rows, m + slot[add]] = s_new[add], y_new[add]
-            r.SY[rows, a, :], r.SY[rows, :, a] = s_y[add], s_ynew[add]  # s_new . y_j and s_i . y_new
-            r.YY[rows, a, :], r.YY[rows, :, a] = y_ynew[add], y_ynew[add]
-            r.SY[rows, a, a], r.YY[rows, a, a] = ys[add], yy[add]
-            Sg[rows, a] = (s_new[add] * grad[add]).sum(1)
-            Yg[rows, a] = (y_new[add] * grad[add]).sum(1)
-            r.h_diag = torch.where(add, ys / yy, r.h_diag)
+            Sg, Yg = self._add_pairs(add, s_new, y_new, ys, grad, Sg, Yg)
         r.h_diag = torch.where(first, 1.0, r.h_diag)
+        return Sg, Yg
 
+    def _history_order(self) -> torch.Tensor:
+        """order[v, i] = the ring slot of row v's i-th oldest pair."""
+        return (self.rows.head[:, None] + self.slots[None, :]) % self.m
+
+    def _add_pairs(self, add: torch.Tensor, s_new: torch.Tensor, y_new: torch.Tensor, ys: torch.Tensor,
+                   grad: torch.Tensor, Sg: torch.Tensor, Yg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the pair (s_new, y_new) of the rows in `add`, dropping the oldest of a full history, and
+        bring SY, YY, Sg, Yg up to date: s_i.y = s_i.g - s_i.g_prev, y_i.y likewise, and s = t d with
+        d = -h g_prev + [S; Y]^T coef, so no second pass over the history is needed."""
+        r, m = self.rows, self.m
+        s_ynew, y_ynew = Sg - r.prev_Sg, Yg - r.prev_Yg
+        coef_s, coef_y = r.coef[:, None, :m], r.coef[:, None, m:]
+        s_y = r.t[:, None] * (-r.h_diag[:, None] * r.prev_Yg
+                              + torch.bmm(coef_s, r.SY)[:, 0] + torch.bmm(coef_y, r.YY)[:, 0])
+        # A full history drops its oldest pair: everything kept in history order moves up one place.
+        evict = add & (r.count == m)
+        if bool(evict.any()):
+            everyone = bool(evict.all())  # the usual case once histories are full
+            r.SY, r.YY = _drop_oldest(r.SY, evict, everyone), _drop_oldest(r.YY, evict, everyone)
+            Sg, Yg, s_y, s_ynew, y_ynew = (_drop_oldest(t, evict, everyone) for t in (Sg, Yg, s_y, s_ynew, y_ynew))
+        at = torch.where(evict, m - 1, r.count)  # the new pair's place in history order
+        slot = torch.where(evict, r.head, (r.head + r.count) % m)
+        r.head = torch.where(evict, (r.head + 1) % m, r.head)
+        r.count = r.count + (add & ~evict).long()
+        yy = (y_new ** 2).sum(1)
+        rows, a = add.nonzero().squeeze(1), at[add]
+        r.W[rows, slot[add]], r.W[rows, m + slot[add]] = s_new[add], y_new[add]
+        r.SY[rows, a, :], r.SY[rows, :, a] = s_y[add], s_ynew[add]  # s_new . y_j and s_i . y_new
+        r.YY[rows, a, :], r.YY[rows, :, a] = y_ynew[add], y_ynew[add]
+        r.SY[rows, a, a], r.YY[rows, a, a] = ys[add], yy[add]
+        Sg[rows, a] = (s_new[add] * grad[add]).sum(1)
+        Yg[rows, a] = (y_new[add] * grad[add]).sum(1)
+        r.h_diag = torch.where(add, ys / yy, r.h_diag)
+        return Sg, Yg
+
+    def _direction(self, grad: torch.Tensor, Sg: torch.Tensor, Yg: torch.Tensor) -> torch.Tensor:
+        """The two-loop recursion's direction -H g, with one pass over the history in the ring's slot order."""
+        r = self.rows
         coefficients = _two_loop(Sg, Yg, r.SY, r.YY, r.h_diag)
         r.prev_Sg, r.prev_Yg, r.coef = Sg, Yg, coefficients
-        # Back to the ring's slot order for the one pass over the history: d = -h g + [S; Y]^T coefficients.
-        order = (r.head[:, None] + slots[None, :]) % m  # the oldest pair may have moved on
-        slot_order = torch.cat([order, order + m], dim=1)
+        order = self._history_order()  # the oldest pair may have moved on
+        slot_order = torch.cat([order, order + self.m], dim=1)
         in_slots = torch.zeros_like(coefficients).scatter(1, slot_order, coefficients)
-        direction = -r.h_diag[:, None] * grad + torch.bmm(in_slots[:, None, :], r.W)[:, 0]
+        return -r.h_diag[:, None] * grad + torch.bmm(in_slots[:, None, :], r.W)[:, 0]
+
+    def _move(self, f: torch.Tensor, grad: torch.Tensor, direction: torch.Tensor, first: torch.Tensor) -> None:
+        """Step along `direction` with torch's step length; a row whose direction is no longer a descent
+        direction ends instead, and a row at max_iter ends its .step() call with this move."""
+        r = self.rows
         r.d, r.prev_g, r.prev_loss = direction, grad, f
-        t_first = torch.clamp(1.0 / grad.abs().sum(1), max=1.0) * lr
-        r.t = torch.where(first, t_first, torch.full_like(t_first, lr))
+        t_first = torch.clamp(1.0 / grad.abs().sum(1), max=1.0) * self.lr
+        r.t = torch.where(first, t_first, torch.full_like(t_first, self.lr))
         # Not a descent direction: torch breaks, and every later .step() recomputes the same direction.
-        stuck = (grad * direction).sum(1) > -tolerance_change
+        stuck = (grad * direction).sum(1) > -self.tolerance_change
         r.converged |= stuck
         r.step += stuck.long()
-        finish(stuck)
+        self._finish(stuck)
         r.x = r.x + r.t[:, None] * r.d
         # At max_iter torch moves without evaluating and ends the call; the next call evaluates first.
-        last = r.iter_in_step >= max_iter
+        last = r.iter_in_step >= self.max_iter
         r.step += last.long()
         r.at_step_start = last
-        r.closing = last & (r.step >= steps)
+        r.closing = last & (r.step >= self.steps)
 
-    return out
+
+def _drop_oldest(t: torch.Tensor, evict: torch.Tensor, everyone: bool) -> torch.Tensor:
+    """Rows of `t` (V x m or V x m x m, history order) in `evict` shifted up one place; the freed last
+    row/column is zero until the new pair fills it."""
+    moved = F.pad(t[:, 1:], (0, 1)) if t.dim() == 2 else F.pad(t[:, 1:, 1:], (0, 1, 0, 1))
+    return moved if everyone else torch.where(evict.view(-1, *[1] * (t.dim() - 1)), moved, t)
 
 
 def _two_loop(

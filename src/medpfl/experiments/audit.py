@@ -14,12 +14,17 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from medpfl.data import Skipped, open_verified
 from medpfl.errors import MedPFLError
 from medpfl.experiments.audit_config import AuditConfig
 from medpfl.experiments.run_dir import append_result, library_versions, read_results, write_json, write_skipped
+from medpfl.fl.settings import FederationSettings
+
+if TYPE_CHECKING:
+    from medpfl.experiments.sweep import SweepConfig
+    from medpfl.experiments.train_run import TrainRunConfig
 
 LEDGER = "audit.jsonl"
 
@@ -64,14 +69,19 @@ def _unavailable(key: str, what: str) -> MedPFLError:
                        f"remove '{key}' from the config (or set it to false/null).")
 
 
+def federation_run(config: AuditConfig, job: dict[str, Any]) -> TrainRunConfig:
+    """The `medpfl train` run of a federation job: the config's `federation` section on one data set and seed."""
+    from medpfl.experiments.train_run import TrainRunConfig
+
+    return TrainRunConfig(data=config.data[job["data"]], image_size=config.image_size, channels=config.channels,
+                          seed=job["seed"], device=config.device, **asdict(config.federation))
+
+
 def _federation_job(config: AuditConfig, job: dict[str, Any], out: Path,
                     progress: Callable[[int, int], None] | None, resume: bool) -> dict[str, Any]:
-    from medpfl.experiments.train_run import TrainRunConfig, run_training
+    from medpfl.experiments.train_run import run_training
 
-    federation = asdict(config.federation)
-    run = TrainRunConfig(data=config.data[job["data"]], image_size=config.image_size, channels=config.channels,
-                         seed=job["seed"], device=config.device, **federation)
-    summary = run_training(run, out / job["dir"], resume=resume, progress=progress)
+    summary = run_training(federation_run(config, job), out / job["dir"], resume=resume, progress=progress)
     attacked = summary.get("attacks") or []
     return {**summary["final"], "rounds": summary["rounds"], "epsilon": summary.get("epsilon"),
             **({"dp_audit": summary["dp_audit"]} if "dp_audit" in summary else {}),
@@ -79,27 +89,31 @@ def _federation_job(config: AuditConfig, job: dict[str, Any], out: Path,
                 "mean_ssim": sum(a["mean_ssim"] for a in attacked) / len(attacked)} if attacked else {})}
 
 
-def _defenses_job(config: AuditConfig, job: dict[str, Any], out: Path,
-                  progress: Callable[[int, int], None] | None, resume: bool) -> dict[str, Any]:
-    """medpfl sweep's grid: every defended attack (batch 1, the sweep's conventions) and its utility."""
-    from medpfl.experiments.sweep import SweepConfig, run_sweep
+def defenses_sweep(config: AuditConfig, job: dict[str, Any]) -> SweepConfig:
+    """The `medpfl sweep` of a defenses job: the paper's protocol for privacy (each attack on single images of
+    its own model), as the audit's attack jobs; utility from `medpfl train`'s federation (FedAvg on every
+    image of each site, fl.settings' defaults) with the config's utility sites and rounds."""
+    from medpfl.experiments.sweep import SweepConfig
     from medpfl.experiments.train_run import TrainRunConfig
 
     defended = [a for a in config.attacks if a.defended]  # one per name (AuditConfig.check)
-    # The paper's protocol for privacy (each attack on single images of its own model), as the audit's attack
-    # jobs; utility from `medpfl train`'s federation (FedAvg on every image of each site).
-    train = TrainRunConfig()
-    sweep = SweepConfig(privacy="paper", attacks=[a.name for a in defended], defenses=list(config.defenses),
-                        data=config.data[job["data"]], n_images=config.n_images, seeds=list(config.seeds),
-                        image_size=config.image_size, channels=config.channels, norm=config.norm,
-                        attack_settings={a.name: dict(a.settings) for a in defended},
-                        models={a.name: a.model for a in defended if a.model},
-                        batch_size=config.threat.batch_size, labels=config.threat.labels,
-                        bn_mode=config.threat.bn_mode, utility=config.utility.enabled, rounds=config.utility.rounds,
-                        sites=config.utility.sites, model=train.model, protocol=train.protocol,
-                        site_images=train.site_images, local_epochs=train.local_epochs, local_batch=train.local_batch,
-                        lr=train.lr, momentum=train.momentum, device=config.device)
-    rows = run_sweep(sweep, out / job["dir"], workers=1, progress=progress)
+    train = FederationSettings(sites=config.utility.sites, rounds=config.utility.rounds)
+    return SweepConfig(privacy="paper", attacks=[a.name for a in defended], defenses=list(config.defenses),
+                       data=config.data[job["data"]], n_images=config.n_images, seeds=list(config.seeds),
+                       image_size=config.image_size, channels=config.channels, norm=config.norm,
+                       attack_settings={a.name: dict(a.settings) for a in defended},
+                       models={a.name: a.model for a in defended if a.model},
+                       batch_size=config.threat.batch_size, labels=config.threat.labels,
+                       bn_mode=config.threat.bn_mode, utility=config.utility.enabled, model=TrainRunConfig.model,
+                       device=config.device, **train.federation_settings())
+
+
+def _defenses_job(config: AuditConfig, job: dict[str, Any], out: Path,
+                  progress: Callable[[int, int], None] | None, resume: bool) -> dict[str, Any]:
+    """medpfl sweep's grid: every defended attack (batch 1, the sweep's conventions) and its utility."""
+    from medpfl.experiments.sweep import run_sweep
+
+    rows = run_sweep(defenses_sweep(config, job), out / job["dir"], workers=1, progress=progress)
     kept = ("attack", "defense", "asr", "mean_ssim", "mean_psnr", "label_accuracy", "reid_rate", "epsilon", "accuracy")
     return {"rows": len(rows), "grid": [{k: row.get(k) for k in kept} for row in rows]}
 
@@ -160,6 +174,8 @@ def _open(out: Path, config: AuditConfig, resume: bool) -> Path:
     except OSError as exc:
         raise MedPFLError(f"Cannot create the audit folder '{out}' ({exc.strerror}); pass a writable --out.") from None
     record = json.loads(json.dumps(asdict(config), default=str))
+    if record["federation"] and not record["federation"]["site_images"]:
+        del record["federation"]["site_images"]  # so audits recorded before the section had it still resume
     ledger = out / LEDGER
     if ledger.exists() and (out / "config.json").exists():
         previous = json.loads((out / "config.json").read_text()).get("config", {})

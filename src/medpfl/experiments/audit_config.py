@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medpfl.errors import MedPFLError
+from medpfl.fl.settings import FederationSettings
 
 SHIPPED = ("demo", "medpfl-paper")
 
@@ -41,30 +42,27 @@ class AttackConfig:
 
 @dataclass
 class UtilityConfig:
-    """The federation trained once per defense to measure what the defense costs in accuracy."""
+    """The federation trained once per defense to measure what the defense costs in accuracy: `medpfl train`'s
+    federation (fl.settings), with its sites and rounds set here."""
 
     enabled: bool = True
-    sites: int = 5
-    rounds: int = 20
+    sites: int = FederationSettings.sites
+    rounds: int = FederationSettings.rounds
 
 
-@dataclass
-class FederationConfig:
+@dataclass(frozen=True)
+class FederationConfig(FederationSettings):
     """Federated training (`medpfl train`) with a curious server attacking chosen rounds and sites.
 
-    Data, image size, channels, seeds and device are the audit's; the rest are `medpfl train`'s options."""
+    Data, image size, channels, seeds and device are the audit's; the rest are `medpfl train`'s options, with
+    its defaults (fl.settings) but one."""
 
+    # Its default attack, iDLG on a probe update, inverts a gradient, which FedAvg shares only after one local
+    # step: with train's 2 epochs the federation would be refused (medpfl train names update-inversion).
+    local_epochs: int = 1
     attack: str = "idlg"
     model: str = "convnet"
     norm: str = "group"
-    sites: int = 5
-    rounds: int = 5
-    protocol: str = "fedavg"
-    partition: str = "iid"
-    local_epochs: int = 1
-    local_batch: int = 16
-    lr: float = 0.05
-    momentum: float = 0.9
     attack_rounds: list[int] = field(default_factory=lambda: [1])
     attack_sites: list[int] = field(default_factory=lambda: [0])
     attack_batch: int | None = 1  # attack a probe update of the site's first K images; None: its whole update
@@ -138,7 +136,6 @@ class AuditConfig:
         if self.federation is not None:
             _choice("federation.attack", self.federation.attack, tuple(attack_names()))
             _choice("federation.model", self.federation.model, tuple(MODELS))
-            _choice("federation.protocol", self.federation.protocol, ("fedsgd", "fedavg"))
             from medpfl.experiments.train_run import TrainRunConfig
             from medpfl.experiments.train_run import _check as check_training
 
@@ -216,8 +213,12 @@ def from_mapping(cls: type, values: Any, key: str = "") -> Any:
         if name not in names:
             raise MedPFLError(f"Audit config key '{(key + '.') if key else ''}{name}' is unknown; valid keys "
                               f"{'in ' + where if key else 'at the top level'}: {', '.join(names)}.")
-    return cls(**{name: _convert(value, hints[name], f"{(key + '.') if key else ''}{name}")
-                  for name, value in values.items()})
+    converted = {name: _convert(value, hints[name], f"{(key + '.') if key else ''}{name}")
+                 for name, value in values.items()}
+    try:
+        return cls(**converted)
+    except MedPFLError as exc:  # a value its class refuses (the federation's settings check themselves)
+        raise MedPFLError(f"Audit config key '{key}': {exc}" if key else str(exc)) from None
 
 
 def shipped_config(name: str) -> Path:

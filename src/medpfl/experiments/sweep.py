@@ -28,15 +28,16 @@ from typing import Any, Callable
 from medpfl.defenses import Chain, parse_defense, parse_defenses
 from medpfl.errors import MedPFLError
 from medpfl.experiments.run_dir import append_result, open_run_dir, read_results, write_json
-from medpfl.fl.local import LocalTraining
+from medpfl.fl.settings import FederationSettings
 from medpfl.jsonl import read_jsonl
 
 PRIVACY_MODES = ("federation", "paper")
 
 
-@dataclass
-class SweepConfig:
-    """Everything that determines a sweep's results."""
+@dataclass(frozen=True)
+class SweepConfig(FederationSettings):
+    """Everything that determines a sweep's results: each cell's federation (`medpfl train`'s settings, with the
+    overrides below) and the grid."""
 
     # The auditor's worst case by default: plain iDLG and every attack that knows the defense, best per image.
     attacks: list[str] = field(default_factory=lambda: ["strongest"])
@@ -58,19 +59,19 @@ class SweepConfig:
     labels: str | None = None
     bn_mode: str | None = None
     utility: bool = True  # train a federation per defense and seed (needs medpfl.fl's engine)
-    rounds: int = 20
-    sites: int = 5
-    # The federation, as `medpfl train` takes it. Defaults where the gradient attacks can work, the paper's
-    # setting inside a federation: FedSGD (the update is a gradient) on sites of one image each, on iDLG's
-    # LeNet. There iDLG recovered every attacked image (SSIM 1.00, embedded set, 16 px); on 4 images per
-    # update it recovers none (README, Batches), and on the GroupNorm ConvNet it kept restarting without an
-    # answer. More images per site buy utility at the attack's expense; FedAvg of several local steps needs
-    # the update-inversion attack.
+    # The federation, as `medpfl train` takes it, with train's defaults (fl.settings) but these overrides, so
+    # that the privacy half measures updates the gradient attacks can invert: the paper's setting inside a
+    # federation, FedSGD (the update is a gradient) on sites of one image each, on iDLG's LeNet. There iDLG
+    # recovered every attacked image (SSIM 1.00, embedded set, 16 px); on 4 images per update it recovers none
+    # (README, Batches), and on the GroupNorm ConvNet it kept restarting without an answer. More images per
+    # site buy utility at the attack's expense; FedAvg of several local steps needs the update-inversion attack.
     model: str = "lenet-idlg"
     protocol: str = "fedsgd"
     site_images: int = 1  # 0: every image of the site's share
+    # FedSGD's server step, and local epochs and momentum that FedSGD does not use (they matter under --protocol
+    # fedavg only): the values the sweeps recorded in benchmarks/results ran, kept so that their numbers stand
+    # and they resume (a resumed sweep must record the same settings).
     local_epochs: int = 1
-    local_batch: int = 16
     lr: float = 0.1
     momentum: float = 0.0
     device: str = "cpu"
@@ -83,10 +84,6 @@ class SweepConfig:
     def seed_list(self) -> list[int]:
         return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)
 
-    @property
-    def training(self) -> LocalTraining:
-        return LocalTraining(self.protocol, self.local_epochs, self.local_batch, self.lr, self.momentum)
-
     def federation(self, defense: str, seed: int, attack: str | None = None):
         """The `medpfl train` run of one cell: the federation with `defense` inside; with `attack`, its curious
         server attacks every site's update (the aggregate, under secure aggregation) at the first and last round."""
@@ -98,10 +95,8 @@ class SweepConfig:
         # "paper": `norm` is the attacked paper models'; the federation keeps medpfl train's (GroupNorm).
         norm = self.norm if self.privacy == "federation" else TrainRunConfig.norm
         return TrainRunConfig(
-            data=self.data, model=self.model, norm=norm, image_size=self.image_size, channels=self.channels,
-            sites=self.sites,
-            site_images=self.site_images, rounds=self.rounds, protocol=self.protocol, local_epochs=self.local_epochs,
-            local_batch=self.local_batch, lr=self.lr, momentum=self.momentum, attack=attack,
+            **self.federation_settings(), data=self.data, model=self.model, norm=norm, image_size=self.image_size,
+            channels=self.channels, attack=attack,
             attack_rounds=sorted({1, self.rounds}) if attack else [],
             attack_sites=list(range(self.sites)) if attack and not secure else [],
             attack_settings=dict(self.attack_settings.get(attack, {})) if attack else {},
@@ -114,7 +109,7 @@ class SweepConfig:
         from medpfl.fl.partition import federate, keep_per_site
 
         source = open_verified(self.data)[0]  # broken files left out, as every cell's run does
-        return keep_per_site(federate(source, self.sites, "iid", 0), self.site_images, 0).n_images
+        return keep_per_site(federate(source, self.sites, self.partition, 0), self.site_images, 0).n_images
 
     def chains(self) -> list[Chain]:
         """Every defense chain the specs name, in order, without repeats; DP-SGD on the training's schedule."""
@@ -182,6 +177,10 @@ def plan(config: SweepConfig) -> list[dict[str, Any]]:
         raise MedPFLError(f"--n-images ({config.n_images}) and --seeds ({config.seeds}) must be 1 or more.")
     if config.audit_canaries and not config.utility:
         raise MedPFLError("--audit-dp audits the federations of the utility cells; drop --no-utility.")
+    if config.partition != "iid":
+        raise MedPFLError(f"--partition {config.partition}: a sweep's federations are IID (its DP-SGD is calibrated "
+                          "once for the grid's site sizes, which other partitions draw anew per seed); train one "
+                          "such federation with medpfl train --partition.")
     if config.privacy not in PRIVACY_MODES:
         raise MedPFLError(f"--privacy must be one of {', '.join(PRIVACY_MODES)}, got '{config.privacy}'.")
     if config.privacy == "federation" and (config.models or config.batch_size != 1 or config.labels or config.bn_mode):
@@ -366,6 +365,8 @@ def run_sweep(config: SweepConfig, out: str | Path, workers: int | None = None, 
     """Run (or resume) the grid into `out`; returns the trade-off rows also written to tradeoff.csv/.png."""
     jobs = plan(config)
     recorded = asdict(config)
+    if recorded["partition"] == "iid":
+        del recorded["partition"]  # so sweeps recorded before it was an option still resume
     if not config.audit_canaries:
         del recorded["audit_canaries"]  # so sweeps recorded before audits existed still resume
     path = open_run_dir(out, recorded)

@@ -30,10 +30,11 @@ from medpfl.experiments.run_dir import open_run_dir, write_json, write_skipped
 from medpfl.experiments.scoring import victim_record
 from medpfl.experiments.victim_models import load_model_state
 from medpfl.fl.gradients import functional_model
-from medpfl.fl.local import LocalTraining, local_update
+from medpfl.fl.local import local_update
 from medpfl.fl.partition import Federation, federate, keep_per_site
 from medpfl.fl.rounds import AGGREGATE, RoundHooks, SiteObservation, SiteRound, ordered
 from medpfl.fl.model_check import ModelCheck, ModelRefused, fingerprint
+from medpfl.fl.settings import FederationSettings
 from medpfl.fl.simulation import InProcessFederation
 from medpfl.fl.utility import chance_levels, evaluate
 from medpfl.jsonl import append_jsonl, read_jsonl, rewrite_jsonl
@@ -51,16 +52,13 @@ STATE, ROUNDS, ATTACKS_FILE, MODEL = "state.pt", "rounds.jsonl", "attacks.jsonl"
 REFUSAL = "refusal.json"  # the sites refused the model a malicious server sent: the round and their reason
 
 
-@dataclass
-class TrainRunConfig:
-    """Everything that determines a training run's results.
+@dataclass(frozen=True)
+class TrainRunConfig(FederationSettings):
+    """Everything that determines a training run's results: the federation's settings (their defaults are
+    this command's, fl.settings) and the rest.
 
-    Defaults (GroupNorm ConvNet at 32 px, FedAvg, 2 local epochs of batch 16, lr 0.05 with momentum 0.9,
-    20 rounds): GroupNorm because BatchNorm's batch statistics differ per site and per batch (and Opacus
-    rejects it); the SGD settings are plain small-CNN practice, checked on the embedded set against one
-    site holding all images (centralised training, same settings: about the same final accuracy as 5 IID
-    sites) and against lr 0.02 (worse on IID sites, a little better on Dirichlet(0.3) ones, within the
-    round-to-round swing). The README reports the numbers.
+    Defaults: a GroupNorm ConvNet at 32 px; GroupNorm because BatchNorm's batch statistics differ per site and
+    per batch (and Opacus rejects it).
     """
 
     data: str | None = None  # None: the embedded real-image set
@@ -70,15 +68,6 @@ class TrainRunConfig:
     norm: str = "group"
     image_size: int = 32
     channels: int = 3
-    sites: int = 5
-    site_images: int = 0  # at most this many images per site, a seeded draw from its share (0: all)
-    rounds: int = 20
-    protocol: str = "fedavg"
-    local_epochs: int = 2
-    local_batch: int = 16
-    lr: float = 0.05
-    momentum: float = 0.9
-    partition: str = "iid"
     attack: str | None = None
     attack_rounds: list[int] = field(default_factory=list)
     attack_sites: list[int] = field(default_factory=list)
@@ -94,10 +83,6 @@ class TrainRunConfig:
     vectorise: str = "auto"
     seed: int = 0
     device: str = "auto"  # the GPU when there is one (medpfl.device)
-
-    @property
-    def training(self) -> LocalTraining:
-        return LocalTraining(self.protocol, self.local_epochs, self.local_batch, self.lr, self.momentum)
 
 
 def parse_int_list(text: str | None, option: str) -> list[int]:
@@ -125,8 +110,7 @@ def _require_flower() -> None:
 
 
 def _check(config: TrainRunConfig) -> None:
-    """Refuse impossible settings before anything is trained or written."""
-    config.training  # noqa: B018  (validates protocol, epochs, batch, lr, momentum)
+    """Refuse impossible settings before anything is trained or written (the federation's were, when built)."""
     if config.engine not in ENGINES:
         raise MedPFLError(f"--engine must be one of {', '.join(ENGINES)}, got '{config.engine}'.")
     _check_defense(config)
@@ -134,8 +118,6 @@ def _check(config: TrainRunConfig) -> None:
         _require_flower()
     if config.vectorise not in VECTORISE:
         raise MedPFLError(f"--vectorise must be one of {', '.join(VECTORISE)}, got '{config.vectorise}'.")
-    if config.rounds < 1:
-        raise MedPFLError(f"--rounds {config.rounds} is invalid; train for 1 or more rounds.")
     if config.audit_canaries and config.engine == "flower" and parse_defense(config.defense).server is None:
         raise MedPFLError("--audit-dp on --engine flower audits client-level DP (--defense cdp:noise=Z), whose canary "
                           "clients join Flower's DP aggregation; audit DP-SGD or a run without DP on --engine "

@@ -32,6 +32,9 @@ class LocalTraining:
     fedavg: `epochs` passes of minibatch SGD (batches of `batch_size` in the given image order, the last
     one smaller if needed) with learning rate `lr` and heavy-ball `momentum`; the update is the weight
     change, new weights minus the server's.
+
+    The defaults are the bare primitive's (one pass of plain SGD), for attacks and tests that name what they
+    vary; a federation's settings and their defaults are fl.settings.FederationSettings'.
     """
 
     protocol: str = "fedavg"
@@ -43,10 +46,14 @@ class LocalTraining:
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise MedPFLError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got '{self.protocol}'.")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise MedPFLError(f"--local-epochs ({self.epochs}) and --local-batch ({self.batch_size}) must be 1 or more.")
-        if not self.lr > 0 or not 0 <= self.momentum < 1:
-            raise MedPFLError(f"--lr ({self.lr}) must be positive and momentum ({self.momentum}) in [0, 1).")
+        if self.epochs < 1:
+            raise MedPFLError(f"--local-epochs {self.epochs} is invalid; a site makes 1 or more passes over its images.")
+        if self.batch_size < 1:
+            raise MedPFLError(f"--local-batch {self.batch_size} is invalid; a local step takes 1 or more images.")
+        if not self.lr > 0:
+            raise MedPFLError(f"--lr {self.lr} is invalid; the learning rate must be positive.")
+        if not 0 <= self.momentum < 1:
+            raise MedPFLError(f"--momentum {self.momentum} is invalid; it must be at least 0 and below 1.")
 
     def steps(self, n_images: int) -> int:
         """Optimiser steps a site with `n_images` images takes in one round."""

@@ -116,22 +116,29 @@ def partition_items(items: Sequence[Item], n_sites: int, partition: str, seed: i
                           "or add images.")
     ordered = _by_id(items)
     gen = rng(seed, PARTITION, 1)
-    kind, _, arg = partition.partition(":")
-    if kind == "iid" and not arg:
+    kind, arg = parse_partition(partition)
+    if kind == "iid":
         sites = _iid(ordered, n_sites, gen)
-    elif kind == "dirichlet" and arg:
+    elif kind == "dirichlet":
+        sites = _dirichlet(ordered, n_sites, float(arg), gen)
+    else:
+        sites = _by_column(ordered, n_sites, arg)
+    return [_by_id(site) for site in sites]
+
+
+def parse_partition(partition: str) -> tuple[str, str]:
+    """('iid', ''), ('dirichlet', ALPHA) or ('by', COLUMN); a bad spec raises naming --partition, before any data."""
+    kind, _, arg = partition.partition(":")
+    if kind == "dirichlet" and arg:
         try:
             alpha = float(arg)
         except ValueError:
             alpha = float("nan")
         if not alpha > 0 or not np.isfinite(alpha):
             raise MedPFLError(f"--partition {partition}: ALPHA must be a positive number, e.g. dirichlet:0.3.")
-        sites = _dirichlet(ordered, n_sites, alpha, gen)
-    elif kind == "by" and arg:
-        sites = _by_column(ordered, n_sites, arg)
-    else:
+    elif not ((kind == "iid" and not arg) or (kind == "by" and arg)):
         raise MedPFLError(f"Unknown --partition '{partition}'; use {PARTITION_HELP}.")
-    return [_by_id(site) for site in sites]
+    return kind, arg
 
 
 def federate(source: ImageSource, n_sites: int, partition: str = "iid", seed: int = 0,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from medpfl.errors import MedPFLError
 from medpfl.fl.flower.federation import FederationSpec
+from medpfl.fl.settings import add_arguments, given
 
 LOOPBACK = "127.0.0.1"
 
@@ -273,22 +274,23 @@ def run_local_deployment(spec: FederationSpec, out: Path, insecure: bool = False
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_arguments(argv: list[str] | None = None) -> tuple[FederationSpec, argparse.Namespace]:
+    """The spec a deployment's command line asks for, and the rest of its options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     d = FederationSpec()
-    parser.add_argument("--sites", type=int, default=d.sites)
-    parser.add_argument("--rounds", type=int, default=d.rounds)
-    parser.add_argument("--site-images", type=int, default=d.site_images, help="at most this many per site (0: all)")
+    add_arguments(parser, d)
     parser.add_argument("--model", default=d.model)
     parser.add_argument("--image-size", type=int, default=d.image_size)
-    parser.add_argument("--protocol", default=d.protocol)
     parser.add_argument("--audit-rounds", default="1")
     parser.add_argument("--out", type=Path, default=Path("runs/flower-deployment"))
     parser.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication")
     parser.add_argument("--secure-aggregation", action="store_true", help="SecAgg+ between the sites")
     args = parser.parse_args(argv)
-    spec = FederationSpec(sites=args.sites, rounds=args.rounds, site_images=args.site_images, model=args.model,
-                          image_size=args.image_size, protocol=args.protocol)
+    return FederationSpec(**given(args), model=args.model, image_size=args.image_size), args
+
+
+def main(argv: list[str] | None = None) -> None:
+    spec, args = parse_arguments(argv)
     audit = [int(r) for r in args.audit_rounds.split(",") if r]
     print(run_local_deployment(spec, args.out, args.insecure, audit, secure_aggregation=args.secure_aggregation))
 

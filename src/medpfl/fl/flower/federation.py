@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from medpfl.data import ImageDataset, open_verified
-from medpfl.fl.local import LocalTraining
 from medpfl.fl.partition import federate, keep_per_site
 from medpfl.fl.rounds import AGGREGATE  # noqa: F401  (where Flower's modules look for it)
+from medpfl.fl.settings import FIELD_TYPES, FederationSettings
 from medpfl.models.imprint import imprinted_architecture
 from medpfl.models.registry import build_model
 from medpfl.seeds import model_seed
@@ -28,30 +28,18 @@ IMPRINT_BINS_KEY = "medpfl-imprint-bins"
 
 
 @dataclass(frozen=True)
-class FederationSpec:
-    """A federated training run: data and its sites, model, local training, rounds and seed (as `medpfl train`)."""
+class FederationSpec(FederationSettings):
+    """A federated training run: data and its sites, model, local training, rounds and seed (as `medpfl train`,
+    with its defaults: the federation's settings are fl.settings')."""
 
     data: str = ""  # a source path; "" is the embedded real-image set
-    sites: int = 2
-    partition: str = "iid"
-    site_images: int = 0  # at most this many of each site's images (fl.partition.keep_per_site); 0 keeps them all
     model: str = "convnet"
     model_kwargs: str = ""  # a user's module:callable model's arguments, as JSON (config records hold no dicts)
     norm: str = "group"
     image_size: int = 32
     channels: int = 3
-    rounds: int = 2
-    protocol: str = "fedavg"
-    local_epochs: int = 1
-    local_batch: int = 32
-    lr: float = 0.05
-    momentum: float = 0.0
     seed: int = 0
     defense: str = "none"  # a defense spec the sites and server run with Flower's parts (fl.flower.defenses)
-
-    @property
-    def training(self) -> LocalTraining:
-        return LocalTraining(self.protocol, self.local_epochs, self.local_batch, self.lr, self.momentum)
 
     def to_config(self) -> dict[str, Any]:
         """Flat str/int/float values (hyphenated keys) for a Flower ConfigRecord or a Flower App's run config."""
@@ -75,7 +63,7 @@ class FederationSpec:
         for key in config.keys():
             name = key.replace("-", "_")
             if name in types:  # TOML run configs may hand 1 for 1.0: the field's type decides
-                values[name] = {"int": int, "float": float, "str": str}[str(types[name])](config[key])
+                values[name] = FIELD_TYPES[str(types[name])](config[key])
         return cls(**values)
 
 
@@ -92,7 +80,6 @@ class FederationData:
 @lru_cache(maxsize=4)
 def federation_data(spec: FederationSpec) -> FederationData:
     """Every site's images and the test set, partitioned as the in-process engine does; cached per process."""
-    spec.training  # noqa: B018  (refuses bad local-training settings in one sentence)
     source, _ = open_verified(spec.data or None)  # broken files left out, as the driver's run did
     federation = federate(source, spec.sites, spec.partition, spec.seed)
 
