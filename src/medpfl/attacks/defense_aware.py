@@ -11,32 +11,36 @@ from __future__ import annotations
 
 import torch
 
+from medpfl.attacks.registry import ATTACKS
 from medpfl.attacks.threat import ObservedUpdate, ServerPayload
 from medpfl.defenses.chain import Chain
 
-# Attacks for updates with entries dropped, and for updates with noise on every entry (added noise, DP-SGD,
-# or the rounding of a stochastic quantizer; cosine also for clipping's unknown scale).
-SPARSE_ATTACKS = ("sparse-l2", "sparse-cosine")
-NOISE_ATTACKS = ("robust-l2", "robust-cosine")
+
+def sparse_update(defenses: frozenset[str]) -> bool:
+    """Whether updates under defenses named `defenses` have entries dropped (the sparse attacks fit them);
+    quantization moves the dropped entries off zero."""
+    return "topk" in defenses and "quant" not in defenses
+
+
+def noisy_update(defenses: frozenset[str]) -> bool:
+    """Whether updates under `defenses` carry noise on every entry (added noise, DP-SGD, or the rounding of a
+    stochastic quantizer; clipping's unknown scale too, for the cosine): the robust attacks fit them."""
+    return bool(defenses & {"laplace", "gaussian", "dpsgd", "quant", "clip", "cdp"})
+
+
 # The robust distance summed over several rounds of one site behind the same images (reconstruct_rounds).
 MULTI_ROUND = "multi-round"
 
 
 def applicable_attacks(chain: Chain, rounds: int = 1) -> list[str]:
-    """The attacks `--attack strongest` runs on updates under `chain`: plain iDLG always (so that the
-    strongest is never below it), then those built for the defenses the chain applies; with `rounds` > 1
-    observed of each victim behind the same images, under noise also the attack that combines them.
-    GradInversion's BatchNorm prior (invgrad's bn_prior) is not among them: it needs BatchNorm on running
-    statistics, and the LeNets these attacks run on have no BatchNorm."""
-    names = {d.name for d in chain.defenses}
-    attacks = ["idlg"]
-    if "topk" in names and "quant" not in names:  # quantization moves the dropped entries off zero
-        attacks += SPARSE_ATTACKS
-    if names & {"laplace", "gaussian", "dpsgd", "quant", "clip", "cdp"}:
-        attacks += NOISE_ATTACKS
-        if rounds > 1:  # each round's noise (or stochastic rounding) is an independent draw
-            attacks.append(MULTI_ROUND)
-    return attacks
+    """The attacks `--attack strongest` runs on updates under `chain`: the registered attacks whose entry
+    says they fit its defenses (AttackEntry.strongest_when), in the registry's order; those that combine
+    rounds only where `rounds` > 1 were observed of each victim behind the same images (each round's noise,
+    or stochastic rounding, is an independent draw). GradInversion's BatchNorm prior (invgrad's bn_prior) is
+    not among them: it needs BatchNorm on running statistics, and the LeNets these attacks run on have none."""
+    names = frozenset(d.name for d in chain.defenses)
+    return [e.name for e in ATTACKS.values() if e.strongest_when is not None and e.strongest_when(names)
+            and (rounds > 1 or not e.combines_rounds)]
 
 
 def noise_variance(payload: ServerPayload, update: ObservedUpdate) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -17,11 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
-from medpfl.attacks.defense_aware import noise_variance, signal_weights
+from medpfl.attacks.base import SettingsAttack
+from medpfl.attacks.defense_aware import noise_variance, noisy_update, signal_weights, sparse_update
 from medpfl.attacks.labels import last_layer, recover_labels
 from medpfl.attacks.lenet_matching import LeNetGradientDistance, per_entry
 from medpfl.attacks.objectives import cosine_distance, l2_distance, total_variation
 from medpfl.attacks.optim import Restart, lbfgs, lbfgs_state_floats
+from medpfl.attacks.registry import AttackEntry, register
 from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload
 from medpfl.errors import MedPFLError
 from medpfl.fl.gradients import functional_model, parameter_gradient
@@ -91,19 +93,12 @@ PAPER_PROCEDURE = {"normalize": False, "logit_gradient": "candidate", "restarts"
                    "tolerance_change": 1e-9, "curvature_tolerance": 1e-10}
 
 
-class GradientMatchingAttack:
+class GradientMatchingAttack(SettingsAttack):
     """Reconstruct each victim's batch by L-BFGS on the squared L2 gradient distance."""
 
     name = "gradient-matching"
+    settings_class = GradientMatchingSettings
     takes_checkpoints = False  # a batch of victims ends within minutes; results are written after it
-
-    def __init__(self, settings: GradientMatchingSettings | None = None, **overrides) -> None:
-        self.settings = settings or GradientMatchingSettings()
-        for key, value in overrides.items():
-            setattr(self.settings, key, value)
-
-    def config(self) -> dict:
-        return {"attack": self.name, **asdict(self.settings)}
 
     def initial_images(self, n: int, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         """Starting points for n images of shape C x H x W."""
@@ -405,26 +400,18 @@ def _with_tv_prior(objective, weight: float, batch: int, shape: tuple[int, int, 
     return with_prior
 
 
-def dlg(**overrides) -> GradientMatchingAttack:
-    """Deep Leakage from Gradients (Zhu et al. 2019): image and soft label from N(0,1)."""
-    attack = GradientMatchingAttack(GradientMatchingSettings(init="gaussian", labels="optimize"), **overrides)
-    attack.name = "dlg"
-    return attack
+def variant(name: str, **defaults) -> Callable[..., GradientMatchingAttack]:
+    """build(**settings) of the gradient-matching attack `name`: `defaults` on the settings, then `settings`."""
+    def build(**settings) -> GradientMatchingAttack:
+        return GradientMatchingAttack(GradientMatchingSettings(**defaults), name=name, **settings)
+    return build
 
 
-def idlg(**overrides) -> GradientMatchingAttack:
-    """Improved DLG (Zhao et al. 2020): label from the last layer's gradient, image from N(0,1)."""
-    attack = GradientMatchingAttack(GradientMatchingSettings(init="gaussian", labels="recover"), **overrides)
-    attack.name = "idlg"
-    return attack
-
-
-def cpl(**overrides) -> GradientMatchingAttack:
-    """Catastrophic privacy leakage (Wei et al. 2020): recovered label, patterned initialisation."""
-    attack = GradientMatchingAttack(GradientMatchingSettings(init="pattern", labels="recover"), **overrides)
-    attack.name = "cpl"
-    return attack
-
+# The papers' attacks. DLG (Zhu et al. 2019): image and soft label from N(0,1); iDLG (Zhao et al. 2020): label
+# from the last layer's gradient, image from N(0,1); CPL (Wei et al. 2020): recovered label, patterned start.
+dlg = variant("dlg", init="gaussian", labels="optimize")
+idlg = variant("idlg", init="gaussian", labels="recover")
+cpl = variant("cpl", init="pattern", labels="recover")
 
 # Against distances relative to the update (cosine, or L2 over |o|^2). It rests on one comparison only:
 # robust-cosine under Laplace 0.01 at 16 px on 4 embedded images reconstructed better with it than without;
@@ -433,21 +420,56 @@ ROBUST_TV_WEIGHT = 1e-3
 
 # Attacks that know the defense (defense_aware): iDLG's label rule and L-BFGS, on a distance built for it.
 # The candidate's logit gradient comes from its own softmax: a defended update's bias gradient is not exact.
-def _defense_aware(name: str, **settings) -> Callable[..., GradientMatchingAttack]:
-    def factory(**overrides) -> GradientMatchingAttack:
-        attack = GradientMatchingAttack(GradientMatchingSettings(logit_gradient="candidate", **settings), **overrides)
-        attack.name = name
-        return attack
-    return factory
-
-
 # Top-k: only the entries the sparsified update kept (Huang et al. 2021 bypass pruning this way).
-sparse_l2 = _defense_aware("sparse-l2", support="observed")
-sparse_cosine = _defense_aware("sparse-cosine", support="observed", distance="cosine")
+sparse_l2 = variant("sparse-l2", logit_gradient="candidate", support="observed")
+sparse_cosine = variant("sparse-cosine", logit_gradient="candidate", support="observed", distance="cosine")
 # Noise on every entry (added noise, DP-SGD, stochastic rounding): the observed update is an unbiased noisy
 # estimate of the true one; a TV prior, and no fitting below the noise the defense implies.
-robust_l2 = _defense_aware("robust-l2", tv_weight=ROBUST_TV_WEIGHT, noise_floor=True)
-robust_cosine = _defense_aware("robust-cosine", distance="cosine", tv_weight=ROBUST_TV_WEIGHT, noise_floor=True)
+robust_l2 = variant("robust-l2", logit_gradient="candidate", tv_weight=ROBUST_TV_WEIGHT, noise_floor=True)
+robust_cosine = variant("robust-cosine", logit_gradient="candidate", distance="cosine", tv_weight=ROBUST_TV_WEIGHT,
+                        noise_floor=True)
 # Several rounds of one site behind the same images (FedSGD on a fixed batch): the robust distance summed over
 # them (reconstruct_rounds), each round's noise an independent draw that the sum averages down.
-multi_round = _defense_aware("multi-round", tv_weight=ROBUST_TV_WEIGHT, noise_floor=True)
+multi_round = variant("multi-round", logit_gradient="candidate", tv_weight=ROBUST_TV_WEIGHT, noise_floor=True)
+
+# `--paper`: the papers' procedure with their 300 L-BFGS steps.
+_PAPER_STEPS = {"steps": 300, **PAPER_PROCEDURE}
+_MATCHES = "until the update they would produce matches the observed one"
+register(AttackEntry(
+    "dlg", dlg, "Deep Leakage from Gradients: L-BFGS on image and soft label (Zhu et al. 2019)", "DLG",
+    f"starts from random noise and a random label and adjusts both {_MATCHES} (Zhu et al. 2019)",
+    default_model="lenet-dlg", paper_procedure=_PAPER_STEPS))
+register(AttackEntry(
+    "idlg", idlg, "Improved DLG: label from the last layer, L-BFGS on the image (Zhao et al. 2020)", "iDLG",
+    "reads the label off the last layer of the update, then adjusts a random image until its update matches the "
+    "observed one (Zhao et al. 2020)", default_model="lenet-idlg", paper_procedure=_PAPER_STEPS,
+    strongest_when=lambda defenses: True))  # plain iDLG always: the strongest is never below it
+register(AttackEntry(
+    "cpl", cpl, "Catastrophic privacy leakage: iDLG with a patterned start (Wei et al. 2020)", "CPL",
+    "like iDLG, but starts from a regular pattern instead of noise (Wei et al. 2020)", default_model="lenet-cpl",
+    paper_procedure=_PAPER_STEPS))
+_KEPT = "like iDLG, but compares only the parts of the update the defense kept, not those it dropped"
+register(AttackEntry(
+    "sparse-l2", sparse_l2, "iDLG on the entries a sparsified (top-k) update kept, L2 distance, restarts",
+    "iDLG on kept entries (L2)", f"{_KEPT} (Huang et al. 2021)", default_model="lenet-idlg",
+    strongest_when=sparse_update))
+register(AttackEntry(
+    "sparse-cosine", sparse_cosine, "iDLG on the entries a sparsified (top-k) update kept, cosine distance, "
+    "restarts", "iDLG on kept entries (cosine)", f"{_KEPT}, and only their direction, not their size",
+    default_model="lenet-idlg", strongest_when=sparse_update))
+_NOISE = ("like iDLG, but knowing how much noise the defense adds: it favours smooth images and stops adjusting "
+          "where the remaining mismatch is what the noise alone explains")
+register(AttackEntry(
+    "robust-l2", robust_l2, "iDLG on a noised or quantized update: L2 distance + TV prior, stops at the defense's "
+    "noise floor", "noise-aware iDLG (L2)", _NOISE, default_model="lenet-idlg", strongest_when=noisy_update))
+register(AttackEntry(
+    "robust-cosine", robust_cosine, "iDLG on a noised, clipped or quantized update: cosine distance + TV prior, "
+    "stops at the defense's noise floor", "noise-aware iDLG (cosine)",
+    f"{_NOISE}; it compares directions only, so clipping's rescaling does not mislead it",
+    default_model="lenet-idlg", strongest_when=noisy_update))
+register(AttackEntry(
+    "multi-round", multi_round, "robust-l2 on every round a curious server observed of one site behind the same "
+    "images (FedSGD on a fixed batch): the rounds' distances summed, their independent noise averaged down",
+    "noise-aware iDLG over rounds", f"{_NOISE}, matching every round it saw of the same images at once, so that "
+    "the rounds' independent noise averages out", default_model="lenet-idlg", strongest_when=noisy_update,
+    combines_rounds=True))

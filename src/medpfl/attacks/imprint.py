@@ -22,14 +22,16 @@ equal columns drift apart and the readout becomes an approximation (measured in 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from statistics import NormalDist
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from medpfl.attacks.base import SettingsAttack
 from medpfl.attacks.labels import recover_labels
-from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload
+from medpfl.attacks.registry import AttackEntry, register
+from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload, ThreatModel
 from medpfl.errors import MedPFLError
 from medpfl.models.imprint import IMPRINT_BIAS, IMPRINT_WEIGHT, ImprintedModel
 
@@ -93,19 +95,12 @@ class ImprintSettings:
     placement: str = "quantiles"  # bin edges from the public brightness: "quantiles" or "gaussian" (PLACEMENTS)
 
 
-class ImprintAttack:
+class ImprintAttack(SettingsAttack):
     """Robbing the Fed: the server sends an imprinted model and reads each image alone in its bin."""
 
     name = "imprint"
+    settings_class = ImprintSettings
     takes_checkpoints = False  # a readout, no optimisation
-
-    def __init__(self, settings: ImprintSettings | None = None, **overrides) -> None:
-        self.settings = settings or ImprintSettings()
-        for key, value in overrides.items():
-            setattr(self.settings, key, value)
-
-    def config(self) -> dict:
-        return {"attack": self.name, **asdict(self.settings)}
 
     def bins_for(self, images_per_update: int) -> int:
         s = self.settings
@@ -144,6 +139,11 @@ class ImprintAttack:
                               seconds=time.perf_counter() - start, extra={"bins_with_images": found.tolist()})
 
 
-def imprint(**overrides) -> ImprintAttack:
-    """The imprint attack with bins = 4 x the images behind an update, overridden by `overrides`."""
-    return ImprintAttack(ImprintSettings(), **overrides)
+imprint = ImprintAttack  # imprint(**settings): bins = 4 x the images behind an update, overridden by `settings`
+
+register(AttackEntry(
+    "imprint", ImprintAttack, "Robbing the Fed: a malicious server sends the model behind an imprint module and "
+    "reads images alone in their brightness bin off the update (Fowl et al. 2022)", "imprint (Robbing the Fed)",
+    "is a dishonest server: it puts a hidden layer that sorts images by brightness in front of the model it sends, "
+    "then reads every image that fell alone in its brightness band straight out of the update (Fowl et al. 2022)",
+    default_model="lenet-idlg", threat=ThreatModel(modifies_model=True)))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -22,10 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from medpfl.attacks.base import SettingsAttack
 from medpfl.attacks.labels import recover_labels
 from medpfl.attacks.objectives import cosine_distance, top_layer_weights, total_variation
 from medpfl.attacks.optim import Checkpoint
-from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload
+from medpfl.attacks.registry import AttackEntry, register
+from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload, ThreatModel
 from medpfl.errors import MedPFLError
 from medpfl.fl.gradients import functional_model, parameter_gradient
 
@@ -93,22 +95,12 @@ def median_filter(images: torch.Tensor, size: int = 3) -> torch.Tensor:
     return patches.flatten(-2).median(-1).values.reshape(shape)
 
 
-class InvertingGradients:
+class InvertingGradients(SettingsAttack):
     """Reconstruct each victim's batch by signed Adam on cosine gradient distance plus TV, with restarts."""
 
     name = "invgrad"
+    settings_class = InvertingGradientsSettings
     takes_checkpoints = True  # the paper's 24,000 steps take hours on a CPU
-
-    def __init__(self, settings: InvertingGradientsSettings | None = None, **overrides) -> None:
-        self.settings = settings or InvertingGradientsSettings()
-        for key, value in overrides.items():
-            if not hasattr(self.settings, key):
-                raise TypeError(f"InvertingGradients has no setting {key!r}")
-            setattr(self.settings, key, value)
-
-    def config(self) -> dict:
-        """The attack's name and settings, for run records."""
-        return {"attack": self.name, **asdict(self.settings)}
 
     def initial_images(self, n: int, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
         """Starting points for n images of shape C x H x W, in [0,1]."""
@@ -298,6 +290,12 @@ def _chunks(V: int, R: int, per_batch: int | None) -> list[tuple[torch.Tensor, t
     return [(torch.tensor([v]), torch.arange(r, min(r + per_batch, R))) for v in range(V) for r in range(0, R, per_batch)]
 
 
-def invgrad(**overrides) -> InvertingGradients:
-    """Inverting Gradients (Geiping et al. 2020) with the paper's settings, overridden by `overrides`."""
-    return InvertingGradients(InvertingGradientsSettings(), **overrides)
+invgrad = InvertingGradients  # invgrad(**settings): the paper's settings, overridden by `settings`
+
+# As the paper ran it: handed the true labels, the network in eval mode (BatchNorm on its running statistics).
+register(AttackEntry(
+    "invgrad", InvertingGradients, "Inverting Gradients: cosine distance, TV, signed Adam, restarts "
+    "(Geiping et al. 2020)", "Inverting Gradients", "adjusts an image until its update points in the same "
+    "direction as the observed one, favouring natural-looking images (Geiping et al. 2020)",
+    default_model="resnet18", bn_mode="eval", threat=ThreatModel(knows_labels=True),
+    paper_procedure={"steps": 24_000, "restarts": 8}))

@@ -14,8 +14,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from medpfl.attacks.defense_aware import MULTI_ROUND, applicable_attacks
+from medpfl.attacks.defense_aware import applicable_attacks
 from medpfl.attacks.gradient_matching import matching_objective
+from medpfl.attacks.registry import AttackEntry, attack_entry, build_attack, register
 from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload
 
 
@@ -26,8 +27,9 @@ class StrongestAttack:
     name = "strongest"
     takes_checkpoints = False
 
-    def __init__(self, build, **overrides) -> None:
-        self.build, self.overrides = build, overrides  # build(name, **settings) -> attack
+    def __init__(self, **overrides) -> None:
+        build_attack("idlg", **overrides)  # every attack it runs takes the L-BFGS attacks' settings
+        self.overrides = overrides
 
     def config(self) -> dict:
         return {"attack": self.name, "settings": dict(self.overrides)}
@@ -46,8 +48,9 @@ class StrongestAttack:
         for name in applicable_attacks(payload.defense, len(payloads)):
             stream = torch.Generator(generator.device)
             stream.set_state(initial)
-            attack = self.build(name, **self.overrides)
-            candidates[name] = (attack.reconstruct_rounds(payloads, updates, stream) if name == MULTI_ROUND
+            attack = build_attack(name, **self.overrides)
+            combined = attack_entry(name).combines_rounds
+            candidates[name] = (attack.reconstruct_rounds(payloads, updates, stream) if combined
                                 else attack.reconstruct(payload, update, stream))
         names = list(candidates)
         judged = torch.stack([attacker_distance(payload, update, candidates[n]) for n in names], dim=1)  # V x A
@@ -74,3 +77,10 @@ def attacker_distance(payload: ServerPayload, update: ObservedUpdate, answer: Re
                                     distance="cosine")
     loss, _ = objective(answer.images.reshape(V, -1), torch.arange(V, device=answer.images.device))
     return loss
+
+
+register(AttackEntry(
+    "strongest", StrongestAttack, "every attack that fits the defense on each victim (plain iDLG among them); the "
+    "report gives per image the best by SSIM and the one the attacker would pick by its own distance",
+    "strongest attacker", "runs every attack that fits the defense (plain iDLG among them) on each image; the best "
+    "reconstruction per image is the hospital's worst case", default_model="lenet-idlg", combines_rounds=True))

@@ -13,13 +13,15 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from medpfl.attacks.base import SettingsAttack
 from medpfl.attacks.labels import recover_labels
-from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload
+from medpfl.attacks.registry import AttackEntry, register
+from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload, ThreatModel
 from medpfl.errors import MedPFLError
 
 SAME_READOUT = 1e-3  # RMS pixel distance below which two units' readouts are one image
@@ -53,19 +55,12 @@ class TrapSettings:
     fires_per_batch: float = 1.0
 
 
-class TrapAttack:
+class TrapAttack(SettingsAttack):
     """Trap weights: the server sends the agreed model with trapped first-layer weights and reads lone images."""
 
     name = "trap"
+    settings_class = TrapSettings
     takes_checkpoints = False  # a readout, no optimisation
-
-    def __init__(self, settings: TrapSettings | None = None, **overrides) -> None:
-        self.settings = settings or TrapSettings()
-        for key, value in overrides.items():
-            setattr(self.settings, key, value)
-
-    def config(self) -> dict:
-        return {"attack": self.name, **asdict(self.settings)}
 
     def scale_for(self, layer: nn.Linear, public_images: torch.Tensor, images_per_update: int) -> float:
         """The settings' scale, or the one (bisected on a log scale) at which units fire for the wanted share."""
@@ -130,6 +125,12 @@ def _distinct_readouts(readouts: torch.Tensor, count: int) -> tuple[torch.Tensor
     return readouts[picked], agreed
 
 
-def trap(**overrides) -> TrapAttack:
-    """The trap-weights attack, units firing for about one image per batch, overridden by `overrides`."""
-    return TrapAttack(TrapSettings(), **overrides)
+trap = TrapAttack  # trap(**settings): units firing for about one image per batch, overridden by `settings`
+
+# Trap weights go in a fully connected first layer on the pixels: the MLP's.
+register(AttackEntry(
+    "trap", TrapAttack, "Trap weights: a malicious server scales the negative weights of the first fully connected "
+    "layer so that few images fire each unit, and reads images that fired a unit alone (Boenisch et al. 2023)",
+    "trap weights", "is a dishonest server: it alters the first layer of the model it sends so that each of its "
+    "units reacts to few images, then reads every image that alone set off a unit straight out of the update "
+    "(Boenisch et al. 2023)", default_model="mlp", threat=ThreatModel(modifies_model=True)))

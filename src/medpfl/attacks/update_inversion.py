@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from medpfl.attacks.inverting_gradients import InvertingGradients, InvertingGradientsSettings
+from medpfl.attacks.registry import AttackEntry, register
 from medpfl.attacks.threat import ServerPayload
 from medpfl.fl.local import local_update
 
@@ -39,6 +40,7 @@ class UpdateInversion(InvertingGradients):
     """Reconstruct each site's images by matching the weight change of its simulated local training."""
 
     name = "update-inversion"
+    settings_class = UpdateInversionSettings
 
     def candidate_labels(self, labels: torch.Tensor, restarts: int, payload: ServerPayload,
                          generator: torch.Generator) -> torch.Tensor:
@@ -61,6 +63,11 @@ class UpdateInversion(InvertingGradients):
                                                             create_graph=True)
 
 
-def update_inversion(**overrides) -> UpdateInversion:
-    """The update-inversion attack with Inverting Gradients' settings, overridden by `overrides`."""
-    return UpdateInversion(UpdateInversionSettings(), **overrides)
+update_inversion = UpdateInversion  # update_inversion(**settings): Inverting Gradients' settings, overridden
+
+# On the ConvNet that `medpfl train` trains by default.
+register(AttackEntry(
+    "update-inversion", UpdateInversion, "FedAvg weight changes: the site's local steps unrolled on candidate "
+    "images, then Inverting Gradients (Geiping et al. 2020 sec. 6; Dimitrov et al. 2022)", "update inversion",
+    "simulates the hospital's local training steps on a candidate image and adjusts it until the simulated weight "
+    "change matches the observed one", default_model="convnet", unrolls_local_training=True))

@@ -14,8 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from medpfl.attacks import (DEFAULT_BN_MODES, DEFAULT_MODELS, LABEL_ACCESS, PAPER_PROCEDURE, THREAT_MODELS,
-                            ObservedUpdate, ServerPayload, build_attack)
+from medpfl.attacks import LABEL_ACCESS, ObservedUpdate, ServerPayload, attack_entry, attack_names, build_attack
 from medpfl.attacks.optim import Checkpoint
 from medpfl.data import ImageDataset, Skipped, open_verified, sample_items
 from medpfl.defenses import parse_defense
@@ -23,7 +22,7 @@ from medpfl.defenses.observe import observed_gradients
 from medpfl.device import resolve_device
 from medpfl.errors import MedPFLError
 from medpfl.experiments.run_dir import SKIPPED, append_result, open_run_dir, read_results, write_json, write_skipped
-from medpfl.experiments.scoring import score_victim
+from medpfl.experiments.scoring import victim_record
 from medpfl.experiments.victim_models import load_model_state, pretrain, true_class_probability
 from medpfl.fl.gradients import BN_MODES, stack_params
 from medpfl.fl.model_check import ModelCheck, fingerprint
@@ -60,7 +59,7 @@ class AttackRunConfig:
     reid_gallery: int = 2000  # at most this many images of the source to re-identify against
     device: str = "auto"  # "auto": the GPU when there is one, else the CPU
     settings: dict[str, Any] = field(default_factory=dict)  # attack settings, e.g. {"steps": 100}
-    paper: bool = False  # the paper's optimisation procedure (PAPER_PROCEDURE), e.g. no restarts for L-BFGS
+    paper: bool = False  # the paper's optimisation procedure (AttackEntry.paper_procedure), e.g. no L-BFGS restarts
     labels: str | None = None  # "granted" or "recovered"; None: as the paper ran the attack
     bn_mode: str | None = None  # BatchNorm in the sites' step: "train" or "eval"; None: as the paper ran it
     model_state: str | None = None  # a state dict every victim's model starts from instead of a fresh draw
@@ -76,7 +75,7 @@ class AttackRunConfig:
 
     @property
     def bn_mode_used(self) -> str:
-        mode = self.bn_mode or DEFAULT_BN_MODES[self.attack]
+        mode = self.bn_mode or attack_entry(self.attack).bn_mode
         if mode not in BN_MODES:
             raise MedPFLError(f"--bn-mode must be one of {', '.join(BN_MODES)}, got '{mode}'.")
         return mode
@@ -84,24 +83,25 @@ class AttackRunConfig:
     @property
     def labels_granted(self) -> bool:
         if self.labels is None:
-            return THREAT_MODELS[self.attack].knows_labels
+            return attack_entry(self.attack).threat.knows_labels
         if self.labels not in LABEL_ACCESS:
             raise MedPFLError(f"--labels must be one of {', '.join(LABEL_ACCESS)}, got '{self.labels}'.")
         return self.labels == "granted"
 
     @property
     def model_name(self) -> str:
-        return self.model or DEFAULT_MODELS[self.attack]
+        return self.model or attack_entry(self.attack).default_model
 
     @property
     def attack_settings(self) -> dict[str, Any]:
         """The settings the attack is built with: `settings`, on top of the paper's procedure with `paper`."""
         if not self.paper:
             return dict(self.settings)
-        if self.attack not in PAPER_PROCEDURE:
+        procedure = attack_entry(self.attack).paper_procedure
+        if procedure is None:
+            papers = [name for name in attack_names() if attack_entry(name).paper_procedure is not None]
             raise MedPFLError(f"--paper: '{self.attack}' is not one of the paper's attacks "
-                              f"({', '.join(PAPER_PROCEDURE)}); drop --paper.")
-        procedure = PAPER_PROCEDURE[self.attack]
+                              f"({', '.join(papers)}); drop --paper.")
         clash = sorted(set(procedure) & set(self.settings))
         if clash:
             raise MedPFLError(f"--paper sets {', '.join(clash)}: drop --paper or "
@@ -150,7 +150,7 @@ def run_attack(config: AttackRunConfig, out: str | Path, resume: bool = True,
     n_victims = config.n_images // B
     pretrain_data = _pretrain_data(config, source, items, device)
     # A malicious server builds the model it sends from images like the sites' (never the attacked ones).
-    malicious = THREAT_MODELS[config.attack].modifies_model
+    malicious = attack_entry(config.attack).threat.modifies_model
     public = _unattacked_images(config, source, items, device)[0] if malicious else None
     done = {r["victim"] for r in read_results(path)}
     todo = [v for v in range(n_victims) if v not in done]
@@ -251,29 +251,11 @@ def _unattacked_images(config: AttackRunConfig, source, attacked: list, device: 
 
 def _score(path: Path, dataset: ImageDataset, victim: int, B: int, originals: torch.Tensor,
            true_labels: torch.Tensor, result, j: int, n_in_batch: int) -> dict[str, Any]:
-    score, matched, strongest = score_victim(originals, true_labels, result, j)
     ids = [dataset.items[victim * B + b].item_id for b in range(B)]
+    record, matched = victim_record(originals, true_labels, result, j, ids, n_in_batch)
     for b in range(B):
         save_png(matched[b], path / "images" / f"victim{victim:05d}-{b}.png")
-    return {
-        "victim": victim,
-        "items": ids,
-        "labels": true_labels.tolist(),
-        "recovered_labels": result.labels[j].tolist(),
-        "ssim": score.ssim,
-        "psnr": score.psnr,
-        "mse": score.mse,
-        "label_correct": score.label_correct,
-        "diverged": bool(result.diverged[j]),
-        "objective": float(result.objective[j]),
-        "evaluations": int(result.evaluations[j]),
-        **({"runs": int(result.extra["runs"][j])} if "runs" in result.extra else {}),
-        # Runs that ended at their first evaluation: never an answer (restarted while restarts remain).
-        **({"stalled_runs": int(result.extra["stalled_runs"][j])} if "stalled_runs" in result.extra else {}),
-        # Victims are attacked together; each is charged an equal share of the batch's wall time.
-        "seconds": result.seconds / n_in_batch,
-        **strongest,
-    }
+    return {"victim": victim, **record}
 
 
 def summarise(path: Path, config: AttackRunConfig, dataset: ImageDataset) -> dict[str, Any]:

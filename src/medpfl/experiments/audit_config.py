@@ -95,7 +95,7 @@ class AuditConfig:
 
     def check(self) -> "AuditConfig":
         """Refuse values no run could use, naming the key and the valid choices."""
-        from medpfl.attacks import ATTACKS, LABEL_ACCESS, build_attack
+        from medpfl.attacks import LABEL_ACCESS, attack_names, build_attack
         from medpfl.fl.gradients import BN_MODES
         from medpfl.models.registry import MODELS
 
@@ -115,7 +115,7 @@ class AuditConfig:
             raise MedPFLError("Audit config keys 'data', 'attacks', 'defenses' and 'seeds' must each list at "
                               "least one entry.")
         for i, attack in enumerate(self.attacks):
-            _choice(f"attacks[{i}].name", attack.name, tuple(ATTACKS))
+            _choice(f"attacks[{i}].name", attack.name, tuple(attack_names()))
             _choice(f"attacks[{i}].model", attack.model, tuple(MODELS), optional=True)
             try:
                 build_attack(attack.name, **attack.settings)  # names an unknown setting and the valid ones
@@ -136,7 +136,7 @@ class AuditConfig:
                 raise MedPFLError(f"Audit config data set name '{name}' must be letters, digits, '-' or '_' "
                                   "(it names a folder of the audit).")
         if self.federation is not None:
-            _choice("federation.attack", self.federation.attack, (*ATTACKS, "update-inversion"))
+            _choice("federation.attack", self.federation.attack, tuple(attack_names()))
             _choice("federation.model", self.federation.model, tuple(MODELS))
             from medpfl.experiments.train_run import TrainRunConfig
             from medpfl.experiments.train_run import _check as check_training

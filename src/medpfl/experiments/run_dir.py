@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import torch
 
 from medpfl.errors import MedPFLError
+from medpfl.jsonl import append_jsonl, drop_cut_off_tail, read_jsonl
 
 _LIBRARIES = ("medpfl", "torch", "numpy", "scipy", "pillow", "pydicom", "nibabel", "scikit-image")
 
@@ -66,63 +67,17 @@ def open_run_dir(out: str | os.PathLike[str], config: dict[str, Any], resume: bo
         if not resume:
             (path / "results.jsonl").unlink()
         else:
-            _drop_cut_off_tail(path / "results.jsonl")
+            drop_cut_off_tail(path / "results.jsonl")
     write_json(config_file, record)
     return path
 
 
 def read_results(path: Path, name: str = "results.jsonl") -> Iterator[dict[str, Any]]:
-    """Finished results of a run (in `name`). A last line cut short by a kill is left out; any other
-    unreadable line is damage and raises a MedPFLError naming the file and line."""
-    results = path / name
-    if not results.exists():
-        return iter(())
-    return iter(_parse_results(results)[0])
-
-
-def _parse_results(file: Path) -> tuple[list[dict[str, Any]], int | None]:
-    """The results in `file`, and the byte offset where a cut-off last line begins (None if there is none)."""
-    data = file.read_bytes()
-    whole = data.rfind(b"\n") + 1  # everything up to the last newline was written in full
-    results = []
-    for number, line in enumerate(data[:whole].split(b"\n")[:-1], start=1):
-        if not line.strip():
-            continue
-        try:
-            results.append(json.loads(line))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MedPFLError(
-                f"'{file}' line {number} is not a readable result ({exc}); it was damaged after it was "
-                "written: repair or delete that line, or start over with a new --out (nothing was changed)."
-            ) from exc
-    tail = data[whole:]
-    if not tail.strip():
-        return results, None
-    try:
-        results.append(json.loads(tail))  # a whole result whose newline was never written
-        return results, None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return results, whole  # the normal trace of a kill during a write: that result is redone
-
-
-def _drop_cut_off_tail(file: Path) -> None:
-    """Before appending again: cut a last line left half-written by a kill, or end a whole one with its
-    newline. Finished results are never rewritten, only the bytes after them touched."""
-    _, cut_at = _parse_results(file)  # raises on damage before anything is changed
-    if cut_at is not None:
-        os.truncate(file, cut_at)
-    elif file.stat().st_size and not file.read_bytes().endswith(b"\n"):
-        with open(file, "ab") as f:
-            f.write(b"\n")
-    else:
-        return
-    with open(file, "rb+") as f:
-        os.fsync(f.fileno())
+    """Finished results of a run (in `name`), by medpfl.jsonl's rule: a last line cut short by a kill is left
+    out; any other unreadable line is damage and raises a MedPFLError naming the file and line."""
+    return iter(read_jsonl(path / name))
 
 
 def append_result(path: Path, result: dict[str, Any], name: str = "results.jsonl") -> None:
     """Append one finished result (to `name`) and flush it to disk at once."""
-    with open(path / name, "a") as f:
-        f.write(json.dumps(result) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    append_jsonl(path / name, result)

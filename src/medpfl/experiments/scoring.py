@@ -35,3 +35,29 @@ def score_victim(originals: torch.Tensor, true_labels: torch.Tensor, result, j: 
     matched = torch.stack([scored[w][1][b] for b, w in enumerate(winners)])
     return score, matched, strongest | {"winner": winners,
                                         "ssim_by_attack": {name: s.ssim for name, (s, _) in scored.items()}}
+
+
+def victim_record(originals: torch.Tensor, true_labels: torch.Tensor, result, j: int, items: list[str],
+                  attacked_together: int) -> tuple[dict[str, Any], torch.Tensor]:
+    """The per-image record of victim `j` of `result` (every command writes the same fields: the images' ids,
+    true and recovered labels, scores per image, what the attack spent), and its reconstructions in the
+    originals' order. Victims attacked together are each charged an equal share of the attack's wall time."""
+    score, matched, strongest = score_victim(originals, true_labels, result, j)
+    record = {
+        "items": items,
+        "labels": true_labels.tolist(),
+        "recovered_labels": result.labels[j].tolist(),
+        "ssim": score.ssim,
+        "psnr": score.psnr,
+        "mse": score.mse,
+        "label_correct": score.label_correct,
+        "diverged": bool(result.diverged[j]),
+        "objective": float(result.objective[j]),
+        "evaluations": int(result.evaluations[j]),
+        **({"runs": int(result.extra["runs"][j])} if "runs" in result.extra else {}),
+        # Runs that ended at their first evaluation: never an answer (restarted while restarts remain).
+        **({"stalled_runs": int(result.extra["stalled_runs"][j])} if "stalled_runs" in result.extra else {}),
+        "seconds": result.seconds / attacked_together,
+        **strongest,
+    }
+    return record, matched

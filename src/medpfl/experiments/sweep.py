@@ -29,6 +29,7 @@ from medpfl.defenses import Chain, parse_defense, parse_defenses
 from medpfl.errors import MedPFLError
 from medpfl.experiments.run_dir import append_result, open_run_dir, read_results, write_json
 from medpfl.fl.settings import FederationSettings
+from medpfl.jsonl import read_jsonl
 
 PRIVACY_MODES = ("federation", "paper")
 
@@ -166,12 +167,12 @@ def cell_name(kind: str, defense: str, seed: int, attack: str | None = None) -> 
 
 def plan(config: SweepConfig) -> list[dict[str, Any]]:
     """Every job of the grid: utility jobs first (slowest), then privacy jobs."""
-    from medpfl.attacks import ATTACKS
+    from medpfl.attacks import attack_names
 
-    bad = [a for a in config.attacks if a not in ATTACKS]
+    bad = [a for a in config.attacks if a not in attack_names()]
     if bad or not config.attacks:
         raise MedPFLError(f"--attacks '{','.join(bad or config.attacks)}' names no known attack; "
-                          f"choose from: {', '.join(ATTACKS)}.")
+                          f"choose from: {', '.join(attack_names())}.")
     if config.n_images < 1 or not config.seed_list:
         raise MedPFLError(f"--n-images ({config.n_images}) and --seeds ({config.seeds}) must be 1 or more.")
     if config.audit_canaries and not config.utility:
@@ -204,14 +205,15 @@ def plan(config: SweepConfig) -> list[dict[str, Any]]:
 
 def _check_attackable(config: SweepConfig, chains: list[Chain]) -> None:
     """Refuse, before anything runs, a federation whose updates an attack of the grid cannot take as they are."""
-    from medpfl.experiments.train_run import UPDATE_INVERSION
+    from medpfl.attacks import unrolling_attacks
 
     steps = max(config.training.steps(n) for n in config.site_sizes())
-    gradient_attacks = [a for a in config.attacks if a != UPDATE_INVERSION]
+    gradient_attacks = [a for a in config.attacks if a not in unrolling_attacks()]
     if steps > 1 and gradient_attacks:
         raise MedPFLError(f"--attacks {gradient_attacks[0]} inverts gradients, but the sweep's FedAvg sites take {steps} "
-                          f"local steps per round; attack them with {UPDATE_INVERSION}, or use --protocol fedsgd (or "
-                          "--local-epochs 1 with --site-images at most --local-batch), or --privacy paper.")
+                          f"local steps per round; attack them with {', '.join(unrolling_attacks())}, or use "
+                          "--protocol fedsgd (or --local-epochs 1 with --site-images at most --local-batch), or "
+                          "--privacy paper.")
     for chain in chains:
         if chain.channel is not None and (len(chain.defenses) > 1 or chain.sites_per_update != config.sites):
             raise MedPFLError(f"--defenses {chain.label()}: a federation runs secure aggregation as Flower's SecAgg+ "
@@ -273,7 +275,7 @@ def _federation_privacy(job: dict[str, Any], sweep: SweepConfig, path: Path) -> 
 
     config = sweep.federation(job["defense"], job["seed"], job["attack"])
     summary = run_training(config, path)
-    attacks = [json.loads(line) for line in (path / ATTACKS_FILE).read_text().splitlines()]
+    attacks = read_jsonl(path / ATTACKS_FILE)
     ssims = [s for a in attacks for s in a["ssim"]]
     hits = [h for a in attacks for h in a["label_correct"]]
     n = len(ssims)
@@ -339,7 +341,7 @@ def _utility(job: dict[str, Any], sweep: SweepConfig, path: Path) -> dict[str, A
     config = sweep.federation(job["defense"], job["seed"])
     started = time.perf_counter()
     summary = run_training(config, path)
-    last = json.loads((path / "rounds.jsonl").read_text().splitlines()[-1])
+    last = read_jsonl(path / "rounds.jsonl")[-1]
     chain = parse_defense(job["defense"]).calibrated()
     audit = summary.get("dp_audit", {})  # measured (lower, 95%) beside the accountant's epsilon
     return {**summary["final"], "accuracy_chance": summary["chance"]["accuracy"],

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from medpfl.attacks import COMBINES_ROUNDS, THREAT_MODELS, ObservedUpdate, ServerPayload, build_attack
+from medpfl.attacks import ObservedUpdate, ServerPayload, attack_entry, build_attack, unrolling_attacks
 from medpfl.attacks.defense_aware import MULTI_ROUND
 from medpfl.data import ImageDataset, Skipped, open_verified
 from medpfl.defenses import Chain, parse_defense
@@ -28,7 +28,7 @@ from medpfl.errors import MedPFLError
 from medpfl.experiments.malicious import MaliciousServer, for_secure_aggregation
 from medpfl.experiments.privacy_audit import AUDIT_FILE, PrivacyAudit, compare
 from medpfl.experiments.run_dir import open_run_dir, write_json, write_skipped
-from medpfl.experiments.scoring import score_victim
+from medpfl.experiments.scoring import victim_record
 from medpfl.experiments.victim_models import load_model_state
 from medpfl.fl.gradients import functional_model
 from medpfl.fl.local import local_update
@@ -38,6 +38,7 @@ from medpfl.fl.model_check import ModelCheck, ModelRefused, fingerprint
 from medpfl.fl.settings import FederationSettings
 from medpfl.fl.simulation import InProcessFederation
 from medpfl.fl.utility import chance_levels, evaluate
+from medpfl.jsonl import append_jsonl, read_jsonl, rewrite_jsonl
 from medpfl.metrics.intervals import rate_interval, wilson
 from medpfl.metrics.privacy import SUCCESS_SSIM
 from medpfl.models.imprint import imprint_bins, imprinted_architecture
@@ -48,7 +49,6 @@ from medpfl.seeds import ATTACK, model_seed, site_order, torch_seed
 
 ENGINES = ("inprocess", "flower")
 VECTORISE = ("auto", "on", "off")
-UPDATE_INVERSION = "update-inversion"
 STATE, ROUNDS, ATTACKS_FILE, MODEL = "state.pt", "rounds.jsonl", "attacks.jsonl", "model.pt"
 REFUSAL = "refusal.json"  # the sites refused the model a malicious server sent: the round and their reason
 
@@ -126,7 +126,8 @@ def _check(config: TrainRunConfig) -> None:
     if config.attack is None:
         return
     build_attack(config.attack, **config.attack_settings)  # an unknown attack or setting is named here
-    if THREAT_MODELS[config.attack].modifies_model and not (config.engine == "flower" and _securely_aggregated(config)):
+    if attack_entry(config.attack).threat.modifies_model and not (config.engine == "flower"
+                                                                   and _securely_aggregated(config)):
         raise MedPFLError(f"--attack {config.attack} is a malicious server that changes the model it sends; in "
                           f"medpfl train it runs on --engine flower --defense secagg:k={config.sites} (Flower's "
                           "SecAgg+), or use medpfl attack.")
@@ -194,7 +195,7 @@ def _check_attackable(config: TrainRunConfig, n_images: list[int]) -> None:
         raise MedPFLError(f"--attack {MULTI_ROUND} combines rounds of a site behind the same images: use --protocol "
                           "fedsgd (or FedAvg of one local step over all the site's images, without DP-SGD), no "
                           "secure aggregation, and no --attack-batch below the site's image count.")
-    if config.attack in (None, UPDATE_INVERSION) or config.protocol != "fedavg":
+    if config.attack is None or attack_entry(config.attack).unrolls_local_training or config.protocol != "fedavg":
         return
     attacked = range(len(n_images)) if _securely_aggregated(config) else config.attack_sites
     used = {s: min(config.attack_batch or n_images[s], n_images[s]) for s in attacked}
@@ -202,8 +203,8 @@ def _check_attackable(config: TrainRunConfig, n_images: list[int]) -> None:
         site = max(used, key=used.get)
         raise MedPFLError(f"--attack {config.attack} inverts gradients, but site {site}'s FedAvg update of "
                           f"{config.local_epochs} local epoch(s) over {used[site]} images is several steps; it needs "
-                          f"the {UPDATE_INVERSION} attack (or --local-epochs 1 with --attack-batch at most "
-                          f"--local-batch {config.local_batch}, or --protocol fedsgd).")
+                          f"the {' or the '.join(unrolling_attacks())} attack (or --local-epochs 1 with --attack-batch "
+                          f"at most --local-batch {config.local_batch}, or --protocol fedsgd).")
 
 
 class CuriousServer:
@@ -221,7 +222,7 @@ class CuriousServer:
         # Where the attack combines rounds and each site's images are the same in every round, the server keeps
         # every round's observation of the attacked sites (not only the attacked rounds'), site -> in round order.
         # A resumed run keeps those since it resumed: each result names the rounds it combined.
-        self.keeps_rounds = config.attack in COMBINES_ROUNDS and same_images_every_round(
+        self.keeps_rounds = attack_entry(config.attack).combines_rounds and same_images_every_round(
             config, [len(y) for _, y in sites])
         self.history: dict[int, list[SiteObservation]] = {}
         # The defense the server configured its sites with (DP-SGD as calibrated for this run): what a
@@ -266,7 +267,7 @@ class CuriousServer:
             # A probe: the update this site would have sent from only its first K images this round.
             x, y = x[:self.config.attack_batch], y[:self.config.attack_batch]
             update, observed = local_update(self.model, seen.weights, x, y, self.num_classes, training), "probe"
-        if self.config.attack == UPDATE_INVERSION:
+        if attack_entry(self.config.attack).unrolls_local_training:
             # The server configured the sites' local training, so the attack is granted it with the weights.
             return update, {"local_training": training}, x, y, observed
         if training.protocol == "fedavg":  # one local step (checked before training): the update is -lr x gradient
@@ -295,7 +296,7 @@ class CuriousServer:
     def _payload_and_update(self, group: list[tuple]) -> tuple[ServerPayload, ObservedUpdate]:
         """What the attacker holds of the sites of `group` ((observation, *_view) each), stacked over them."""
         y = torch.stack([g[4] for g in group])
-        granted = y if THREAT_MODELS[self.config.attack].knows_labels else None
+        granted = y if attack_entry(self.config.attack).threat.knows_labels else None
         weights = {n: torch.stack([g[0].weights[n] for g in group]) for n in group[0][0].weights}
         image_shape = tuple(group[0][3].shape[1:])
         payload = ServerPayload(self._architecture(group[0][0].weights, image_shape), weights, self.num_classes,
@@ -333,21 +334,15 @@ class CuriousServer:
         results = []
         for j, (seen, _, _, images, labels, observed) in enumerate(group):
             facts = seen.facts
-            score, matched, strongest = score_victim(images, labels, result, j)
+            record, matched = victim_record(images, labels, result, j, self._items_behind(facts)[:len(labels)],
+                                            len(group))
             for b in range(len(labels)):
                 save_png(matched[b], attacked_png(folder, facts.round, facts.site, b))
-            results.append({
-                "round": facts.round, "site": facts.site, "victim": facts.site, "observed": observed,
-                "items": self._items_behind(facts)[:len(labels)],
-                "labels": labels.tolist(), "recovered_labels": result.labels[j].tolist(),
-                "ssim": score.ssim, "psnr": score.psnr, "mse": score.mse, "label_correct": score.label_correct,
-                "asr": sum(v >= SUCCESS_SSIM for v in score.ssim) / len(score.ssim),
-                "diverged": bool(result.diverged[j]), "objective": float(result.objective[j]),
-                "evaluations": int(result.evaluations[j]),
-                "seconds": result.seconds / len(group),  # sites attacked together share the wall time equally
-                **({"rounds_combined": rounds} if combined else {}), **strongest,
-                **({"site_check": self.site_checks[facts.round]} if facts.round in self.site_checks else {}),
-            })
+            results.append({"round": facts.round, "site": facts.site, "victim": facts.site, "observed": observed,
+                            **record, "asr": sum(v >= SUCCESS_SSIM for v in record["ssim"]) / len(record["ssim"]),
+                            **({"rounds_combined": rounds} if combined else {}),
+                            **({"site_check": self.site_checks[facts.round]} if facts.round in self.site_checks
+                               else {})})
         return results
 
 
@@ -355,32 +350,6 @@ def _load(source, items, config: TrainRunConfig, device: torch.device) -> tuple[
     dataset = ImageDataset(source, list(items), size=config.image_size, channels=config.channels)
     x, y = dataset.load_batch(range(len(items)))
     return x.to(device), y.to(device)
-
-
-def _read_lines(file: Path) -> list[dict[str, Any]]:
-    """Whole JSON lines of `file` (a line cut short by a kill is left out)."""
-    if not file.exists():
-        return []
-    lines = []
-    for line in file.read_text().splitlines():
-        try:
-            lines.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return lines
-
-
-def _rewrite_lines(file: Path, lines: list[dict[str, Any]]) -> None:
-    tmp = file.with_suffix(file.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    os.replace(tmp, file)
-
-
-def _append_line(file: Path, line: dict[str, Any]) -> None:
-    with open(file, "a") as f:
-        f.write(json.dumps(line) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _save_atomic(obj: Any, file: Path) -> None:
@@ -411,8 +380,8 @@ def _prepare_dir(out: Path, record: dict[str, Any], resume: bool) -> tuple[Path,
     done = int(state["round"])
     # Lines written after the last saved state (a kill between writing them and saving it) are redone.
     for name in (ROUNDS, ATTACKS_FILE):
-        lines = _read_lines(path / name)
-        _rewrite_lines(path / name, [line for line in lines if line["round"] <= done])
+        lines = read_jsonl(path / name)
+        rewrite_jsonl(path / name, [line for line in lines if line["round"] <= done])
     return path, done, state
 
 
@@ -480,8 +449,8 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
         """After a round: attack what was observed, record the round, then save the state to resume from."""
         started = time.perf_counter()
         for result in server.attack_pending() if server else []:
-            _append_line(path / ATTACKS_FILE, result)
-        _append_line(path / ROUNDS, {"round": round_index, **record, "attack_seconds": time.perf_counter() - started})
+            append_jsonl(path / ATTACKS_FILE, result)
+        append_jsonl(path / ROUNDS, {"round": round_index, **record, "attack_seconds": time.perf_counter() - started})
         _save_atomic({"round": round_index, "weights": {n: w.detach().cpu() for n, w in new.items()},
                       **(privacy_audit.state() if privacy_audit else {})}, path / STATE)
         if progress:
@@ -489,7 +458,7 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
 
     tamper = (MaliciousServer(server.attack, model, tuple(test[0].shape[1:]), test[0], config.attack_rounds,
                               sum(federation.n_images))
-              if server and THREAT_MODELS[config.attack].modifies_model else None)
+              if server and attack_entry(config.attack).threat.modifies_model else None)
     if tamper:
         for_secure_aggregation(server.attack, config.attack_settings)
         server.site_checks = tamper.verdicts  # filled as the model of each attacked round is sent
@@ -567,8 +536,8 @@ def _flower_privacy(config: TrainRunConfig, rounds_done: int) -> dict[str, Any]:
 
 def summarise(path: Path, federation: Federation, test_labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
     """The last round's utility with its chance level, and the attacks' mean scores per round."""
-    rounds = _read_lines(path / ROUNDS)
-    attacks = _read_lines(path / ATTACKS_FILE)
+    rounds = read_jsonl(path / ROUNDS)
+    attacks = read_jsonl(path / ATTACKS_FILE)
     last = rounds[-1]
     summary = {
         "rounds": len(rounds), "sites": len(federation.sites), "partition": federation.partition,

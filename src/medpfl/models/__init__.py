@@ -4,7 +4,7 @@ from medpfl.models.convnet import ConvNet
 from medpfl.models.init import INIT_SCHEMES, init_weights
 from medpfl.models.lenet import LENET_LAYERS, LeNet, conv_output_size, lenet_feature_size
 from medpfl.models.norms import NORMS, group_count, make_norm
-from medpfl.models.registry import MODELS, build_model, model_names
+from medpfl.models.registry import MODELS, ModelEntry, build_model, model_names, register_model
 from medpfl.models.resnet import BasicBlock, ResNet18
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "LENET_LAYERS",
     "LeNet",
     "MODELS",
+    "ModelEntry",
     "NORMS",
     "ResNet18",
     "build_model",
@@ -23,4 +24,5 @@ __all__ = [
     "lenet_feature_size",
     "make_norm",
     "model_names",
+    "register_model",
 ]

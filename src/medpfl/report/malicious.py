@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from medpfl.attacks import MALICIOUS
+from medpfl.attacks import ATTACKS
 from medpfl.attacks.imprint import expected_share
 from medpfl.metrics.intervals import wilson
 from medpfl.report.html import Section, esc
@@ -57,7 +57,7 @@ def check_sentence(run: AttackRun | TrainRun) -> str:
 
 
 def section_malicious_server(ctx) -> Section | None:
-    runs = [r for r in ctx.attacked if r.attack in MALICIOUS]
+    runs = [r for r in ctx.attacked if r.attack in ATTACKS and ATTACKS[r.attack].threat.modifies_model]
     if not runs:
         return None
     parts = ["<p>These runs assume a server that does not follow the protocol: it changes the model it sends so "

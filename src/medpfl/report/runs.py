@@ -19,23 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from medpfl.errors import MedPFLError
+from medpfl.jsonl import read_jsonl
 
 # Sub-directories that hold a run's own files, never other runs.
 _NOT_RUNS = {"images", "attacks", "__pycache__"}
 MAX_DEPTH = 4
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The whole JSON lines of `path` (a last line cut short by an interruption is left out)."""
-    if not path.exists():
-        return []
-    lines = []
-    for line in path.read_text().splitlines():
-        try:
-            lines.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return lines
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable
 
 from PIL import Image
 
+from medpfl.attacks import ATTACKS, display_name as attack_name
 from medpfl.metrics.chance import pooled_label_chance
 from medpfl.report import plots
 from medpfl.report.html import Section, esc, img, img_file, table
@@ -25,25 +26,6 @@ SUCCESS_SSIM = 0.9  # the paper's threshold; runs that recorded another one say 
 RANKED_ROWS = 40  # rows of the per-image ranking shown in the page; results.csv holds all
 PAIRS_SHOWN = 4  # best and worst reconstructions shown per run
 RUNS_WITH_PICTURES = 12  # runs whose reconstructions are shown (the others are in the tables)
-
-ATTACK_NAMES = {"dlg": "DLG", "idlg": "iDLG", "cpl": "CPL", "invgrad": "Inverting Gradients",
-                "update-inversion": "update inversion"}
-ATTACK_PLAIN = {
-    "dlg": "starts from random noise and a random label and adjusts both until the update they would "
-           "produce matches the observed one (Zhu et al. 2019)",
-    "idlg": "reads the label off the last layer of the update, then adjusts a random image until its update "
-            "matches the observed one (Zhao et al. 2020)",
-    "cpl": "like iDLG, but starts from a regular pattern instead of noise (Wei et al. 2020)",
-    "invgrad": "adjusts an image until its update points in the same direction as the observed one, "
-               "favouring natural-looking images (Geiping et al. 2020)",
-    "update-inversion": "simulates the hospital's local training steps on a candidate image and adjusts it "
-                        "until the simulated weight change matches the observed one",
-}
-
-
-def attack_name(attack: str) -> str:
-    return ATTACK_NAMES.get(attack, attack)
-
 
 # ---------------------------------------------------------------- context
 
@@ -304,7 +286,8 @@ def section_threat_model(ctx: Context) -> Section | None:
             model_note = "a shared model" if cfg.get("shared_model") else "a freshly initialised model per update"
             context = f"one update per victim, {model_note}"
         else:
-            granted = cfg.get("attack") == "invgrad"
+            entry = ATTACKS.get(str(cfg.get("attack")))
+            granted = entry is not None and entry.threat.knows_labels
             # The images behind each attacked update as recorded: a probe's K, a whole update's every image
             # the site trained on that round, an aggregate's images of all sites (not the local batch).
             sizes = sorted({len(a["ssim"]) for a in run.attacks})
@@ -330,7 +313,7 @@ def section_threat_model(ctx: Context) -> Section | None:
                        [[*key, ", ".join(defenses)] for key, defenses in rows.items()], numeric=[2]))
     attacks = list(dict.fromkeys(run.attack for run in attacked))
     parts.append("<p>How the attacks work:</p><ul>" + "".join(
-        f"<li><strong>{esc(attack_name(a))}</strong> {esc(ATTACK_PLAIN.get(a, ''))}.</li>" for a in attacks) + "</ul>")
+        f"<li><strong>{esc(attack_name(a))}</strong> {esc(_plain(a))}.</li>" for a in attacks) + "</ul>")
     parts.append("<p class=note>Images per update: how many of a hospital's images stand behind one shared "
                  "update (in training: every image a site trained on in the round, all sites' under secure "
                  "aggregation, or a probe's few). More images per update blend into one another and are harder "
@@ -438,8 +421,18 @@ def section_results(ctx: Context) -> Section | None:
     return Section("results", "Results per attack", "".join(parts))
 
 
-# The paper's order of attacks; others follow by name.
-_ATTACK_ORDER = {a: i for i, a in enumerate(ATTACK_NAMES)}
+def _plain(attack: str) -> str:
+    """How `attack` works in plain words (for an attack not registered here, that it is unknown)."""
+    entry = ATTACKS.get(attack)
+    return entry.plain if entry else "(an attack this installation does not know)"
+
+
+def _attack_order(attack: str) -> int:
+    """The registry's order of attacks (the papers' first); attacks not registered here after them."""
+    names = list(ATTACKS)
+    return names.index(attack) if attack in names else len(names)
+
+
 # Numbers pooled over runs, each run weighted by its number of images (so a mean is over all images).
 _POOLED = ("asr", "asr_chance", "mean_ssim", "mean_mse", "mean_psnr", "seconds_per_image", "label_accuracy",
            "label_chance", "reid_rate", "reid_chance")
@@ -457,7 +450,7 @@ def attack_table(ctx: Context) -> list[dict[str, Any]]:
     data_order = list(dict.fromkeys(key[0] for key in groups))
     rows = []
     for (data, attack, model), group in sorted(groups.items(), key=lambda kv: (
-            data_order.index(kv[0][0]), _ATTACK_ORDER.get(kv[0][1], len(_ATTACK_ORDER)), kv[0][1], kv[0][2])):
+            data_order.index(kv[0][0]), _attack_order(kv[0][1]), kv[0][1], kv[0][2])):
         stats = [run_stats(r) for r in group]
         row: dict[str, Any] = {"data": data, "attack": attack, "attack_name": attack_name(attack), "model": model,
                                "seeds": len({r.config.get("seed") for r in group}), "n_images": sum(s.n for s in stats)}
