@@ -9,10 +9,13 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
+from medpfl.attacks import display_name as attack_name
 from medpfl.errors import MedPFLError
 from medpfl.report.html import page
 from medpfl.report.runs import AttackRun, AuditRun, TrainRun, find_runs
-from medpfl.report.sections import SECTIONS, Context, attack_name, attack_table, defense_table, run_stats
+from medpfl.report.sections import SECTIONS
+from medpfl.report.sources import Context
+from medpfl.report.statistics import attack_table, defense_table, run_stats
 
 CSV_FIELDS = ("run", "attack", "defense", "round", "site", "victim", "slot", "item_id", "label", "recovered_label",
               "label_correct", "ssim", "psnr", "mse", "reidentified", "seconds", "reconstruction")
@@ -95,5 +98,5 @@ def _write_collection_summary(ctx: Context, path: Path) -> None:
             runs.append({"run": run.name, "kind": _kind(run), **({"summary": run.summary} if run.summary else {})})
     # The report's two tables as numbers: attacks by data set (the paper's layout) and defenses with utility.
     defenses = [{"sweep": sweep.name, **row} for sweep in ctx.sweeps for row in defense_table(sweep)]
-    summary = {"kind": "collection", "runs": runs, "by_attack": attack_table(ctx), "defenses": defenses}
+    summary = {"kind": "collection", "runs": runs, "by_attack": attack_table(ctx.runs), "defenses": defenses}
     _write(path, json.dumps(summary, indent=2, default=str) + "\n")

@@ -8,6 +8,7 @@ import torch
 from medpfl.attacks import ATTACKS
 from medpfl.attacks.imprint import expected_share
 from medpfl.metrics.intervals import wilson
+from medpfl.metrics.privacy import SUCCESS_SSIM
 from medpfl.report.html import Section, esc
 from medpfl.report.runs import AttackRun, TrainRun
 
@@ -65,7 +66,7 @@ def section_malicious_server(ctx) -> Section | None:
              "tell by checking the model it receives before it trains.</p><ul class=findings>"]
     for run in runs:
         summary = run.summary or {}
-        threshold = float(summary.get("success_ssim", run.config.get("success_ssim", 0.9)))
+        threshold = float(summary.get("success_ssim", run.config.get("success_ssim", SUCCESS_SSIM)))
         recovered = recovery_sentence(run, threshold, summary.get("asr_chance"))
         parts.append(f"<li><strong>{esc(run.name)}</strong>: {esc(recovered)} {esc(check_sentence(run))}</li>")
     parts.append("</ul>")

@@ -1,177 +1,29 @@
-"""The report's sections. Each takes what the run directory holds and returns a Section, or None when
-the directory holds nothing for it (a sweep section without a sweep, a training section without training)."""
+"""The report's sections: each takes what the run directory holds and returns a Section, or None when the
+directory holds nothing for it (a sweep section without a sweep, a training section without training). The
+numbers come from report.statistics; here they become sentences, tables and figures."""
 
 from __future__ import annotations
 
-import io
 import json
-import statistics
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from PIL import Image
-
 from medpfl.attacks import ATTACKS, display_name as attack_name
-from medpfl.metrics.chance import pooled_label_chance
+from medpfl.metrics.intervals import Rate, observed_rate_sentence, rate_interval
 from medpfl.report import plots
 from medpfl.report.html import Section, esc, img, img_file, table
 from medpfl.report.malicious import section_malicious_server
 from medpfl.report.runs import AttackRun, ImageResult, Run, SweepRun, TrainRun
-from medpfl.metrics.intervals import Rate, observed_rate_sentence, rate_interval
-from medpfl.report.tradeoff import RATES, pareto_front
+from medpfl.report.sources import Context
+from medpfl.report.statistics import (PRIVACY_COLUMNS, SAFE_ASR, SUCCESS_SSIM, UTILITY_COLUMNS, RunStats,
+                                      attack_table, data_name, defense_table, first_column, recommendations,
+                                      risk_level, run_stats, update_leak)
+from medpfl.report.tradeoff import pareto_front
 
-SUCCESS_SSIM = 0.9  # the paper's threshold; runs that recorded another one say so in their summary
 RANKED_ROWS = 40  # rows of the per-image ranking shown in the page; results.csv holds all
 PAIRS_SHOWN = 4  # best and worst reconstructions shown per run
 RUNS_WITH_PICTURES = 12  # runs whose reconstructions are shown (the others are in the tables)
-
-# ---------------------------------------------------------------- context
-
-
-class Originals:
-    """The attacked images themselves, read back from the data source a run names, as PNG bytes.
-
-    Run directories store reconstructions, not the source images; when the source cannot be opened here
-    (another machine, data moved), pictures show reconstructions only and the report says why."""
-
-    def __init__(self) -> None:
-        self._datasets: dict[tuple, Any] = {}
-        self._cache: dict[tuple, bytes | None] = {}
-        self.problems: dict[str, str] = {}
-
-    def _dataset(self, run: Run):
-        key = (run.config.get("data"), run.config.get("image_size", 32), run.config.get("channels", 3))
-        if key not in self._datasets:
-            try:
-                from medpfl.data import ImageDataset, open_source
-
-                source = open_source(key[0])
-                self._datasets[key] = (ImageDataset(source, size=key[1], channels=key[2]),
-                                       {it.item_id: i for i, it in enumerate(source.items)})
-            except Exception as exc:  # noqa: BLE001 - any failure means: show reconstructions only
-                self.problems[str(key[0] or "embedded")] = str(exc) or type(exc).__name__
-                self._datasets[key] = None
-        return self._datasets[key]
-
-    def png(self, run: Run, item_id: str) -> bytes | None:
-        key = (run.config.get("data"), run.config.get("image_size"), run.config.get("channels"), item_id)
-        if key not in self._cache:
-            self._cache[key] = self._load(run, item_id)
-        return self._cache[key]
-
-    def _load(self, run: Run, item_id: str) -> bytes | None:
-        from medpfl.report.images import to_uint8
-
-        loaded = self._dataset(run)
-        if loaded is None or item_id not in loaded[1]:
-            return None
-        try:
-            array = to_uint8(loaded[0].image(loaded[1][item_id]))
-        except Exception:  # noqa: BLE001
-            return None
-        buffer = io.BytesIO()
-        Image.fromarray(array).save(buffer, format="PNG")
-        return buffer.getvalue()
-
-    def class_names(self, run: Run) -> list[str] | None:
-        loaded = self._dataset(run)
-        return list(loaded[0].classes) if loaded else None
-
-
-@dataclass
-class RunStats:
-    """A run's leak in numbers, computed from its per-image results so every kind of run is scored alike."""
-
-    n: int
-    asr: float
-    mean_ssim: float
-    mean_psnr: float
-    mean_mse: float
-    label_accuracy: float | None
-    reid_rate: float | None
-    seconds_per_image: float
-    success_ssim: float = SUCCESS_SSIM
-    asr_chance: float | None = None
-    mean_ssim_chance: float | None = None
-    reid_gallery: int | None = None
-    num_classes: int | None = None
-    label_chance: float | None = None  # a random guess of each update's labels, scored as the attack is
-    epsilon: float | None = None
-
-    @property
-    def recognised(self) -> int:
-        return round(self.asr * self.n)
-
-    def interval(self, key: str) -> Rate:
-        """The 95% (Wilson) interval of a rate of this run's images: "asr", "label_accuracy" or "reid_rate"."""
-        return rate_interval(getattr(self, key), self.n)
-
-    @property
-    def reid_chance(self) -> float | None:
-        """Re-identification by naming an image of the gallery at random."""
-        return 1 / self.reid_gallery if self.reid_gallery else None
-
-
-@dataclass
-class Context:
-    """Everything a section may draw on."""
-
-    root: Path
-    runs: list[Run]
-    originals: Originals = field(default_factory=Originals)
-
-    @property
-    def attack_runs(self) -> list[AttackRun]:
-        return [r for r in self.runs if isinstance(r, AttackRun)]
-
-    @property
-    def train_runs(self) -> list[TrainRun]:
-        return [r for r in self.runs if isinstance(r, TrainRun)]
-
-    @property
-    def sweeps(self) -> list[SweepRun]:
-        return [r for r in self.runs if isinstance(r, SweepRun)]
-
-    @property
-    def attacked(self) -> list[AttackRun | TrainRun]:
-        """Runs with attacked images."""
-        return [r for r in self.runs if isinstance(r, (AttackRun, TrainRun)) and r.images()]
-
-    def images(self) -> list[ImageResult]:
-        return [row for run in self.attacked for row in run.images()]
-
-
-def run_stats(run: AttackRun | TrainRun) -> RunStats:
-    rows = run.images()
-    summary = run.summary or {}
-    threshold = float(summary.get("success_ssim", run.config.get("success_ssim", SUCCESS_SSIM)))
-    labels = [r.label_correct for r in rows if r.label_correct is not None]
-    reid = [r.reidentified for r in rows if r.reidentified is not None]
-    gallery = summary.get("reid_gallery_size")
-    num_classes = summary.get("num_classes") or ((run.federation or {}).get("classes") and
-                                                 len(run.federation["classes"]) if isinstance(run, TrainRun) else None)
-    records = run.results if isinstance(run, AttackRun) else run.attacks
-    return RunStats(
-        n=len(rows),
-        asr=sum(r.ssim >= threshold for r in rows) / len(rows),
-        mean_ssim=statistics.fmean(r.ssim for r in rows),
-        mean_psnr=statistics.fmean(r.psnr for r in rows),
-        mean_mse=statistics.fmean(r.mse for r in rows),
-        label_accuracy=sum(labels) / len(labels) if labels else None,
-        reid_rate=(sum(reid) / len(reid) if len(reid) == len(rows)
-                   else summary.get("reid_rate") if isinstance(run, AttackRun) else None),
-        seconds_per_image=statistics.fmean(r.seconds for r in rows),
-        success_ssim=threshold,
-        asr_chance=summary.get("asr_chance"),
-        mean_ssim_chance=summary.get("mean_ssim_chance"),
-        reid_gallery=int(gallery) if gallery else None,
-        num_classes=num_classes,
-        label_chance=pooled_label_chance([r["labels"] for r in records if r.get("labels")], num_classes)
-        if num_classes else None,
-        epsilon=summary.get("epsilon"),
-    )
 
 
 def _label(run: AttackRun | TrainRun) -> str:
@@ -182,12 +34,6 @@ def _label(run: AttackRun | TrainRun) -> str:
     if isinstance(run, TrainRun):
         name += " in training"
     return name
-
-
-def data_name(run: Run) -> str:
-    """The data set a run attacked: the embedded set, or the last part of the user's path."""
-    data = run.config.get("data")
-    return "embedded" if not data else Path(str(data).rstrip("/")).name
 
 
 def _fmt(value: float | None, digits: int = 2, unit: str = "") -> str:
@@ -394,7 +240,7 @@ def section_results(ctx: Context) -> Section | None:
                                           "re-identified", "s / image"]
     first_num = header.index("epsilon" if has_eps else "images")
     parts = []
-    by_attack = attack_table(ctx)
+    by_attack = attack_table(ctx.runs)
     if len(attacked) > 1 and by_attack:
         parts.append("<h3>By attack and data set</h3>" + _attack_table_html(by_attack) + "<h3>Every run</h3>")
     parts.append(table(header, rows, numeric=list(range(first_num, len(header)))))
@@ -425,42 +271,6 @@ def _plain(attack: str) -> str:
     """How `attack` works in plain words (for an attack not registered here, that it is unknown)."""
     entry = ATTACKS.get(attack)
     return entry.plain if entry else "(an attack this installation does not know)"
-
-
-def _attack_order(attack: str) -> int:
-    """The registry's order of attacks (the papers' first); attacks not registered here after them."""
-    names = list(ATTACKS)
-    return names.index(attack) if attack in names else len(names)
-
-
-# Numbers pooled over runs, each run weighted by its number of images (so a mean is over all images).
-_POOLED = ("asr", "asr_chance", "mean_ssim", "mean_mse", "mean_psnr", "seconds_per_image", "label_accuracy",
-           "label_chance", "reid_rate", "reid_chance")
-
-
-def attack_table(ctx: Context) -> list[dict[str, Any]]:
-    """The paper's layout: one row per data set, attack and model, its undefended attack runs pooled over seeds.
-
-    A sweep's runs belong to the defense table; they count here only where the directory holds no others."""
-    runs = [r for r in ctx.attack_runs if r.defense == "none" and r.images()]
-    outside = [r for r in runs if not any(r.path.is_relative_to(s.path) for s in ctx.sweeps)]
-    groups: dict[tuple[str, str, str], list[AttackRun]] = defaultdict(list)
-    for run in outside or runs:
-        groups[(data_name(run), run.attack, str(run.config.get("model", "?")))].append(run)
-    data_order = list(dict.fromkeys(key[0] for key in groups))
-    rows = []
-    for (data, attack, model), group in sorted(groups.items(), key=lambda kv: (
-            data_order.index(kv[0][0]), _attack_order(kv[0][1]), kv[0][1], kv[0][2])):
-        stats = [run_stats(r) for r in group]
-        row: dict[str, Any] = {"data": data, "attack": attack, "attack_name": attack_name(attack), "model": model,
-                               "seeds": len({r.config.get("seed") for r in group}), "n_images": sum(s.n for s in stats)}
-        for key in _POOLED:
-            weighted = [(getattr(s, key), s.n) for s in stats if getattr(s, key) is not None]
-            row[key] = sum(v * n for v, n in weighted) / sum(n for _, n in weighted) if weighted else None
-            if key in RATES:
-                row.update(rate_interval(row[key], sum(n for _, n in weighted)).as_dict(key))
-        rows.append(row)
-    return rows
 
 
 CLIENT_DP_NOTE = ("cdp (client-level DP) does not protect against the server: the server adds the noise to the "
@@ -538,16 +348,6 @@ def section_reconstructions(ctx: Context) -> Section | None:
     return Section("reconstructions", "Originals beside reconstructions", "".join(parts))
 
 
-def risk_level(row: ImageResult, threshold: float = SUCCESS_SSIM) -> str:
-    """High: a recognisable copy. Medium: not recognisable by SSIM, yet it singles out the patient's image.
-    Low: neither."""
-    if row.ssim >= threshold:
-        return "high"
-    if row.reidentified:
-        return "medium"
-    return "low"
-
-
 def section_risk_ranking(ctx: Context) -> Section | None:
     rows = sorted(ctx.images(), key=lambda r: -r.ssim)
     if not rows:
@@ -612,11 +412,10 @@ def section_training(ctx: Context) -> Section | None:
             per_site: dict[str, dict[int, float]] = defaultdict(dict)
             rows = []
             for a in sorted(run.attacks, key=lambda a: (a["round"], a["site"])):
-                mean = statistics.fmean(a["ssim"])
+                asr, mean, psnr = update_leak(a)
                 per_site[f"site {a['site']}"][a["round"]] = mean
-                asr = sum(s >= SUCCESS_SSIM for s in a["ssim"]) / len(a["ssim"])
-                rows.append([a["round"], a["site"], len(a["ssim"]), f"{asr:.2f}", f"{mean:.3f}",
-                             f"{statistics.fmean(a['psnr']):.1f}", a.get("observed", "")])
+                rows.append([a["round"], a["site"], len(a["ssim"]), f"{asr:.2f}", f"{mean:.3f}", f"{psnr:.1f}",
+                             a.get("observed", "")])
             parts.append(table(["round", "site", "images", "ASR", "mean SSIM", "mean PSNR dB", "update attacked"],
                                rows, numeric=[0, 1, 2, 3, 4, 5], caption="Leakage per round and site"))
             attacked_rounds = sorted({a["round"] for a in run.attacks})
@@ -676,69 +475,26 @@ def _utility_curves(runs: list[TrainRun]) -> str:
                     numeric=[1, 2, 3, 4, 5, 6]))
 
 
-# Column names a sweep may use, first match wins.
-_PRIVACY = ("asr", "mean_ssim")
-_UTILITY = ("accuracy", "balanced_accuracy", "auc", "test_accuracy")
-
-
-def _first(cells: list[dict], names: tuple[str, ...]) -> str | None:
-    return next((n for n in names if any(isinstance(c.get(n), (int, float)) for c in cells)), None)
-
-
-def _cell_label(cell: dict) -> str:
-    for key in ("defense_label", "defense", "spec"):
-        if cell.get(key):
-            return str(cell[key])
-    return "none"
-
-
-_COUNTS = ("seeds", "n_images")  # summed over a setting's cells, every other number averaged
-
-
-def defense_table(sweep: SweepRun) -> list[dict[str, Any]]:
-    """One row per attack x defense setting, in the grid's order, its cells averaged over seeds."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for cell in sweep.cells:
-        groups[(str(cell.get("attack", "")), _cell_label(cell))].append(cell)
-    averaged = []
-    for (attack, defense), cells in groups.items():
-        row: dict[str, Any] = {"attack": attack, "defense": defense,
-                               "seeds": sum(int(c.get("seeds") or 1) for c in cells)}
-        numbers = dict.fromkeys(k for c in cells for k, v in c.items()
-                                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "seeds")
-        for key in numbers:  # in the file's column order
-            values = [c[key] for c in cells if isinstance(c.get(key), (int, float))]
-            row[key] = (sum(values) if key in _COUNTS else statistics.fmean(values)) if values else None
-        for key in RATES:  # 95% intervals over the images scored (also for sweeps written before they were kept)
-            if row.get(key) is not None and row.get("n_images"):
-                row.update(rate_interval(row[key], int(row["n_images"])).as_dict(key))
-        averaged.append(row)
-    return averaged
-
-
 def _recommendations(sweep: SweepRun) -> list[str]:
-    """Per attack: the setting with the best utility among those that keep ASR below 0.1."""
+    """Per attack, the setting statistics.recommendations picks, in a sentence."""
     cells = defense_table(sweep)
-    privacy, utility = _first(cells, _PRIVACY), _first(cells, _UTILITY)
+    privacy, utility = first_column(cells, PRIVACY_COLUMNS), first_column(cells, UTILITY_COLUMNS)
     if not privacy or not utility:
         return []
     lines = []
-    for attack in sorted({c["attack"] for c in cells}):
-        mine = [c for c in cells if c["attack"] == attack and c.get(privacy) is not None and c.get(utility) is not None]
-        below = [c for c in mine if c[privacy] < 0.1] if privacy == "asr" else []
+    for attack, best, safe in recommendations(cells, privacy, utility):
         name = attack_name(attack) if attack else "the attacks"
-        if below:
-            best = max(below, key=lambda c: c[utility])
+        if safe:
             observed = (observed_rate_sentence("reconstructed", rate_interval(best[privacy], int(best["n_images"])))
                         if best.get("n_images") else f"observed ASR {best[privacy]:.2f}.")
-            lines.append(f"Against {name}: of the settings with observed ASR below 0.1, {best['defense']} has the best "
-                         f"{utility.replace('_', ' ')}, {best[utility]:.3f}"
+            lines.append(f"Against {name}: of the settings with observed ASR below {SAFE_ASR:g}, {best['defense']} has "
+                         f"the best {utility.replace('_', ' ')}, {best[utility]:.3f}"
                          + (f" (epsilon {best['epsilon']:.2f})" if best.get("epsilon") is not None else "")
                          + f"; {observed}")
-        elif mine:
-            best = min(mine, key=lambda c: (c[privacy], -c[utility]))
-            lines.append(f"Against {name}: no setting tested keeps ASR below 0.1; the lowest is {best['defense']} "
-                         f"({privacy} {best[privacy]:.2f}, {utility.replace('_', ' ')} {best[utility]:.3f}).")
+        else:
+            lines.append(f"Against {name}: no setting tested keeps ASR below {SAFE_ASR:g}; the lowest is "
+                         f"{best['defense']} ({privacy} {best[privacy]:.2f}, {utility.replace('_', ' ')} "
+                         f"{best[utility]:.3f}).")
     return lines
 
 
@@ -749,7 +505,7 @@ def section_tradeoff(ctx: Context) -> Section | None:
     parts = []
     for sweep in sweeps:
         cells = defense_table(sweep)
-        privacy, utility = _first(cells, _PRIVACY), _first(cells, _UTILITY)
+        privacy, utility = first_column(cells, PRIVACY_COLUMNS), first_column(cells, UTILITY_COLUMNS)
         parts.append(f"<h3>{esc(sweep.name)}</h3>")
         apart = sorted({(str(c["model"]), str(c["trained_model"])) for c in sweep.cells
                         if c.get("model") and c.get("trained_model") and c["model"] != c["trained_model"]})
