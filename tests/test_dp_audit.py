@@ -181,4 +181,10 @@ def test_an_audited_run_killed_and_resumed_measures_what_an_uninterrupted_one_do
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())["dp_audit"]
     assert summary == whole and whole["epsilon_lower"] > 0
     scores = [json.loads((tmp_path / run / "dp_audit.json").read_text()) for run in ("whole", "killed")]
-    assert scores[0] == scores[1]
+    # The same canaries, drawn and scored alike: every score equal up to float32 rounding. The whole run (this
+    # process) and the resumed one (a fresh process) may reduce in another thread order: the cosines of the
+    # canary clients differed by 4e-9 on 2 threads, where a canary drawn differently differs by its whole size.
+    same = {k: v for k, v in scores[0].items() if k not in ("scores_in", "scores_out")}
+    assert same == {k: v for k, v in scores[1].items() if k not in ("scores_in", "scores_out")}
+    for side in ("scores_in", "scores_out"):
+        assert scores[1][side] == pytest.approx(scores[0][side], rel=1e-5, abs=1e-7)
