@@ -1,4 +1,5 @@
-"""The in-process engine: vectorised sites agree with sites trained one at a time, and hooks see what a server sees."""
+"""The in-process engine: vectorised or threaded sites agree with sites trained one at a time, and hooks see what a
+server sees."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import torch
 
 from medpfl.data import ImageDataset
 from medpfl.data.embedded import embedded_source
+from medpfl.defenses.dpsgd import dp_schedules
+from medpfl.defenses.spec import parse_defense
+from medpfl.defenses.training import DPSGDFederation
 from medpfl.fl.aggregate import weighted_average
 from medpfl.fl.gradients import functional_model
 from medpfl.fl.local import LocalTraining
@@ -81,3 +85,36 @@ def test_observer_sees_payload_and_sent_update_and_transform_changes_what_is_sen
         torch.testing.assert_close(seen.update[name], raw[name] / 2, atol=1e-7, rtol=1e-5)
     plain = InProcessFederation(model, sites, 6, training, seed=0).run_round(weights, 2)
     assert outcome.update_norms == pytest.approx([n / 2 for n in plain.update_norms], rel=1e-5)
+
+
+@pytest.mark.parametrize("defense", ["none", "dpsgd:noise=1.0,clip=1.0"])
+def test_sites_trained_side_by_side_on_threads_equal_one_site_at_a_time_on_one_thread(setup, defense):
+    """A site's arithmetic on a CPU does not depend on how many sites train at once: each thread has its own
+    model (one module shared by threads mixes their parameters) and one torch thread, as a Flower client."""
+    model, sites, weights = setup
+    training = LocalTraining("fedavg", epochs=1, batch_size=4, lr=0.05, momentum=0.9)
+    chain = parse_defense(defense)
+    model = model if chain.local is None else functional_model(build_model("lenet-idlg", 6, 3, 16, seed=0))
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+
+    def engine(workers):
+        if chain.local is None:
+            return InProcessFederation(model, sites, 6, training, seed=5, vectorise=False, workers=workers)
+        dp = chain.local.for_sites(dp_schedules([len(y) for _, y in sites], training, 1))
+        return DPSGDFederation(model, sites, 6, training, 5, vectorise=False, dp=dp, workers=workers)
+
+    threads = torch.get_num_threads()
+    side_by_side = engine(4)
+    assert side_by_side.workers == 4
+    parallel = side_by_side.run_round(weights, 1)
+    assert torch.get_num_threads() == threads  # the caller's setting is back
+    torch.set_num_threads(1)
+    try:
+        one = engine(1)
+        alone = [one._site_update(model, weights, 1, s) if chain.local else  # DP-SGD's steps, its noise streams
+                 site_update(model, weights, *sites[s], 6, training, 5, 1, s) for s in range(len(sites))]
+    finally:
+        torch.set_num_threads(threads)
+    mean = weighted_average({n: torch.stack([u[n] for u in alone]) for n in weights}, [6, 6, 5, 2])
+    for name in weights:
+        assert torch.equal(parallel.weights[name], weights[name] + mean[name]), name

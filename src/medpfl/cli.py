@@ -301,7 +301,8 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
                             "refuse an anchor); only to measure what the check prevents, e.g. with a malicious "
                             "server: --engine flower --defense secagg:k=SITES --attack imprint --set bins=N")
     train.add_argument("--vectorise", default=d.vectorise, choices=VECTORISE,
-                       help="in-process: train equal-sized sites in one vmapped call (auto: on accelerators only)")
+                       help="in-process: train equal-sized sites in one vmapped call (auto: on accelerators only; on a "
+                            "CPU the sites otherwise train side by side, one per core)")
     train.add_argument("--seed", type=int, default=d.seed)
     train.add_argument("--device", default=d.device, help="auto (the GPU if there is one, else the CPU), cpu, cuda, "
                        "cuda:1, mps")

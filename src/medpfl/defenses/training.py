@@ -29,20 +29,17 @@ def noise_stream(seed: int, round_index: int, site: int, purpose: int, device: t
 
 
 class DPSGDFederation(InProcessFederation):
-    """The in-process engine with each site's local steps run by DP-SGD (sites one at a time)."""
+    """The in-process engine with each site's local steps run by DP-SGD (never vectorised over sites)."""
 
     def __init__(self, *args, dp, **kwargs):
         super().__init__(*args, **kwargs)
         self.dp = dp
 
-    def _raw_updates(self, weights: Update, round_index: int) -> list[Update]:
-        updates = []
-        for s, (x, y) in enumerate(self.sites):
-            xo, yo = ordered(x, y, self.seed, round_index, s)
-            noise = noise_stream(self.seed, round_index, s, 1, xo.device)
-            updates.append(dp_local_update(self.model, weights, xo, yo, self.num_classes, self.training,
-                                           self.dp.at_site(s, round_index), noise))
-        return updates
+    def _site_update(self, model: nn.Module, weights: Update, round_index: int, site: int) -> Update:
+        x, y = ordered(*self.sites[site], self.seed, round_index, site)
+        noise = noise_stream(self.seed, round_index, site, 1, x.device)
+        return dp_local_update(model, weights, x, y, self.num_classes, self.training, self.dp.at_site(site, round_index),
+                               noise)
 
 
 class DefendedFederation:

@@ -78,9 +78,9 @@ class TrainRunConfig(FederationSettings):
     defense: str = "none"  # a defense spec (medpfl.defenses.spec) run at every site in every round (in-process)
     audit_canaries: int = 0  # canaries of a one-run privacy audit (experiments.privacy_audit); 0: no audit
     site_check: bool = True  # sites check every model they receive (fl.model_check); off only to measure it
-    # Train equal-sized sites in one vmapped call: "auto" does so on accelerators only. On CPUs it is no
-    # faster than one site after another (benchmarks/federation_throughput.py), and one site after another
-    # is bit-for-bit the Flower client's arithmetic, where batched kernels round differently.
+    # Train equal-sized sites in one vmapped call: "auto" does so on accelerators only. On CPUs sites
+    # training side by side on the cores (fl.simulation) are faster (benchmarks/federation_throughput.py)
+    # and bit-for-bit the Flower client's arithmetic, where batched kernels round differently.
     vectorise: str = "auto"
     seed: int = 0
     device: str = "auto"  # the GPU when there is one (medpfl.device)

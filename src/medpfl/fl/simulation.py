@@ -1,17 +1,26 @@
-"""The in-process engine: the sites of a round train one after another, or at once with torch.func.vmap.
+"""The in-process engine: the sites of a round train in parallel on the CPU's cores, or at once with vmap.
 
-Vectorised, sites holding the same number of images share one batch structure (same steps, same batch
-sizes), so they are stacked and run through one vmapped fl.local.local_update: each site's arithmetic is
-that of the site alone (no padding, which would also corrupt BatchNorm's batch statistics), up to float
-rounding, as batched kernels sum in another order. Sites of different sizes form separate groups; an IID
-partition gives at most two. One after another, each site runs fl.rounds.site_update exactly as a Flower
-client does, bit for bit.
+On a CPU each site trains in a thread of its own with one torch thread, as many at a time as torch has
+threads (the cores), each thread with its own copy of the model (torch.func.functional_call swaps a
+module's parameters, so one module cannot serve two threads). A site's arithmetic is therefore the same
+whatever the number of cores, and is that of a Flower client run with one thread, bit for bit: both call
+fl.rounds.site_update. Sites training side by side beat one site spread over every core here, as a
+site's kernels (small images, batches of 16) are too small to split well.
+
+Vectorised (on accelerators), sites holding the same number of images share one batch structure (same
+steps, same batch sizes), so they are stacked and run through one vmapped fl.local.local_update: each
+site's arithmetic is that of the site alone (no padding, which would also corrupt BatchNorm's batch
+statistics), up to float rounding, as batched kernels sum in another order. Sites of different sizes
+form separate groups; an IID partition gives at most two.
 """
 
 from __future__ import annotations
 
+import copy
+import queue
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -39,9 +48,10 @@ class InProcessFederation:
 
     def __init__(self, model: nn.Module, sites: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
                  training: LocalTraining, seed: int, hooks: RoundHooks | None = None, vectorise: bool = True,
-                 model_check: ModelCheck | None = None):
+                 model_check: ModelCheck | None = None, workers: int | None = None):
         """`model` must be fit for torch.func (fl.gradients.functional_model); `sites` are (images, labels).
-        With `model_check` every site verifies the weights it receives before it trains (fl.model_check)."""
+        With `model_check` every site verifies the weights it receives before it trains (fl.model_check).
+        `workers`: sites training at once on a CPU (default: torch's thread count, at most one per site)."""
         self.model, self.sites, self.num_classes = model, sites, num_classes
         self.model_check = model_check
         self.training, self.seed, self.vectorise = training, seed, vectorise
@@ -50,15 +60,46 @@ class InProcessFederation:
         for s, (_, labels) in enumerate(sites):
             groups[len(labels)].append(s)
         self.groups = list(groups.values()) if vectorise else [[s] for s in range(len(sites))]
+        self.on_cpu = not sites or sites[0][0].device.type == "cpu"
+        self.workers = max(1, min(len(sites), workers or torch.get_num_threads())) if self.on_cpu else 1
+        self._replicas = [model] + [copy.deepcopy(model) for _ in range(self.workers - 1)]
+
+    def _site_update(self, model: nn.Module, weights: Update, round_index: int, site: int) -> Update:
+        """One site's update before its transform, computed with `model` (this thread's copy)."""
+        return site_update(model, weights, *self.sites[site], self.num_classes, self.training, self.seed,
+                           round_index, site)
+
+    def _each_site(self, sites: list[int], weights: Update, round_index: int) -> list[Update]:
+        """The updates of `sites`, in their order, trained `self.workers` at a time."""
+        if not self.on_cpu:  # an accelerator: one site after another, each using all of it
+            return [self._site_update(self.model, weights, round_index, s) for s in sites]
+        free = queue.SimpleQueue()  # a copy of the model per thread at work
+        for replica in self._replicas:
+            free.put(replica)
+
+        def train(site: int) -> Update:
+            model = free.get()
+            try:
+                return self._site_update(model, weights, round_index, site)
+            finally:
+                free.put(model)
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # read by each new thread as it starts its first torch operation
+        try:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="medpfl-site") as pool:
+                return list(pool.map(train, sites))
+        finally:
+            torch.set_num_threads(threads)
 
     def _raw_updates(self, weights: Update, round_index: int) -> list[Update]:
         """Every site's update before its transform, in site order."""
         updates: list[Update | None] = [None] * len(self.sites)
+        alone = [group[0] for group in self.groups if len(group) == 1]
+        for s, update in zip(alone, self._each_site(alone, weights, round_index)):
+            updates[s] = update
         for group in self.groups:
             if len(group) == 1:
-                s = group[0]
-                updates[s] = site_update(self.model, weights, *self.sites[s], self.num_classes, self.training,
-                                         self.seed, round_index, s)
                 continue
             pairs = [ordered(*self.sites[s], self.seed, round_index, s) for s in group]
             x, y = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
