@@ -1,11 +1,13 @@
-"""Seconds per federated round: the in-process engine (sites vectorised with torch.func.vmap) against a plain
-per-site loop of the same arithmetic, and against Flower's simulation runtime, in one process and run.
+"""Seconds per federated round: the in-process engine (sites side by side on the CPU's cores, its default on a
+CPU) against the same sites one at a time on one thread, sites vectorised with torch.func.vmap (its default
+on accelerators), and Flower's simulation runtime, in one process and run.
 
 The configuration is the issue's: the embedded set, 5 IID sites, FedAvg with 1 local epoch, the paper's
 LeNet (iDLG's) and the ConvNet (GroupNorm), 32 px. Every engine starts from the same weights and seed and
 must end at the same accuracy (the JSON records each, and their largest weight difference). With
---utility it also trains the `medpfl train` defaults on IID and Dirichlet(0.3) sites and records the
-global model's accuracy, balanced accuracy and AUC next to their chance levels, and the wall time.
+--utility it also trains the `medpfl train` defaults on IID and Dirichlet(0.3) sites (and on one site,
+and at lr 0.02) and records the global model's accuracy, balanced accuracy and AUC next to their chance
+levels, and the wall time.
 
     python benchmarks/federation_throughput.py                       # JSON to benchmarks/results/
     python benchmarks/federation_throughput.py --rounds 3 --models convnet --utility
@@ -51,12 +53,12 @@ def _data(sites: int, image_size: int):
 
 
 def in_process(model_name: str, vectorise: bool, rounds: int, sites, test, num_classes: int, image_size: int,
-               training: LocalTraining) -> dict:
+               training: LocalTraining, workers: int | None = None) -> dict:
     """Rounds of the in-process engine; the first round (warm-up: allocation, kernel choice) is not timed."""
     net = build_model(model_name, num_classes, 3, image_size, norm="group", seed=model_seed(SEED))
     model = functional_model(net)
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    engine = InProcessFederation(model, sites, num_classes, training, SEED, vectorise=vectorise)
+    engine = InProcessFederation(model, sites, num_classes, training, SEED, vectorise=vectorise, workers=workers)
     seconds = []
     for round_index in range(1, rounds + 1):
         outcome = engine.run_round(weights, round_index)
@@ -97,37 +99,47 @@ def throughput(models: list[str], rounds: int, n_sites: int, image_size: int) ->
     sites, test, num_classes = _data(n_sites, image_size)
     rows = []
     for model_name in models:
-        vectorised = in_process(model_name, True, rounds, sites, test, num_classes, image_size, training)
-        looped = in_process(model_name, False, rounds, sites, test, num_classes, image_size, training)
+        engines = {"inprocess_sites_in_parallel": in_process(model_name, False, rounds, sites, test, num_classes,
+                                                             image_size, training),
+                   "inprocess_one_site_at_a_time": in_process(model_name, False, rounds, sites, test, num_classes,
+                                                              image_size, training, workers=1),
+                   "inprocess_vectorised": in_process(model_name, True, rounds, sites, test, num_classes, image_size,
+                                                      training)}
         flower = flower_simulation(model_name, rounds, n_sites, image_size, training)
-        row = {"model": model_name, "rounds": rounds, "sites": n_sites, "images_per_site": [len(y) for _, y in sites],
-               "training": dataclasses.asdict(training),
-               "inprocess_vectorised": {k: v for k, v in vectorised.items() if k != "weights"},
-               "inprocess_per_site_loop": {k: v for k, v in looped.items() if k != "weights"},
-               "speedup_vectorised_vs_loop": looped["seconds_per_round"] / vectorised["seconds_per_round"],
-               "max_weight_difference_vectorised_vs_loop": _max_difference(vectorised["weights"], looped["weights"])}
         if flower is not None:
-            row["flower_simulation"] = {k: v for k, v in flower.items() if k != "weights"}
-            row["speedup_vectorised_vs_flower"] = flower["seconds_per_round"] / vectorised["seconds_per_round"]
-            difference = _max_difference(vectorised["weights"], flower["weights"])
-            row["max_weight_difference_vectorised_vs_flower"] = difference
-            row["max_weight_difference_loop_vs_flower"] = _max_difference(looped["weights"], flower["weights"])
+            engines["flower_simulation"] = flower
+        row = {"model": model_name, "rounds": rounds, "sites": n_sites, "images_per_site": [len(y) for _, y in sites],
+               "training": dataclasses.asdict(training), "torch_threads": torch.get_num_threads(),
+               **{name: {k: v for k, v in result.items() if k != "weights"} for name, result in engines.items()}}
+        parallel = engines["inprocess_sites_in_parallel"]
+        for name, result in engines.items():
+            if name != "inprocess_sites_in_parallel":
+                short = name.removeprefix("inprocess_")
+                row[f"speedup_in_parallel_vs_{short}"] = result["seconds_per_round"] / parallel["seconds_per_round"]
+                row[f"max_weight_difference_in_parallel_vs_{short}"] = _max_difference(parallel["weights"],
+                                                                                       result["weights"])
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
 
 
-def utility(partitions: list[str]) -> list[dict]:
-    """`medpfl train` with its defaults on each partition: final utility, chance levels, wall time."""
+# The train defaults on IID and Dirichlet(0.3) sites, one site holding every training image (what federation
+# costs), and a smaller learning rate (how sensitive the defaults are).
+UTILITY_RUNS = [{"partition": "iid"}, {"partition": "dirichlet:0.3"}, {"partition": "iid", "sites": 1},
+                {"partition": "iid", "lr": 0.02}, {"partition": "dirichlet:0.3", "lr": 0.02}]
+
+
+def utility(runs: list[dict]) -> list[dict]:
+    """`medpfl train` with its defaults but for `runs`' settings: final utility, chance levels, wall time."""
     rows = []
-    for partition in partitions:
-        config = TrainRunConfig(partition=partition, seed=SEED)
+    for changes in runs:
+        config = TrainRunConfig(seed=SEED, **changes)
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
             summary = run_training(config, out, resume=False)
             wall = time.perf_counter() - start
             rounds = [json.loads(line) for line in (Path(out) / "rounds.jsonl").read_text().splitlines()]
-        row = {"partition": partition, "config": dataclasses.asdict(config), "wall_seconds": wall,
+        row = {**changes, "config": dataclasses.asdict(config), "wall_seconds": wall,
                "final": summary["final"], "chance": summary["chance"], "n_images": summary["n_images"],
                "accuracy_per_round": [r["accuracy"] for r in rounds]}
         print(json.dumps(row), flush=True)
@@ -142,7 +154,8 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
-    parser.add_argument("--utility", action="store_true", help="also train the defaults on IID and Dirichlet(0.3)")
+    parser.add_argument("--utility", action="store_true",
+                        help="also train the defaults on IID and Dirichlet(0.3) sites, on one site, and at lr 0.02")
     parser.add_argument("--keep-utility", action="store_true",
                         help="keep the utility section of the existing --out file (re-measure throughput only)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "federation_throughput.json")
@@ -152,7 +165,7 @@ def main() -> None:
     report = {"versions": library_versions(), "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg(),
               "throughput": throughput(args.models.split(","), args.rounds, args.sites, args.image_size)}
     if args.utility:
-        report["utility"] = utility(["iid", "dirichlet:0.3"])
+        report["utility"] = utility(UTILITY_RUNS)
     elif args.keep_utility and args.out.exists():
         report["utility"] = json.loads(args.out.read_text()).get("utility")
     report["load_average_at_end"] = os.getloadavg()

@@ -25,9 +25,9 @@ class FederationSettings:
 
     The defaults are `medpfl train`'s, the main job's: 5 IID sites, 20 rounds of FedAvg, 2 local epochs of
     batch 16, lr 0.05 with momentum 0.9. The SGD settings are plain small-CNN practice, checked on the
-    embedded set against one site holding all images (centralised training, same settings: about the same
-    final accuracy as 5 IID sites) and against lr 0.02 (worse on IID sites, a little better on Dirichlet(0.3)
-    ones, within the round-to-round swing); the README reports the numbers.
+    embedded set against one site holding all images (centralised training, same settings: federation costs
+    a few points) and against lr 0.02 (the same on IID sites, better on Dirichlet(0.3) ones, one data set
+    being no ground to change a general default); the README reports the numbers.
     """
 
     sites: int = 5
