@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from medpfl.cli import main
-from medpfl.defenses import epsilon_spent, parse_defense
+from medpfl.defenses import epsilon_spent
 from medpfl.experiments.sweep import SweepConfig, cell_name, run_cell
 from medpfl.models.registry import build_model
 from medpfl.seeds import model_seed
-from medpfl.report.tradeoff import pareto_front
+from medpfl.report.tradeoff import beats_chance, pareto_front, utility_at_chance
 
 from held_out import utility_cell_accuracy
 
@@ -41,10 +41,15 @@ def test_defense_acts_inside_training_not_only_on_the_attackers_copy(tmp_path):
     assert plain["accuracy_chance"] > 0 and "accuracy" in clipped
 
 
-def test_privacy_attacks_the_same_defended_federation_whose_utility_is_reported(tmp_path):
+def test_privacy_attacks_the_same_defended_federation_whose_utility_is_reported(tmp_path, capsys):
     out = tmp_path / "sweep"
     assert main(["sweep", *TINY, "--rounds", "2", "--workers", "1", "--defenses", "none", "gaussian:sigma=0.01",
                  "--out", str(out)]) == 0
+    # Two sites of one image, two FedSGD steps: no model learns, and the user is told its utility says nothing.
+    assert "No federation of this sweep beats chance" in " ".join("".join(capsys.readouterr()).split())
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert "No federation of this sweep beats chance" in page and "costs least in accuracy is not measured" in page
     for defense in ("none", "gaussian:sigma=0.01"):
         privacy, utility = (out / "cells" / cell_name(kind, defense, 0, attack)
                             for kind, attack in (("privacy", "idlg"), ("utility", None)))
@@ -140,6 +145,24 @@ def test_sweep_measures_utility_and_epsilon_per_defense_in_worker_processes(tmp_
     utility = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()
                if json.loads(line)["kind"] == "utility"]
     assert len(utility) == 3  # secure aggregation reuses the undefended federation
+
+
+def test_utility_counts_as_informative_only_where_a_model_beats_chance_beyond_its_interval():
+    from scipy.stats import binomtest
+
+    def row(defense, correct, balanced=1 / 6):
+        return {"defense": defense, "accuracy": correct / 185, "balanced_accuracy": balanced,
+                "accuracy_chance": 40 / 185, "balanced_accuracy_chance": 1 / 6, "test_images": 185}
+
+    # 50 of 185 right (0.270) tops the majority share (40, 0.216), but its 95% Wilson interval does not clear it.
+    assert binomtest(50, 185).proportion_ci(method="wilson").low < 40 / 185
+    assert binomtest(56, 185).proportion_ci(method="wilson").low > 40 / 185
+    assert beats_chance(row("lucky", 50)) is False and beats_chance(row("learned", 56)) is True
+    assert beats_chance(row("minority classes", 30, balanced=0.40)) is True  # below the majority share, yet learned
+    warning = utility_at_chance([row("none", 50), row("topk:prune=0.9", 30)])
+    assert warning.startswith("No federation of this sweep beats chance: the best test accuracy is 0.270 (none)")
+    assert utility_at_chance([row("none", 56), row("topk:prune=0.9", 30)]) is None
+    assert utility_at_chance([{"defense": "none", "accuracy": None}]) is None  # utility pending: nothing to say
 
 
 def test_pareto_front_keeps_points_no_other_beats_on_both_axes():

@@ -491,6 +491,7 @@ def sweep_config(args: argparse.Namespace):
 
 def cmd_sweep(args: argparse.Namespace) -> None:
     from medpfl.experiments.sweep import run_sweep
+    from medpfl.report.tradeoff import utility_at_chance
 
     config = sweep_config(args)
     bar, (update,) = _progress(args.quiet, "sweep cells")
@@ -514,6 +515,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
     if audited:
         out.print("epsilon: the accountant's (upper bound); measured: the one-run audit's 95% lower bound on the "
                   "same federation (--audit-dp), averaged over seeds.")
+    at_chance = utility_at_chance(rows)
+    if at_chance:
+        console.print(f"[bold red]warning:[/bold red] {at_chance}")
     for r in rows:
         if r.get("guarantee_broken"):
             console.print(f"[bold red]warning:[/bold red] {r['defense']}: a measured epsilon exceeds the accountant's: "

@@ -345,7 +345,8 @@ def _utility(job: dict[str, Any], sweep: SweepConfig, path: Path) -> dict[str, A
     chain = parse_defense(job["defense"]).calibrated()
     audit = summary.get("dp_audit", {})  # measured (lower, 95%) beside the accountant's epsilon
     return {**summary["final"], "accuracy_chance": summary["chance"]["accuracy"],
-            "balanced_accuracy_chance": summary["chance"]["balanced_accuracy"], "model": config.model,
+            "balanced_accuracy_chance": summary["chance"]["balanced_accuracy"], "test_images": summary["n_test"],
+            "model": config.model,
             "train_seconds": time.perf_counter() - started, "epsilon": summary["epsilon"],
             "noise_multiplier": last.get("noise_multiplier"), "delta": chain.local.delta if chain.local else None,
             "epsilon_measured": audit.get("epsilon_lower"), "guarantee_broken": audit.get("guarantee_broken"),

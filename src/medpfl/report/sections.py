@@ -19,7 +19,7 @@ from medpfl.report.sources import Context
 from medpfl.report.statistics import (PRIVACY_COLUMNS, SAFE_ASR, SUCCESS_SSIM, UTILITY_COLUMNS, RunStats,
                                       attack_table, data_name, defense_table, first_column, recommendations,
                                       risk_level, run_stats, update_leak)
-from medpfl.report.tradeoff import pareto_front
+from medpfl.report.tradeoff import pareto_front, utility_at_chance
 
 RANKED_ROWS = 40  # rows of the per-image ranking shown in the page; results.csv holds all
 PAIRS_SHOWN = 4  # best and worst reconstructions shown per run
@@ -482,9 +482,15 @@ def _recommendations(sweep: SweepRun) -> list[str]:
     if not privacy or not utility:
         return []
     lines = []
+    at_chance = utility_at_chance(cells) is not None
     for attack, best, safe in recommendations(cells, privacy, utility):
         name = attack_name(attack) if attack else "the attacks"
-        if safe:
+        if safe and at_chance:  # a ranking on utility would be noise
+            below = [c["defense"] for c in cells if c["attack"] == attack and c.get(privacy) is not None
+                     and c[privacy] < SAFE_ASR]
+            lines.append(f"Against {name}: {', '.join(map(str, below))} kept observed ASR below {SAFE_ASR:g}; which "
+                         "of them costs least in accuracy is not measured here, as no federation beats chance.")
+        elif safe:
             observed = (observed_rate_sentence("reconstructed", rate_interval(best[privacy], int(best["n_images"])))
                         if best.get("n_images") else f"observed ASR {best[privacy]:.2f}.")
             lines.append(f"Against {name}: of the settings with observed ASR below {SAFE_ASR:g}, {best['defense']} has "
@@ -514,6 +520,9 @@ def section_tradeoff(ctx: Context) -> Section | None:
                          + "; ".join(f"attacked {esc(m)}, trained {esc(t)}" for m, t in apart) + "): privacy by the "
                          "paper's single-image protocol. A defense's strength then means different things on the two "
                          "sides, so the front below pairs unlike quantities.</p>")
+        warning = utility_at_chance(cells)
+        if warning:
+            parts.append(f"<p class=note><strong>{esc(warning)}</strong></p>")
         if privacy and utility:
             usable = [c for c in cells if c.get(privacy) is not None and c.get(utility) is not None]
             front = pareto_front([(c[utility], c[privacy]) for c in usable])

@@ -67,6 +67,8 @@ def tradeoff_rows(privacy: list[dict[str, Any]], utility: list[dict[str, Any]]) 
         row.update({k: _mean([u.get(k) for u in trained]) for k in UTILITY_KEYS})
         row["utility"] = "measured" if trained else "pending"
         row.update({k: trained[0].get(k) if trained else None for k in UTILITY_CHANCE})
+        counted = [u["test_images"] for u in trained if u.get("test_images")]  # pooled over seeds, as the rates
+        row["test_images"] = sum(counted) if counted and len(counted) == len(trained) else None
         row["epsilon"] = _mean([c.get("epsilon") for c in cells])  # DP-SGD: the worst-off site's
         per_site = [u["epsilon_per_site"] for u in trained if u.get("epsilon_per_site")]
         row["epsilon_per_site"] = (" ".join(f"{_mean(list(e)):.3f}" for e in zip(*per_site)) if per_site else None)
@@ -82,10 +84,38 @@ def tradeoff_rows(privacy: list[dict[str, Any]], utility: list[dict[str, Any]]) 
     return rows
 
 
+def beats_chance(row: dict[str, Any]) -> bool | None:
+    """Whether a row's trained model learned anything: its test accuracy's 95% interval lies above the majority
+    class's share (what a model that learned nothing reaches), or its balanced accuracy's above 1/classes (read
+    as a rate over the same test images, an approximation). A plain comparison where the number of test images
+    was not recorded (older sweeps). None where utility is pending."""
+    verdicts = []
+    for key, chance in zip(("accuracy", "balanced_accuracy"), UTILITY_CHANCE):
+        if isinstance(row.get(key), (int, float)) and isinstance(row.get(chance), (int, float)):
+            n = int(row["test_images"]) if row.get("test_images") else 0
+            low = rate_interval(row[key], n).low if n else row[key]
+            verdicts.append(low > row[chance])
+    return any(verdicts) if verdicts else None
+
+
+def utility_at_chance(rows: list[dict[str, Any]]) -> str | None:
+    """A warning when no trained federation among `rows` beats chance: then its utility cannot show what a
+    defense costs, and a ranking on it would be noise. None when one does, or where utility is pending."""
+    verdicts = [(row, beats_chance(row)) for row in rows]
+    measured = [row for row, verdict in verdicts if verdict is not None]
+    if not measured or any(verdict for _, verdict in verdicts):
+        return None
+    best = max(measured, key=lambda r: r["accuracy"])
+    return (f"No federation of this sweep beats chance: the best test accuracy is {best['accuracy']:.3f} "
+            f"({best['defense']}), where always answering the majority class scores {best['accuracy_chance']:.3f}, "
+            "so its utility cannot show what a defense costs. Train the sites on more images for more rounds "
+            "(--site-images, --rounds; --protocol fedavg) for the cost in accuracy.")
+
+
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     """The trade-off table as CSV (empty fields where a value is undefined or pending)."""
     columns = ["attack", "defense", "seeds", "n_images", *PRIVACY_KEYS, *INTERVAL_KEYS, *UTILITY_KEYS,
-               *UTILITY_CHANCE, "utility", "epsilon", "epsilon_measured", "guarantee_broken", "epsilon_per_site",
+               *UTILITY_CHANCE, "test_images", "utility", "epsilon", "epsilon_measured", "guarantee_broken", "epsilon_per_site",
                "delta", "model", "trained_model"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
@@ -135,6 +165,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
 
     attacks = sorted({r["attack"] for r in rows})
     fig, axes = plt.subplots(1, len(attacks), figsize=(5.5 * len(attacks), 4.5), squeeze=False)
+    at_chance = utility_at_chance(rows) is not None
     for ax, attack in zip(axes[0], attacks):
         mine = [r for r in rows if r["attack"] == attack]
         measured = [r for r in mine if r["accuracy"] is not None]
@@ -157,7 +188,9 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
             if chance is not None:
                 ax.axvline(chance, color="grey", linestyle=":", label="accuracy by chance")
             ax.axhline(0.1, color="grey", linestyle="--", linewidth=0.8, label="ASR 0.1")
-            ax.set_xlabel("test accuracy of the federated model (utility)")
+            ax.set_xlabel("test accuracy of the federated model (utility)"
+                          + ("\nno model beats chance: the cost in accuracy is not measured" if at_chance else ""),
+                          color="tab:red" if at_chance else None)
             ax.set_ylabel("attack success rate (SSIM >= 0.9)")
             ax.set_ylim(-0.03, 1.1)
             left = min(points[0][0], chance if chance is not None else points[0][0])
