@@ -396,3 +396,12 @@ def test_model_state_is_the_model_attacked_and_a_mismatched_one_is_named(tmp_pat
     err = capsys.readouterr().err
     assert "'fc.weight' is (2, 192) in the file but (6, 192)" in " ".join(err.split()) and "Traceback" not in err
     assert not (tmp_path / "other").exists()  # refused before the run directory is touched
+
+
+def test_train_on_one_image_per_class_names_the_empty_test_set_in_one_sentence(tmp_path, capsys, class_folders):
+    """Six classes of one file each: the split keeps every class's only file for training, so no image is held
+    out to score the model on (this crashed in the utility evaluation)."""
+    assert run(["train", "--data", str(class_folders), "--sites", "2", "--rounds", "1", "--image-size", "16",
+                "--model", "lenet-idlg", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "held-out test set" in err and "at least 2" in err and "Traceback" not in err

@@ -145,6 +145,10 @@ def federate(source: ImageSource, n_sites: int, partition: str = "iid", seed: in
              test_fraction: float = TEST_FRACTION) -> Federation:
     """Hold out a test set from `source`, then split the rest over `n_sites` sites by `partition`."""
     train, test = held_out_split(source.items, int(rng(seed, PARTITION, 0).integers(2**31)), test_fraction)
+    if not test:
+        # The split keeps one file (volume) of every class for training, so a class needs two to spare one.
+        raise MedPFLError(f"The data ({len(source.items)} images) leaves no image for the held-out test set: "
+                          "no class has images from two or more files; add images so that a class has at least 2.")
     present = Counter(it.label for it in train)
     missing = [name for k, name in enumerate(source.classes) if present[k] == 0]
     if missing:
