@@ -244,3 +244,27 @@ def test_an_audited_sweep_sets_each_federations_measured_epsilon_beside_the_acco
     warning = "The measured epsilon exceeds the accountant's for dpsgd:epsilon=4"
     assert warning in build_report(tmp_path / "broken").read_text()
     assert warning not in build_report(tmp_path / "honest").read_text()
+
+
+def test_a_sweep_of_grayscale_images_runs_on_one_channel_when_told(tmp_path):
+    """A user's 1-channel X-rays: `--channels 1` reaches every cell's federation and attack, as it does in
+    `medpfl attack` and `medpfl train` (the sweep had no such option and fed them as 3 equal channels)."""
+    from PIL import Image
+
+    from medpfl.data import ImageDataset, sample_items
+    from medpfl.data.embedded import embedded_source
+
+    source = embedded_source()
+    items = sample_items(source.items, 12, seed=5)  # two per class: one held out for testing
+    data = ImageDataset(source, items, size=16, channels=1)
+    for i, item in enumerate(items):
+        (tmp_path / "xrays" / item.class_name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((data.image(i)[0].numpy() * 255).round().astype("uint8"), mode="L").save(
+            tmp_path / "xrays" / item.class_name / f"img{i}.png")
+    out = tmp_path / "sweep"
+    assert main(["sweep", *TINY, "--data", str(tmp_path / "xrays"), "--channels", "1", "--workers", "1",
+                 "--out", str(out)]) == 0
+    for kind, attack in (("privacy", "idlg"), ("utility", None)):
+        cell = out / "cells" / cell_name(kind, "none", 0, attack)
+        first_layer = next(iter(torch.load(cell / "model.pt", weights_only=True).values()))
+        assert first_layer.shape[1] == 1, kind  # the trained model's first convolution takes one channel

@@ -133,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--n-images", type=int, help="--privacy paper: images attacked per cell (default: 16)")
     sweep.add_argument("--seeds", type=int, help="seeds per cell (default: 1)")
     sweep.add_argument("--image-size", type=int, help="default: 32")
+    sweep.add_argument("--channels", type=int, choices=(1, 3), help="default: 3")
     add_federation_arguments(sweep, SweepConfig())  # each cell's federation
     sweep.add_argument("--model", help="the federation's model (default: lenet-idlg)")
     sweep.add_argument("--no-utility", action="store_true", help="measure privacy only (no federated training)")
@@ -473,7 +474,7 @@ def sweep_config(args: argparse.Namespace):
 
     fields = load_sweep_config(args.config) if args.config else {}
     given = {"data": args.data, "n_images": args.n_images, "seeds": args.seeds, "image_size": args.image_size,
-             "device": args.device, "defenses": args.defenses, "privacy": args.privacy, "model": args.model,
+             "channels": args.channels, "device": args.device, "defenses": args.defenses, "privacy": args.privacy, "model": args.model,
              "audit_canaries": parse_audit(args.audit_dp) or None,
              "attacks": args.attacks and [a.strip() for a in args.attacks.split(",") if a.strip()]}
     fields.update({k: v for k, v in given.items() if v is not None}, **federation_given(args))
