@@ -269,7 +269,7 @@ def _federation_privacy(job: dict[str, Any], sweep: SweepConfig, path: Path) -> 
     first and last round; scored over every image behind them."""
     import statistics
 
-    from medpfl.experiments.train_run import ATTACKS_FILE, run_training
+    from medpfl.experiments.train_run import ATTACKS_FILE, reidentification, run_training
     from medpfl.metrics.chance import pooled_label_chance
     from medpfl.metrics.privacy import SUCCESS_SSIM
 
@@ -279,7 +279,7 @@ def _federation_privacy(job: dict[str, Any], sweep: SweepConfig, path: Path) -> 
     ssims = [s for a in attacks for s in a["ssim"]]
     hits = [h for a in attacks for h in a["label_correct"]]
     n = len(ssims)
-    reid, gallery, guess = _reidentification(sweep, path, attacks, job["seed"])
+    reid, gallery, guess = reidentification(path, attacks, sweep.data, sweep.image_size, sweep.channels, job["seed"])
     chain = parse_defense(job["defense"]).calibrated()
     return {
         "n_images": n, "images_per_update": n / len(attacks),
@@ -302,36 +302,6 @@ def _federation_privacy(job: dict[str, Any], sweep: SweepConfig, path: Path) -> 
 
 def _classes(path: Path) -> int:
     return len(json.loads((path / "federation.json").read_text())["classes"])
-
-
-_REID_GALLERY = 2000  # as `medpfl attack`: at most this many images of the source to re-identify against
-
-
-def _reidentification(sweep: SweepConfig, path: Path, attacks: list[dict[str, Any]], seed: int):
-    """Per attacked image, whether its reconstruction is nearest (SSIM) to its own original among the attacked
-    images and others of the source (as `medpfl attack` scores it); the gallery's size; and each attacked image's
-    SSIM to another gallery image at random, the ASR an attacker answering at random would reach."""
-    import torch
-
-    from medpfl.data import ImageDataset, open_verified, sample_items
-    from medpfl.experiments.attack_run import _random_guess_ssim
-    from medpfl.metrics.privacy import reidentified
-    from medpfl.report.images import load_png
-    from medpfl.report.runs import attacked_png
-
-    source = open_verified(sweep.data)[0]
-    attacked = [i for a in attacks for i in a["items"]]
-    unique = list(dict.fromkeys(attacked))  # an image attacked in the first and last round is one patient
-    others = [it for it in source.items if it.item_id not in set(unique)]
-    extra = sample_items(others, min(max(_REID_GALLERY - len(unique), 0), len(others)), seed + 1)
-    by_id = {it.item_id: it for it in source.items}
-    gallery_items = [by_id[i] for i in unique] + extra
-    dataset = ImageDataset(source, gallery_items, size=sweep.image_size, channels=sweep.channels)
-    gallery = torch.stack([dataset.image(i) for i in range(len(gallery_items))])
-    recons = torch.stack([load_png(attacked_png(path / "attacks", a["round"], a["site"], b), gallery.shape[1])
-                          for a in attacks for b in range(len(a["items"]))])
-    reid = reidentified(recons, torch.tensor([unique.index(i) for i in attacked]), gallery).tolist()
-    return reid, len(gallery), _random_guess_ssim(gallery[:len(unique)], gallery, seed)
 
 
 def _utility(job: dict[str, Any], sweep: SweepConfig, path: Path) -> dict[str, Any]:

@@ -493,7 +493,7 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
         write_json(path / AUDIT_FILE, privacy_audit.result(weights))
     net.load_state_dict({n: w.cpu() for n, w in weights.items()}, strict=False)
     _save_atomic({k: v.cpu() for k, v in net.state_dict().items()}, path / MODEL)
-    return summarise(path, federation, test[1], num_classes)
+    return summarise(path, federation, test[1], num_classes, config)
 
 
 def _train_on_flower(config: TrainRunConfig, hooks: RoundHooks, weights: dict[str, torch.Tensor], done: int,
@@ -534,8 +534,10 @@ def _flower_privacy(config: TrainRunConfig, rounds_done: int) -> dict[str, Any]:
     return {} if server is None else {"epsilon": server.epsilon(rounds_done, 1, 1)}
 
 
-def summarise(path: Path, federation: Federation, test_labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
-    """The last round's utility with its chance level, and the attacks' mean scores per round."""
+def summarise(path: Path, federation: Federation, test_labels: torch.Tensor, num_classes: int,
+              config: TrainRunConfig) -> dict[str, Any]:
+    """The last round's utility with its chance level, the attacks' mean scores per round, and over every
+    attacked image their re-identification and chance levels (as `medpfl attack` scores them)."""
     rounds = read_jsonl(path / ROUNDS)
     attacks = read_jsonl(path / ATTACKS_FILE)
     last = rounds[-1]
@@ -553,7 +555,44 @@ def summarise(path: Path, federation: Federation, test_labels: torch.Tensor, num
             "label_accuracy": sum(a["label_correct"]) / len(a["label_correct"]),  # scored per image
             **wilson(sum(a["label_correct"]), len(a["label_correct"])).as_dict("label_accuracy")} for a in attacks],
     }
+    attacks = sorted(attacks, key=lambda a: (a["round"], a["site"]))  # the report's order of attacked images
+    if attacks and all(len(a.get("items") or []) == len(a["ssim"]) for a in attacks):
+        reid, gallery, guess = reidentification(path, attacks, config.data, config.image_size, config.channels,
+                                                config.seed)
+        summary |= {"reidentified": reid, "reid_rate": sum(reid) / len(reid), **wilson(sum(reid), len(reid)).as_dict(
+                        "reid_rate"), "reid_gallery_size": gallery, "reid_chance": 1 / gallery,
+                    # an attacker answering with a random image of the data: a low SSIM may be no leak at all
+                    "asr_chance": float((guess >= SUCCESS_SSIM).float().mean()),
+                    "mean_ssim_chance": float(guess.mean()), "success_ssim": SUCCESS_SSIM}
     if (path / AUDIT_FILE).exists():  # measured (lower, 95%) beside the accountant's (upper) epsilon
         summary["dp_audit"] = compare(json.loads((path / AUDIT_FILE).read_text()), summary["epsilon"])
     write_json(path / "summary.json", summary)
     return summary
+
+
+REID_GALLERY = 2000  # as `medpfl attack`: at most this many images of the source to re-identify against
+
+
+def reidentification(path: Path, attacks: list[dict[str, Any]], data: str | None, image_size: int, channels: int,
+                     seed: int) -> tuple[list[bool], int, torch.Tensor]:
+    """Per attacked image of a training run, whether its reconstruction is nearest (SSIM) to its own original
+    among the attacked images and others of the source (as `medpfl attack` scores it); the gallery's size; and
+    each attacked image's SSIM to another gallery image at random, what an attacker answering at random reaches."""
+    from medpfl.data import sample_items
+    from medpfl.experiments.attack_run import _random_guess_ssim
+    from medpfl.metrics.privacy import reidentified
+    from medpfl.report.images import load_png
+
+    source = open_verified(data)[0]
+    attacked = [i for a in attacks for i in a["items"]]
+    unique = list(dict.fromkeys(attacked))  # an image attacked in the first and last round is one patient
+    others = [it for it in source.items if it.item_id not in set(unique)]
+    extra = sample_items(others, min(max(REID_GALLERY - len(unique), 0), len(others)), seed + 1)
+    by_id = {it.item_id: it for it in source.items}
+    gallery_items = [by_id[i] for i in unique] + extra
+    dataset = ImageDataset(source, gallery_items, size=image_size, channels=channels)
+    gallery = torch.stack([dataset.image(i) for i in range(len(gallery_items))])
+    recons = torch.stack([load_png(attacked_png(path / "attacks", a["round"], a["site"], b), gallery.shape[1])
+                          for a in attacks for b in range(len(a["items"]))])
+    reid = reidentified(recons, torch.tensor([unique.index(i) for i in attacked]), gallery).tolist()
+    return reid, len(gallery), _random_guess_ssim(gallery[:len(unique)], gallery, seed)

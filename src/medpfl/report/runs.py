@@ -91,15 +91,11 @@ class AttackRun(Run):
 
     def images(self) -> list[ImageResult]:
         """Every attacked image, in the order the run's summary lists them."""
-        reid = (self.summary or {}).get("reidentified")
         rows = []
         for r in sorted(self.results, key=lambda r: r["victim"]):
             rows += _image_rows(self.name, self.attack, self.defense, r,
                                 lambda b, r=r: self.path / "images" / f"victim{r['victim']:05d}-{b}.png")
-        if reid is not None and len(reid) == len(rows):
-            for row, hit in zip(rows, reid):
-                row.reidentified = bool(hit)
-        return rows
+        return _with_reidentification(rows, self.summary)
 
 
 @dataclass
@@ -122,7 +118,7 @@ class TrainRun(Run):
             def where(b: int, a=a) -> Path:
                 return attacked_png(self.path / "attacks", a["round"], a["site"], b)
             rows += _image_rows(self.name, self.attack, self.defense, a, where, a["round"], a["site"])
-        return rows
+        return _with_reidentification(rows, self.summary)
 
 
 @dataclass
@@ -135,6 +131,15 @@ class AuditRun(Run):
 @dataclass
 class SweepRun(Run):
     cells: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _with_reidentification(rows: list[ImageResult], summary: dict[str, Any] | None) -> list[ImageResult]:
+    """`rows` marked with the summary's per-image re-identification (listed in the same order), where it has one."""
+    reid = (summary or {}).get("reidentified")
+    if reid is not None and len(reid) == len(rows):
+        for row, hit in zip(rows, reid):
+            row.reidentified = bool(hit)
+    return rows
 
 
 def _image_rows(run: str, attack: str, defense: str, r: dict[str, Any], where, round_=None, site=None
