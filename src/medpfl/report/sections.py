@@ -475,6 +475,16 @@ def _utility_curves(runs: list[TrainRun]) -> str:
                     numeric=[1, 2, 3, 4, 5, 6]))
 
 
+def _still_reidentifies(row: dict[str, Any]) -> str:
+    """A setting that stops recognisable copies may still leave reconstructions that pick out their patient:
+    where its re-identification rate's 95% interval lies above chance, a caution saying so; else ''."""
+    low, chance, n = row.get("reid_rate_low"), row.get("reid_chance"), row.get("n_images")
+    if low is None or not chance or not n or low <= chance:
+        return ""
+    return (f" (though its reconstructions still re-identify {round(row['reid_rate'] * n)} of {int(n)} patients, "
+            f"chance 1/{round(1 / chance)})")
+
+
 def _recommendations(sweep: SweepRun) -> list[str]:
     """Per attack, the setting statistics.recommendations picks, in a sentence."""
     cells = defense_table(sweep)
@@ -486,14 +496,15 @@ def _recommendations(sweep: SweepRun) -> list[str]:
     for attack, best, safe in recommendations(cells, privacy, utility):
         name = attack_name(attack) if attack else "the attacks"
         if safe and at_chance:  # a ranking on utility would be noise
-            below = [c["defense"] for c in cells if c["attack"] == attack and c.get(privacy) is not None
-                     and c[privacy] < SAFE_ASR]
-            lines.append(f"Against {name}: {', '.join(map(str, below))} kept observed ASR below {SAFE_ASR:g}; which "
+            below = [f"{c['defense']}{_still_reidentifies(c)}" for c in cells if c["attack"] == attack
+                     and c.get(privacy) is not None and c[privacy] < SAFE_ASR]
+            lines.append(f"Against {name}: {', '.join(below)} kept observed ASR below {SAFE_ASR:g}; which "
                          "of them costs least in accuracy is not measured here, as no federation beats chance.")
         elif safe:
             observed = (observed_rate_sentence("reconstructed", rate_interval(best[privacy], int(best["n_images"])))
                         if best.get("n_images") else f"observed ASR {best[privacy]:.2f}.")
-            lines.append(f"Against {name}: of the settings with observed ASR below {SAFE_ASR:g}, {best['defense']} has "
+            lines.append(f"Against {name}: of the settings with observed ASR below {SAFE_ASR:g}, {best['defense']}"
+                         f"{_still_reidentifies(best)} has "
                          f"the best {utility.replace('_', ' ')}, {best[utility]:.3f}"
                          + (f" (epsilon {best['epsilon']:.2f})" if best.get("epsilon") is not None else "")
                          + f"; {observed}")
