@@ -407,18 +407,26 @@ def test_train_on_one_image_per_class_names_the_empty_test_set_in_one_sentence(t
     assert "held-out test set" in err and "at least 2" in err and "Traceback" not in err
 
 
-def test_a_training_runs_attacks_come_with_re_identification_and_chance_levels(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def two_per_class(tmp_path_factory) -> Path:
+    """A user's class folders of real images (PNG), two of each of six classes: enough to hold one out."""
+    root = tmp_path_factory.mktemp("two_per_class")
+    source = embedded_source()
+    items = sample_items(source.items, 12, seed=5)
+    data = ImageDataset(source, items, size=16)
+    for i, item in enumerate(items):
+        (root / item.class_name).mkdir(exist_ok=True)
+        Image.fromarray((data.image(i).permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(
+            root / item.class_name / f"img{i}.png")
+    return root
+
+
+def test_a_training_runs_attacks_come_with_re_identification_and_chance_levels(tmp_path, two_per_class):
     """`medpfl train` scores its attacked images as `medpfl attack` does: re-identified against the data, and
     beside what a random image of the data scores (a mean SSIM of 0.37 on chest X-rays, whose random pairs
     score 0.60, is no leak; the training report gave neither)."""
-    source = embedded_source()
-    items = sample_items(source.items, 12, seed=5)  # two per class
-    data = ImageDataset(source, items, size=16)
-    root = tmp_path / "data"
-    for i, item in enumerate(items):
-        (root / item.class_name).mkdir(parents=True, exist_ok=True)
-        Image.fromarray((data.image(i).permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(
-            root / item.class_name / f"img{i}.png")
+    root = two_per_class
+    data = ImageDataset(embedded_source(), sample_items(embedded_source().items, 12, seed=5), size=16)
     out = tmp_path / "run"
     assert run(["train", "--data", str(root), "--sites", "2", "--rounds", "1", "--protocol", "fedsgd",
                 "--model", "lenet-idlg", "--attack", "idlg", "--attack-rounds", "1", "--attack-sites", "0,1",
@@ -433,8 +441,21 @@ def test_a_training_runs_attacks_come_with_re_identification_and_chance_levels(t
     assert exact and all(exact)
     # A random other image of these six modalities is never a recognisable copy: checked with scikit-image.
     from skimage.metrics import structural_similarity
-    gray = [data.image(i).mean(0).numpy() for i in range(len(items))]
+    gray = [data.image(i).mean(0).numpy() for i in range(len(data))]
     assert max(structural_similarity(a, b, data_range=1.0) for i, a in enumerate(gray) for b in gray[i + 1:]) < 0.9
     assert summary["asr_chance"] == 0.0 and 0 < summary["mean_ssim_chance"] < 0.9
     page = " ".join((out / "report.html").read_text().split())
     assert "(chance 1/12)" in page and "a random image of the data scores" in page
+
+
+def test_a_training_report_counts_an_image_attacked_in_two_rounds_once(tmp_path, two_per_class):
+    """A site of one image attacked at rounds 1 and 2: one patient, two reconstructions (the data section said
+    it attacked 2 images, and counted its class twice)."""
+    out = tmp_path / "run"
+    assert run(["train", "--data", str(two_per_class), "--sites", "2", "--site-images", "1", "--rounds", "2",
+                "--protocol", "fedsgd", "--model", "lenet-idlg", "--attack", "idlg", "--attack-rounds", "1,2",
+                "--attack-sites", "0", "--out", str(out), *QUICK]) == 0
+    (first, second) = [json.loads(line) for line in (out / "attacks.jsonl").read_text().splitlines()]
+    assert first["items"] == second["items"] and len(first["items"]) == 1
+    page = " ".join((out / "report.html").read_text().split())
+    assert "attacked 1 image (2 reconstructions over the attacked rounds)" in page

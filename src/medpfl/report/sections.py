@@ -178,7 +178,10 @@ def section_data(ctx: Context) -> Section | None:
     for source, runs in by_source.items():
         classes = ctx.originals.class_names(runs[0])
         rows = runs[0].images()
-        counts = Counter(r.label for r in rows)
+        # A training run attacks an image again in every attacked round: count the patients once each.
+        patients = ({r.item_id: r.label for r in rows} if all(r.item_id for r in rows)
+                    else dict(enumerate(r.label for r in rows)))
+        counts = Counter(patients.values())
         name = "the embedded real-image set" if source == "embedded" else source
         cfg = runs[0].config
         parts.append(f"<h3>Data: {esc(name)}</h3>")
@@ -189,7 +192,9 @@ def section_data(ctx: Context) -> Section | None:
                          "and licence recorded.</p>")
         parts.append(f"<p>Images are resized to {cfg.get('image_size', '?')}x{cfg.get('image_size', '?')} pixels "
                      f"with {cfg.get('channels', '?')} channel(s). The first run here attacked "
-                     f"{_count(len(rows), 'image')}:</p>")
+                     f"{_count(len(patients), 'image')}"
+                     + (f" ({len(rows)} reconstructions over the attacked rounds)" if len(rows) > len(patients) else "")
+                     + ":</p>")
         parts.append(table(["class", "images attacked"],
                            [[classes[k] if classes and isinstance(k, int) and k < len(classes) else k, v]
                             for k, v in sorted(counts.items(), key=lambda kv: str(kv[0]))], numeric=[1]))
