@@ -474,7 +474,8 @@ def sweep_config(args: argparse.Namespace):
 
     fields = load_sweep_config(args.config) if args.config else {}
     given = {"data": args.data, "n_images": args.n_images, "seeds": args.seeds, "image_size": args.image_size,
-             "channels": args.channels, "device": args.device, "defenses": args.defenses, "privacy": args.privacy, "model": args.model,
+             "channels": args.channels, "device": args.device, "defenses": args.defenses, "privacy": args.privacy,
+             "model": args.model,
              "audit_canaries": parse_audit(args.audit_dp) or None,
              "attacks": args.attacks and [a.strip() for a in args.attacks.split(",") if a.strip()]}
     fields.update({k: v for k, v in given.items() if v is not None}, **federation_given(args))

@@ -559,8 +559,9 @@ def summarise(path: Path, federation: Federation, test_labels: torch.Tensor, num
     if attacks and all(len(a.get("items") or []) == len(a["ssim"]) for a in attacks):
         reid, gallery, guess = reidentification(path, attacks, config.data, config.image_size, config.channels,
                                                 config.seed)
-        summary |= {"reidentified": reid, "reid_rate": sum(reid) / len(reid), **wilson(sum(reid), len(reid)).as_dict(
-                        "reid_rate"), "reid_gallery_size": gallery, "reid_chance": 1 / gallery,
+        summary |= {"reidentified": reid, "reid_rate": sum(reid) / len(reid),
+                    **wilson(sum(reid), len(reid)).as_dict("reid_rate"),
+                    "reid_gallery_size": gallery, "reid_chance": 1 / gallery,
                     # an attacker answering with a random image of the data: a low SSIM may be no leak at all
                     "asr_chance": float((guess >= SUCCESS_SSIM).float().mean()),
                     "mean_ssim_chance": float(guess.mean()), "success_ssim": SUCCESS_SSIM}
