@@ -28,19 +28,23 @@ def run(argv: list[str]) -> int:
     return main(argv)
 
 
-@pytest.fixture(scope="module")
-def class_folders(tmp_path_factory) -> Path:
-    """A user's class-folder tree of real images (PNG), two classes."""
-    root = tmp_path_factory.mktemp("user_data")
+def _save_class_folders(root: Path, n: int, size: int) -> Path:
+    """`n` real images of the embedded set (a class-stratified draw) as PNGs, one sub-folder per class."""
     source = embedded_source()
-    items = sample_items(source.items, 6, seed=5)
-    data = ImageDataset(source, items, size=48)
+    items = sample_items(source.items, n, seed=5)
+    data = ImageDataset(source, items, size=size)
     for i, item in enumerate(items):
         folder = root / item.class_name
         folder.mkdir(exist_ok=True)
         array = (data.image(i).permute(1, 2, 0).numpy() * 255).round().astype("uint8")
         Image.fromarray(array).save(folder / f"img{i}.png")
     return root
+
+
+@pytest.fixture(scope="module")
+def class_folders(tmp_path_factory) -> Path:
+    """A user's class-folder tree of real images (PNG): one image of each of the embedded set's six classes."""
+    return _save_class_folders(tmp_path_factory.mktemp("user_data"), 6, 48)
 
 
 def test_attack_writes_results_summary_config_and_grid(tmp_path, capsys):
@@ -410,15 +414,7 @@ def test_train_on_one_image_per_class_names_the_empty_test_set_in_one_sentence(t
 @pytest.fixture(scope="module")
 def two_per_class(tmp_path_factory) -> Path:
     """A user's class folders of real images (PNG), two of each of six classes: enough to hold one out."""
-    root = tmp_path_factory.mktemp("two_per_class")
-    source = embedded_source()
-    items = sample_items(source.items, 12, seed=5)
-    data = ImageDataset(source, items, size=16)
-    for i, item in enumerate(items):
-        (root / item.class_name).mkdir(exist_ok=True)
-        Image.fromarray((data.image(i).permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(
-            root / item.class_name / f"img{i}.png")
-    return root
+    return _save_class_folders(tmp_path_factory.mktemp("two_per_class"), 12, 16)
 
 
 def test_a_training_runs_attacks_come_with_re_identification_and_chance_levels(tmp_path, two_per_class):
