@@ -94,11 +94,12 @@ def test_the_attack_refuses_an_update_of_a_model_it_did_not_send():
         imprint().reconstruct(ServerPayload(model, params, 2, SHAPE), ObservedUpdate(update, 3), torch.Generator())
 
 
-def test_medpfl_train_runs_a_malicious_server_only_through_flowers_secure_aggregation(tmp_path):
+def test_medpfl_train_refuses_to_audit_dp_under_a_malicious_server(tmp_path):
     from medpfl.experiments.train_run import TrainRunConfig, run_training
 
-    with pytest.raises(MedPFLError, match="malicious server .* runs on --engine flower --defense secagg:k=5"):
-        run_training(TrainRunConfig(attack="imprint", attack_rounds=[1], attack_sites=[0], rounds=1), tmp_path)
+    with pytest.raises(MedPFLError, match="--audit-dp audits .* drop it or --attack imprint"):
+        run_training(TrainRunConfig(attack="imprint", attack_rounds=[1], attack_sites=[0], rounds=1,
+                                    audit_canaries=2), tmp_path)
 
 
 def test_gaussian_placement_puts_edges_at_the_fitted_normal_quartiles():

@@ -62,6 +62,20 @@ class RoundObserver(Protocol):
         """Receive one site's update (copies: changing them changes nothing in training)."""
 
 
+class KeptObservations:
+    """A RoundObserver that keeps everything it is handed, every site and round, in `seen` (a measurement beside
+    the server's own)."""
+
+    def __init__(self) -> None:
+        self.seen: list[SiteObservation] = []
+
+    def wants(self, round_index: int, site: int) -> bool:
+        return True
+
+    def observe(self, seen: SiteObservation) -> None:
+        self.seen.append(seen)
+
+
 SiteTransform = Callable[[Update, SiteRound], Update]  # a site-side defense: update -> what is sent
 Aggregator = Callable[[Update, Sequence[int]], Update]  # server side: updates stacked over sites -> one
 
