@@ -75,8 +75,9 @@ def held_out_pairs(public_images: torch.Tensor, bins: int, place: Callable[[torc
     for _ in range(repeats):
         fold = torch.randperm(len(measured), generator=generator) % folds
         for f in range(folds):
-            held = torch.bucketize(measured[fold == f], place(public_images[fold != f], bins), right=True)
-            pairs += int((torch.bincount(held) * (torch.bincount(held) - 1) // 2).sum())
+            per_bin = torch.bincount(torch.bucketize(measured[fold == f], place(public_images[fold != f], bins),
+                                                     right=True))
+            pairs += int((per_bin * (per_bin - 1) // 2).sum())
     return pairs
 
 
