@@ -21,6 +21,8 @@ by one that enrolled on the imprinted model itself (weight signatures alone).
     OMP_NUM_THREADS=1 python benchmarks/imprint_recovery.py --grid trap --name embedded-trap
     OMP_NUM_THREADS=1 python benchmarks/imprint_recovery.py --grid steps --name embedded-steps
     OMP_NUM_THREADS=1 python benchmarks/imprint_recovery.py --data DIR --name dermoscopy --grid short
+    OMP_NUM_THREADS=1 python benchmarks/imprint_recovery.py --data DIR --grid placement --public-images 50 \
+        --placement gaussian --name NAME-gaussian        # bins placed on 50 public images, FedSGD only
 
 JSON goes to benchmarks/results/imprint_recovery_NAME.json.
 """
@@ -36,7 +38,7 @@ from pathlib import Path
 import torch
 
 from medpfl.attacks import ObservedUpdate, ServerPayload
-from medpfl.attacks.imprint import brightness, expected_share, imprint, quantile_edges
+from medpfl.attacks.imprint import PLACEMENTS, brightness, expected_share, imprint
 from medpfl.attacks.trap import trap
 from medpfl.data import ImageDataset, open_source, sample_items
 from medpfl.defenses import parse_defense
@@ -62,6 +64,8 @@ def grid(kind: str) -> list[dict]:
     if kind == "steps":  # several local steps: the imprint rows' scale against the spread of their gradient
         return [{"protocol": "fedavg", "B": 16, "k": 1, "m": 4, "local_batch": 4, "gain": gain, "spread": spread}
                 for gain in (1e-3, 1e-2, 0.1, 1.0) for spread in (1e-3, 0.1)]
+    if kind == "placement":  # FedSGD, bins 4x and 16x: where the placement of few public images matters
+        return [{"protocol": "fedsgd", "B": b, "k": 1, "m": m} for b, m in ((16, 4), (16, 16), (64, 4))]
     if kind == "gain":
         return [{"protocol": "fedavg", "B": b, "k": 1, "m": 4, "local_batch": lb, "gain": 0.1} for b in (16, 64)
                 for lb in (b, b // 4)]
@@ -75,16 +79,17 @@ def grid(kind: str) -> list[dict]:
 
 
 def run_cell(cell: dict, images: torch.Tensor, labels: torch.Tensor, public: torch.Tensor, num_classes: int,
-             max_images: int, seed: int) -> dict:
+             max_images: int, seed: int, placement: str) -> dict:
     """Attack every victim of one cell; per image, recovered or not, and whether it was alone in its bin."""
     n = cell["B"] * cell["k"]
     victims = min(len(labels), max_images) // n
     if cell.get("attack") == "trap":  # the agreed model's own first layer, trapped: no bins
         attack, model_name, bins, edges = trap(), "mlp", 1, None
     else:
-        attack = imprint(bins=cell["m"] * n, **{k: cell[k] for k in ("gain", "spread") if k in cell})
+        attack = imprint(bins=cell["m"] * n, placement=placement,
+                         **{k: cell[k] for k in ("gain", "spread") if k in cell})
         model_name, bins = MODEL, attack.bins_for(n)
-        edges = quantile_edges(public, bins)
+        edges = PLACEMENTS[placement](public, bins)
     chain = parse_defense(f"secagg:k={cell['k']}" if cell["k"] > 1 else "none")
     training = (LocalTraining("fedavg", 1, cell["local_batch"], 0.05) if cell["protocol"] == "fedavg"
                 else LocalTraining("fedsgd"))
@@ -132,13 +137,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="a source (default: the embedded set)")
     parser.add_argument("--name", default="embedded")
-    parser.add_argument("--grid", choices=("full", "short", "gain", "steps", "trap"), default="full")
+    parser.add_argument("--grid", choices=("full", "short", "gain", "steps", "trap", "placement"), default="full")
+    parser.add_argument("--placement", choices=tuple(PLACEMENTS), default="quantiles",
+                        help="where the bins go (attacks.imprint.PLACEMENTS); the tables above used quantiles")
+    parser.add_argument("--public-images", type=int, default=None, help="the server's public images (default: a "
+                        "third of those drawn)")
     parser.add_argument("--max-images", type=int, default=512, help="attacked images per cell, at most")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     source = open_source(args.data)
     items = sample_items(source.items, min(len(source.items), 3 * args.max_images // 2), args.seed)
-    public_count = len(items) // 3
+    public_count = args.public_images or len(items) // 3
     dataset = ImageDataset(source, items, size=SIZE, channels=CHANNELS)
     images, labels = dataset.load_batch(range(len(items)))
     public, images, labels = images[:public_count], images[public_count:], labels[public_count:]
@@ -148,12 +157,14 @@ def main() -> None:
     chance = float((ssim(images, others) >= SUCCESS_SSIM).double().mean())
     cells = []
     for cell in grid(args.grid):
-        result = run_cell(cell, images, labels, public, len(source.classes), args.max_images, args.seed)
+        result = run_cell(cell, images, labels, public, len(source.classes), args.max_images, args.seed,
+                          args.placement)
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}), flush=True)
         cells.append(result)
     out = Path(__file__).parent / "results" / f"imprint_recovery_{args.name}.json"
     out.write_text(json.dumps({"data": args.data or "embedded", "model": MODEL, "image": [CHANNELS, SIZE, SIZE],
-                               "public_images": public_count, "attacked_pool": len(labels), "seed": args.seed,
+                               "public_images": public_count, "placement": args.placement,
+                               "attacked_pool": len(labels), "seed": args.seed,
                                "success_ssim": SUCCESS_SSIM, "asr_chance": chance, "cells": cells,
                                "machine": platform.processor() or platform.machine(),
                                "versions": library_versions()}, indent=1))

@@ -38,24 +38,11 @@ from medpfl.fl.flower.federation import AGGREGATE, FederationSpec, federation_da
 from medpfl.fl.flower.secagg import CLIPPING_RANGE
 from medpfl.fl.flower.simulation import run_simulation
 from medpfl.fl.gradients import functional_model
-from medpfl.fl.rounds import RoundHooks, SiteObservation
+from medpfl.fl.rounds import KeptObservations, RoundHooks
 from medpfl.metrics.image import ssim
 from medpfl.metrics.privacy import SUCCESS_SSIM, match_and_score
 
 K = 2  # sites under secure aggregation
-
-
-class AggregateRecorder:
-    """The curious server's observer: keeps every update it is handed (under SecAgg+, only the aggregate)."""
-
-    def __init__(self) -> None:
-        self.seen: list[SiteObservation] = []
-
-    def wants(self, round_index: int, site: int) -> bool:
-        return True
-
-    def observe(self, seen: SiteObservation) -> None:
-        self.seen.append(seen)
 
 
 def flower_pairs(n_pairs: int, first_seed: int, image_size: int) -> list[dict]:
@@ -71,7 +58,7 @@ def flower_pairs(n_pairs: int, first_seed: int, image_size: int) -> list[dict]:
         if used & set(items):
             continue
         used |= set(items)
-        recorder = AggregateRecorder()
+        recorder = KeptObservations()
         started = time.perf_counter()
         run_simulation(spec, RoundHooks(observers=[recorder]), secure_aggregation=True, cpus=K)
         seconds = time.perf_counter() - started

@@ -341,6 +341,27 @@ def test_bad_input_gets_one_clear_sentence(argv, words, capsys, tmp_path):
     assert words in err and "Traceback" not in err
 
 
+def test_data_of_one_class_is_refused_before_an_audit_that_could_find_nothing(tmp_path, capsys):
+    from pydicom.data import get_testdata_file
+
+    # A one-class model's cross-entropy is zero whatever its weights, so the update it shares is zero.
+    logits = torch.randn(3, 1, requires_grad=True)
+    torch.nn.functional.cross_entropy(logits, torch.zeros(3, dtype=torch.long)).backward()
+    assert torch.equal(logits.grad, torch.zeros(3, 1))
+    folder = tmp_path / "ct"  # a flat folder of CT files: one class, from their Modality
+    folder.mkdir()
+    for name in ("CT_small.dcm", "693_UNCR.dcm"):
+        shutil.copy(get_testdata_file(name), folder / name)
+    assert run(["data", "inspect", str(folder), "--quiet"]) == 0  # looking at it is fine
+    capsys.readouterr()
+    for command in (["attack", "--n-images", "1"], ["train", "--rounds", "1", "--sites", "1"]):
+        out = tmp_path / command[0]
+        assert run([*command, "--data", str(folder), "--out", str(out), "--quiet"]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert "holds images of one class only (CT)" in err and "Traceback" not in err
+        assert not (out / "summary.json").exists()
+
+
 def test_data_inspect_and_sample_report_the_embedded_set(capsys):
     assert run(["data", "sample"]) == 0
     assert "726" in capsys.readouterr().out

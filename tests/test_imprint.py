@@ -94,11 +94,12 @@ def test_the_attack_refuses_an_update_of_a_model_it_did_not_send():
         imprint().reconstruct(ServerPayload(model, params, 2, SHAPE), ObservedUpdate(update, 3), torch.Generator())
 
 
-def test_medpfl_train_runs_a_malicious_server_only_through_flowers_secure_aggregation(tmp_path):
+def test_medpfl_train_refuses_to_audit_dp_under_a_malicious_server(tmp_path):
     from medpfl.experiments.train_run import TrainRunConfig, run_training
 
-    with pytest.raises(MedPFLError, match="malicious server .* runs on --engine flower --defense secagg:k=5"):
-        run_training(TrainRunConfig(attack="imprint", attack_rounds=[1], attack_sites=[0], rounds=1), tmp_path)
+    with pytest.raises(MedPFLError, match="--audit-dp audits .* drop it or --attack imprint"):
+        run_training(TrainRunConfig(attack="imprint", attack_rounds=[1], attack_sites=[0], rounds=1,
+                                    audit_canaries=2), tmp_path)
 
 
 def test_gaussian_placement_puts_edges_at_the_fitted_normal_quartiles():
@@ -109,5 +110,54 @@ def test_gaussian_placement_puts_edges_at_the_fitted_normal_quartiles():
     z75 = 0.6744897501960817  # the standard normal's upper quartile, from tables
     expected = torch.tensor([-1.0, 0.4 - 0.2 * z75, 0.4, 0.4 + 0.2 * z75])
     assert torch.allclose(gaussian_edges(public, 4), expected, atol=1e-6)
-    with pytest.raises(MedPFLError, match="placement=uniform is not one of quantiles, gaussian"):
+    with pytest.raises(MedPFLError, match="placement=uniform is not one of auto, quantiles, gaussian"):
         imprint(placement="uniform").craft(build_model("lenet-idlg", 2, 1, 8), SHAPE, public, 2)
+
+
+def _share_alone_by_hand(edges: torch.Tensor, cdf, batch: int) -> float:
+    """Share of a batch alone in its bin, sum_k p_k (1 - p_k)^(B - 1), the masses p_k from the sites' true `cdf`."""
+    cuts = [0.0] + [cdf(float(e)) for e in edges[1:]] + [1.0]
+    return sum((b - a) * (1 - (b - a)) ** (batch - 1) for a, b in zip(cuts, cuts[1:]))
+
+
+def _default_edges(levels: torch.Tensor, bins: int) -> torch.Tensor:
+    """The edges of the model the attack sends by default, placed on flat public images of brightness `levels`,
+    read back off its imprint biases (-gain x edge)."""
+    public = levels.clamp(0, 1)[:, None, None, None].expand(-1, *SHAPE)
+    attack = imprint(bins=bins)
+    sent = attack.craft(build_model("lenet-idlg", 2, 1, 8, seed=0), SHAPE, public, 16)
+    return -sent.imprint.bias.detach().double() / attack.settings.gain
+
+
+def test_the_default_placement_holds_more_images_alone_than_quantiles_of_few_public_images():
+    from statistics import NormalDist
+
+    # Sites' brightness N(0.5, 0.1); the server holds 20 public images for 64 bins: their empirical quantiles
+    # interpolate between 20 points and hold unequal masses of the sites' images, a fitted Gaussian nearly equal.
+    sites, batch = NormalDist(0.5, 0.1), 16
+    ideal = (1 - 1 / 64) ** (batch - 1)
+    for seed in range(3):
+        levels = 0.5 + 0.1 * torch.randn(20, generator=torch.Generator().manual_seed(seed))
+        default = _share_alone_by_hand(_default_edges(levels, 64), sites.cdf, batch)
+        interpolated = [float(torch.quantile(levels.clamp(0, 1).double(), k / 64)) for k in range(1, 64)]
+        by_quantiles = _share_alone_by_hand(torch.tensor([-1.0] + interpolated), sites.cdf, batch)
+        assert default > by_quantiles + 0.05 and default > ideal - 0.05
+
+
+def test_the_default_placement_keeps_empirical_quantiles_when_brightness_is_far_from_gaussian():
+    from statistics import NormalDist
+
+    # A third of the sites' images near-black (empty slices at a volume's ends), the rest bright: a Gaussian
+    # fitted to both puts most bins where no image lies; 100 public images for 64 bins.
+    dark, bright, batch = NormalDist(0.1, 0.02), NormalDist(0.6, 0.05), 16
+    cdf = lambda x: dark.cdf(x) / 3 + bright.cdf(x) * 2 / 3  # noqa: E731
+    for seed in range(3):
+        generator = torch.Generator().manual_seed(seed)
+        is_dark = torch.arange(100) % 3 == 0
+        levels = torch.where(is_dark, 0.1 + 0.02 * torch.randn(100, generator=generator),
+                             0.6 + 0.05 * torch.randn(100, generator=generator))
+        default = _share_alone_by_hand(_default_edges(levels, 64), cdf, batch)
+        fit = NormalDist(float(levels.mean()), float(levels.std()))
+        by_gaussian = _share_alone_by_hand(torch.tensor([-1.0] + [fit.inv_cdf(k / 64) for k in range(1, 64)]),
+                                           cdf, batch)
+        assert default > by_gaussian + 0.1

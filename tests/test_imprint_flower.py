@@ -79,3 +79,30 @@ def test_sites_that_check_refuse_the_imprinted_model_and_say_why(tmp_path):
     refusal = json.loads((tmp_path / "on" / REFUSAL).read_text())
     assert refusal["round"] == 1 and "imprint" in refusal["reason"]
     assert not (tmp_path / "on" / ATTACKS_FILE).exists() or not (tmp_path / "on" / ATTACKS_FILE).read_text()
+
+
+# Without secure aggregation the server reads each site's own update (tests/test_malicious_training.py in-process).
+PLAIN = TrainRunConfig(**{**CONFIG.__dict__, "sites": 2, "site_images": 8, "defense": "none", "rounds": 2,
+                          "attack_sites": [0, 1], "attack_settings": {"bins": 64}, "site_check": False})
+
+
+def test_a_malicious_server_on_flower_without_secagg_reads_what_the_in_process_one_reads(tmp_path):
+    run_training(PLAIN, tmp_path / "flower")
+    run_training(TrainRunConfig(**{**PLAIN.__dict__, "engine": "inprocess"}), tmp_path / "inprocess")
+    flower, inprocess = ([json.loads(t) for t in (tmp_path / run / ATTACKS_FILE).read_text().splitlines()]
+                         for run in ("flower", "inprocess"))
+    # The same sites' arithmetic (fl.rounds.site_update on the model the round's config describes), bit for bit.
+    assert [(a["site"], a["observed"], a["ssim"]) for a in flower] == [(a["site"], a["observed"], a["ssim"])
+                                                                        for a in inprocess]
+    assert sum(s >= SUCCESS_SSIM for a in flower for s in a["ssim"]) >= 12  # of 16
+    a, b = (torch.load(tmp_path / run / "model.pt", weights_only=True) for run in ("flower", "inprocess"))
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_sites_on_flower_without_secagg_refuse_the_imprinted_model(tmp_path):
+    config = TrainRunConfig(**{**PLAIN.__dict__, "site_images": 4, "attack_rounds": [2], "site_check": True})
+    with pytest.raises(ModelRefused, match="In round 2 the sites refused the model the server sent: .*lacks: "
+                                           "arrays/imprint.weight"):
+        run_training(config, tmp_path)
+    assert json.loads((tmp_path / REFUSAL).read_text())["round"] == 2
+    assert [json.loads(t)["round"] for t in (tmp_path / "rounds.jsonl").read_text().splitlines()] == [1]

@@ -17,7 +17,7 @@ from medpfl.data.embedded import embedded_source
 from medpfl.experiments.train_run import TrainRunConfig, run_training
 from medpfl.fl.gradients import functional_model, model_params
 from medpfl.fl.local import LocalTraining, local_update
-from medpfl.fl.rounds import RoundHooks, SiteObservation, SiteRound, ordered, site_update
+from medpfl.fl.rounds import KeptObservations, RoundHooks, SiteRound, ordered, site_update
 from medpfl.metrics.image import psnr, ssim
 from medpfl.metrics.privacy import match_and_score
 from medpfl.models.registry import build_model
@@ -131,17 +131,7 @@ def test_what_the_curious_server_observes_in_a_round_is_what_the_attack_simulate
     weights = {n: p.detach() for n, p in model.named_parameters()}
     fmodel = functional_model(model)
 
-    class Collect:
-        def __init__(self) -> None:
-            self.seen: list[SiteObservation] = []
-
-        def wants(self, round_index: int, site: int) -> bool:
-            return True
-
-        def observe(self, seen: SiteObservation) -> None:
-            self.seen.append(seen)
-
-    observer = Collect()
+    observer = KeptObservations()
     hooks = RoundHooks(observers=[observer])
     site_images = [(x[3 * s:3 * s + 3], y[3 * s:3 * s + 3]) for s in range(2)]
     for s, (images, labels) in enumerate(site_images):

@@ -280,8 +280,9 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
     train.add_argument("--channels", type=int, default=d.channels, choices=(1, 3))
     add_federation_arguments(train, d)
     train.add_argument("--attack", help=f"attack chosen sites' updates: {', '.join(sorted(attack_names()))}; imprint "
-                       "and trap make the server malicious (it sends the crafted model at --attack-rounds; needs "
-                       "--engine flower --defense secagg:k=SITES)")
+                       "and trap make the server malicious (it sends the crafted model at --attack-rounds and reads "
+                       "each --attack-sites site's update, or under --defense secagg:k=SITES on --engine flower, "
+                       "their aggregate)")
     train.add_argument("--attack-rounds", help="rounds to attack, e.g. 1,20 or 1-3")
     train.add_argument("--attack-sites", help="sites to attack (0-based), e.g. 0 or 0,2")
     train.add_argument("--attack-batch", type=int,
@@ -300,7 +301,7 @@ def _add_train_parser(commands, common: argparse.ArgumentParser) -> None:
     train.add_argument("--no-site-check", dest="site_check", action="store_false",
                        help="the sites train on whatever model they receive (default: they check it first and "
                             "refuse an anchor); only to measure what the check prevents, e.g. with a malicious "
-                            "server: --engine flower --defense secagg:k=SITES --attack imprint --set bins=N")
+                            "server: --attack imprint --attack-sites 0 --set bins=N")
     train.add_argument("--vectorise", default=d.vectorise, choices=VECTORISE,
                        help="in-process: train equal-sized sites in one vmapped call (auto: on accelerators only; on a "
                             "CPU the sites otherwise train side by side, one per core)")

@@ -62,6 +62,13 @@ def open_verified(spec: str | os.PathLike[str] | None, strict: bool = False,
     skipped = verify_source(source, strict=strict, progress=progress)
     if skipped and on_skipped:
         on_skipped(skipped)
+    present = sorted({it.class_name for it in source.items})
+    if len(present) < 2:
+        # A one-class model's cross-entropy is zero whatever its weights, so every update it shares is zero: an
+        # audit would find nothing where the same images in a real task leak.
+        raise MedPFLError(f"'{spec}' holds images of one class only ({', '.join(present) or 'none'}), so its model's "
+                          "updates would be zero and no attack could find anything; give the images 2 or more "
+                          "classes (one sub-folder per class).")
     return source, skipped
 
 

@@ -18,7 +18,7 @@ from medpfl.defenses.dpsgd import dp_local_update, dp_schedules
 from medpfl.fl.aggregate import weighted_average
 from medpfl.fl.local import LocalTraining
 from medpfl.fl.model_check import ModelCheck
-from medpfl.fl.rounds import RoundHooks, RoundObserver, SiteRound, Update, ordered
+from medpfl.fl.rounds import RoundHooks, RoundObserver, SiteRound, Tamper, Update, ordered
 from medpfl.fl.simulation import InProcessFederation, RoundOutcome
 from medpfl.seeds import SITE_NOISE, torch_seed
 
@@ -48,7 +48,7 @@ class DefendedFederation:
     def __init__(self, chain: Chain, model: nn.Module, sites: list[tuple[torch.Tensor, torch.Tensor]],
                  num_classes: int, training: LocalTraining, rounds: int, seed: int,
                  observers: tuple[RoundObserver, ...] = (), vectorise: bool = False,
-                 model_check: ModelCheck | None = None) -> None:
+                 model_check: ModelCheck | None = None, tamper: Tamper | None = None) -> None:
         self.chain, self.seed, self.n_sites = chain, seed, len(sites)
         self.schedules = dp_schedules([len(y) for _, y in sites], training, rounds)
         self.dp = chain.local.for_sites(self.schedules) if chain.local is not None else None
@@ -59,9 +59,10 @@ class DefendedFederation:
         hooks = RoundHooks(self._site_transform, self._aggregate if chain.server else weighted_average,
                            tuple(observers))
         self.engine = (DPSGDFederation(model, sites, num_classes, training, seed, hooks, vectorise=False, dp=self.dp,
-                                       model_check=model_check)
+                                       model_check=model_check, tamper=tamper)
                        if self.dp is not None else
-                       InProcessFederation(model, sites, num_classes, training, seed, hooks, vectorise, model_check))
+                       InProcessFederation(model, sites, num_classes, training, seed, hooks, vectorise, model_check,
+                                           tamper=tamper))
 
     def _site_transform(self, update: Update, facts: SiteRound) -> Update:
         generator = noise_stream(self.seed, facts.round, facts.site, 0, next(iter(update.values())).device)

@@ -28,11 +28,12 @@ def for_secure_aggregation(attack, settings: dict) -> None:
 
 
 class MaliciousServer:
-    """The `tamper` of fl.flower.secagg: crafted weights at `rounds`, built around the global model of the round.
+    """A round's `tamper` (fl.rounds.Tamper; the in-process engine's and fl.flower.secagg's): crafted weights at
+    `rounds`, built around the global model of the round.
 
     `public_images` are the server's own images like the sites' (the federation's held-out test set), on
     which the attack places its bins or scales its traps; `images_per_update` are the images behind what
-    the server will read (every site's, under secure aggregation)."""
+    the server will read (every site's under secure aggregation, else one site's)."""
 
     def __init__(self, attack, model: nn.Module, image_shape: tuple[int, int, int], public_images: torch.Tensor,
                  rounds: list[int], images_per_update: int) -> None:

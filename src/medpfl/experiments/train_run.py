@@ -12,9 +12,10 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -126,11 +127,9 @@ def _check(config: TrainRunConfig) -> None:
     if config.attack is None:
         return
     build_attack(config.attack, **config.attack_settings)  # an unknown attack or setting is named here
-    if attack_entry(config.attack).threat.modifies_model and not (config.engine == "flower"
-                                                                   and _securely_aggregated(config)):
-        raise MedPFLError(f"--attack {config.attack} is a malicious server that changes the model it sends; in "
-                          f"medpfl train it runs on --engine flower --defense secagg:k={config.sites} (Flower's "
-                          "SecAgg+), or use medpfl attack.")
+    if attack_entry(config.attack).threat.modifies_model and config.audit_canaries:
+        raise MedPFLError(f"--audit-dp audits the training of a server that sends the global model; drop it or "
+                          f"--attack {config.attack}, a server that sends a model of its own.")
     bad_rounds = [r for r in config.attack_rounds if not 1 <= r <= config.rounds]
     bad_sites = [s for s in config.attack_sites if not 0 <= s < config.sites]
     if not config.attack_rounds or bad_rounds:
@@ -266,7 +265,9 @@ class CuriousServer:
         if self.config.attack_batch is not None and self.config.attack_batch < len(y):
             # A probe: the update this site would have sent from only its first K images this round.
             x, y = x[:self.config.attack_batch], y[:self.config.attack_batch]
-            update, observed = local_update(self.model, seen.weights, x, y, self.num_classes, training), "probe"
+            update = local_update(self._architecture(seen.weights, tuple(x.shape[1:])), seen.weights, x, y,
+                                  self.num_classes, training)
+            observed = "probe"
         if attack_entry(self.config.attack).unrolls_local_training:
             # The server configured the sites' local training, so the attack is granted it with the weights.
             return update, {"local_training": training}, x, y, observed
@@ -356,6 +357,16 @@ def _save_atomic(obj: Any, file: Path) -> None:
     tmp = file.with_suffix(file.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, file)
+
+
+@contextmanager
+def _refusal_kept(path: Path) -> Iterator[None]:
+    """Where the sites refuse the model the server sent, the run ends: their reason is kept for the report."""
+    try:
+        yield
+    except ModelRefused as refused:
+        write_json(path / REFUSAL, {"round": refused.round, "reason": str(refused)})
+        raise
 
 
 def _prepare_dir(out: Path, record: dict[str, Any], resume: bool) -> tuple[Path, int, dict[str, Any] | None]:
@@ -456,34 +467,36 @@ def run_training(config: TrainRunConfig, out: str | Path, resume: bool = True,
         if progress:
             progress(round_index, config.rounds)
 
-    tamper = (MaliciousServer(server.attack, model, tuple(test[0].shape[1:]), test[0], config.attack_rounds,
-                              sum(federation.n_images))
-              if server and attack_entry(config.attack).threat.modifies_model else None)
-    if tamper:
-        for_secure_aggregation(server.attack, config.attack_settings)
+    tamper = None
+    if server and attack_entry(config.attack).threat.modifies_model:
+        # The server reads the sites' aggregate under secure aggregation, else each attacked site's own update.
+        secure = _securely_aggregated(config)
+        behind = (sum(federation.n_images) if secure else max(federation.n_images[s] for s in config.attack_sites))
+        tamper = MaliciousServer(server.attack, model, tuple(test[0].shape[1:]), test[0], config.attack_rounds,
+                                 behind)
+        if secure:
+            for_secure_aggregation(server.attack, config.attack_settings)
         server.site_checks = tamper.verdicts  # filled as the model of each attacked round is sent
     if config.engine == "flower" and done < config.rounds:
-        try:
+        with _refusal_kept(path):
             weights = _train_on_flower(config, hooks, weights, done, finished, privacy_audit, tamper)
-        except ModelRefused as refused:  # the run ends here: kept for the report, then said to the user
-            write_json(path / REFUSAL, {"round": refused.round, "reason": str(refused)})
-            raise
     elif done < config.rounds:
         vectorise = config.vectorise == "on" or (config.vectorise == "auto" and device.type != "cpu")
         # The sites verify every model they receive against the architecture they built themselves.
         check = ModelCheck(fingerprint(dict(model.named_parameters()))) if config.site_check else None
         defended = (DefendedFederation(chain, model, sites, num_classes, config.training, config.rounds, config.seed,
-                                       tuple(hooks.observers), vectorise, check) if chain.defenses else None)
+                                       tuple(hooks.observers), vectorise, check, tamper) if chain.defenses else None)
         if server and defended:
             server.defense = Chain(tuple(defended.dp if d.stage == "local" else d for d in chain.defenses))
         audited = privacy_audit and privacy_audit.federation(model, num_classes, config.training, config.seed, hooks,
                                                              check)
         engine = defended or audited or InProcessFederation(model, sites, num_classes, config.training, config.seed,
-                                                            hooks, vectorise, model_check=check)
+                                                            hooks, vectorise, model_check=check, tamper=tamper)
         if defended:
             defended.resume(done)
         for round_index in range(done + 1, config.rounds + 1):
-            outcome = engine.run_round(weights, round_index)
+            with _refusal_kept(path):
+                outcome = engine.run_round(weights, round_index)
             weights = outcome.weights
             privacy = defended.privacy_record() if defended else {}  # over every round so far
             finished(round_index, weights, {**evaluate(model, weights, *test), "seconds": outcome.seconds,

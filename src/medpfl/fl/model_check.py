@@ -177,8 +177,9 @@ class ModelCheck:
                   or trap_signature(weights))
         return None if reason is None else f"The site refuses to train: {reason}."
 
-    def require(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Raise ModelRefused with the reason if the site may not train on `weights`."""
+    def require(self, weights: Mapping[str, torch.Tensor], round_index: int | None = None) -> None:
+        """Raise ModelRefused with the reason if the site may not train on `weights` (sent in `round_index`)."""
         reason = self.verify(weights)
         if reason is not None:
-            raise ModelRefused(reason)
+            where = "" if round_index is None else f"In round {round_index} the sites refused the model the server sent: "
+            raise ModelRefused(where + reason, round_index)

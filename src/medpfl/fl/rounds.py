@@ -16,12 +16,16 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import nn
 
-from medpfl.fl.aggregate import weighted_average
+from medpfl.fl.aggregate import apply_update, weighted_average
 from medpfl.fl.local import LocalTraining, local_update
+from medpfl.models.imprint import body_weights, imprint_bins, imprinted_architecture
 from medpfl.seeds import SITE_NOISE, site_order, torch_seed
 
 Update = dict[str, torch.Tensor]
 AGGREGATE = -1  # the "site" of an observation that is the aggregate of every site (secure aggregation)
+# A malicious server's choice: the weights it sends at a round instead of the global ones (e.g. an imprinted
+# model's, models.imprint), or None to send the global model.
+Tamper = Callable[[int, Update], Update | None]
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,20 @@ class RoundObserver(Protocol):
 
     def observe(self, seen: SiteObservation) -> None:
         """Receive one site's update (copies: changing them changes nothing in training)."""
+
+
+class KeptObservations:
+    """A RoundObserver that keeps everything it is handed, every site and round, in `seen` (a measurement beside
+    the server's own)."""
+
+    def __init__(self) -> None:
+        self.seen: list[SiteObservation] = []
+
+    def wants(self, round_index: int, site: int) -> bool:
+        return True
+
+    def observe(self, seen: SiteObservation) -> None:
+        self.seen.append(seen)
 
 
 SiteTransform = Callable[[Update, SiteRound], Update]  # a site-side defense: update -> what is sent
@@ -95,6 +113,19 @@ def site_update(model: nn.Module, weights: Update, images: torch.Tensor, labels:
     """The update one site computes in a round, before any defense: what a Flower client calls."""
     x, y = ordered(images, labels, seed, round_index, site)
     return local_update(model, weights, x, y, num_classes, training)
+
+
+def received_architecture(agreed: nn.Module, sent: Update, image_shape: tuple[int, int, int]) -> nn.Module:
+    """The architecture of the weights a server sent: the agreed model, or it behind an imprint module."""
+    bins = imprint_bins(sent)
+    return imprinted_architecture(agreed, image_shape, bins) if bins else agreed
+
+
+def next_global(sent: Update, aggregated: Update, protocol: str, lr: float) -> Update:
+    """The next global weights: the sites' aggregate applied to the weights the server sent (their updates are
+    relative to those), without the imprint module of an imprinted model: the agreed model trains on."""
+    new = apply_update(sent, aggregated, protocol, lr)
+    return body_weights(new) if imprint_bins(sent) else new
 
 
 def update_norm(update: Update) -> float:

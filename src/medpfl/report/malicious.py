@@ -42,7 +42,10 @@ def recovery_sentence(run: AttackRun | TrainRun, success_ssim: float, chance: fl
 
 def check_sentence(run: AttackRun | TrainRun) -> str:
     """The sites' check's verdict on the models the server sent."""
-    verdicts = [r["site_check"] for r in _records(run) if "site_check" in r]
+    records = _records(run)
+    if isinstance(run, TrainRun):  # one model per round, however many sites' updates were read
+        records = list({r["round"]: r for r in records}.values())
+    verdicts = [r["site_check"] for r in records if "site_check" in r]
     if not verdicts:
         return "The run did not record what the sites' model check says of the models the server sent."
     refused = [v for v in verdicts if v]

@@ -10,7 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from medpfl.fl.flower.federation import FederationSpec, federation_data, global_model
+from medpfl.fl.flower.federation import FederationSpec, federation_data, global_model, received_model
 from medpfl.fl.flower.model_check_mod import model_check_mod
 from medpfl.fl.gradients import functional_model
 from medpfl.fl.rounds import site_update
@@ -40,7 +40,7 @@ def train(msg: Message, context: Context) -> Message:
     site = _site(context)
     data = federation_data(spec)
     images, labels = data.sites[site]
-    model = functional_model(global_model(spec, data.num_classes))
+    model = functional_model(received_model(spec, data.num_classes, config))
     update = site_update(model, tensors(msg.content["arrays"]), images, labels, data.num_classes, spec.training,
                          spec.seed, int(config[ROUND_KEY]), site)
     metrics = MetricRecord({"num-examples": len(labels), "site": site})

@@ -31,16 +31,15 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid, ServerApp
 
-from medpfl.fl.aggregate import apply_update
 from medpfl.fl.flower.client_app import ROUND_KEY
 from medpfl.fl.flower.federation import (AGGREGATE, IMPRINT_BINS_KEY, FederationSpec, federation_data, global_model,
                                         received_model)
 from medpfl.fl.flower.model_check_mod import model_check_mod
 from medpfl.fl.flower.server_app import FlowerRun, RoundCallback, deployment_settings
 from medpfl.fl.gradients import functional_model
-from medpfl.fl.rounds import RoundHooks, SiteRound, Update, site_update
+from medpfl.fl.rounds import RoundHooks, SiteRound, Tamper, Update, next_global, site_update
 from medpfl.fl.utility import evaluate
-from medpfl.models.imprint import body_weights, imprint_bins
+from medpfl.models.imprint import imprint_bins
 from medpfl.seeds import SECAGG_ROUNDING, numpy_global_seed
 
 # What the protocol's integer arithmetic can carry: updates are clipped to +-CLIPPING_RANGE (weight changes
@@ -55,11 +54,6 @@ def _to_tensors(names: list[str], parameters: Parameters) -> Update:
 
 def _to_parameters(names: list[str], weights: Update) -> Parameters:
     return ndarrays_to_parameters([weights[n].detach().cpu().numpy() for n in names])
-
-
-# A malicious server's choice: the weights it sends at a round instead of the global ones (e.g. an imprinted
-# model's, models.imprint), or None to send the global model.
-Tamper = Callable[[int, Update], Update | None]
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -127,9 +121,7 @@ class SecureAuditorFedAvg(LegacyFedAvg):
         n_images = sum(fitres.num_examples for _, fitres in results)
         self.hooks.notify(SiteRound(server_round, AGGREGATE, n_images, self.spec.training, self.spec.seed),
                           self.sent, mean)
-        new = apply_update(self.sent, mean, self.spec.protocol, self.spec.lr)
-        if imprint_bins(self.sent):  # the agreed model trains on; the imprint module has served its purpose
-            new = body_weights(new)
+        new = next_global(self.sent, mean, self.spec.protocol, self.spec.lr)
         return _to_parameters(self.names, new), {}
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict] | None:

@@ -25,8 +25,8 @@ def run_simulation(spec: FederationSpec, hooks: RoundHooks | None = None, weight
     SecAgg+ and observers receive only the aggregate (fl.flower.secagg; a fresh run only: SecAgg+ runs in
     Flower's legacy API, which starts at round 1).
 
-    `tamper` makes the server malicious (secure aggregation only; fl.flower.secagg.Tamper): it sends the
-    weights it returns instead of the global ones. The sites check every model they receive (ModelRefused
+    `tamper` makes the server malicious (fl.rounds.Tamper): it sends the weights it returns instead of the
+    global ones. The sites check every model they receive (ModelRefused
     with their reason when they refuse) unless `site_check` is off, to measure what the check prevents.
 
     Flower's `run_simulation` is its in-Python entry to the simulation runtime: the ServerApp runs in
@@ -41,9 +41,6 @@ def run_simulation(spec: FederationSpec, hooks: RoundHooks | None = None, weight
     if secure_aggregation and hooks.aggregate is not weighted_average:
         raise MedPFLError("Under secure aggregation the sites' sample-weighted mean is all the server can form; "
                           "drop the custom aggregator.")
-    if tamper is not None and not secure_aggregation:
-        raise MedPFLError("A malicious server on the Flower engine runs through secure aggregation; add "
-                          "--defense secagg:k=SITES.")
     from flwr.simulation import run_simulation as flower_run_simulation
 
     if secure_aggregation:
@@ -65,7 +62,7 @@ def run_simulation(spec: FederationSpec, hooks: RoundHooks | None = None, weight
     if secure_aggregation:
         server = secure_server_app(spec, hooks, on_round, result, tamper)
     else:
-        server = server_app(spec, hooks, weights, first_round, on_round, result, wrap_strategy)
+        server = server_app(spec, hooks, weights, first_round, on_round, result, wrap_strategy, tamper)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # run_simulation's deprecation notice points to `flwr run`, see above
         flower_run_simulation(server_app=server, client_app=client_app, num_supernodes=spec.sites,
