@@ -109,3 +109,26 @@ def test_label_chance_of_a_batch_is_above_one_in_k():
     assert over_truths(4) == pytest.approx(0.4286, abs=1e-4)
     # Pooled over batches: each batch weighted by its images.
     assert pooled_label_chance([[0, 1], [2, 2]], 6) == pytest.approx((11 / 36 + 1 / 6) / 2)
+
+
+def test_the_chance_of_a_random_image_averages_over_every_other_image_of_the_gallery():
+    """An attacker answering with a random image of the data: its chance ASR and mean SSIM are averages over the
+    other images, not one draw each (with one draw, which partner an image happened to get decided the rate)."""
+    from medpfl.experiments.attack_run import _random_guess_ssim
+
+    images = ImageDataset(embedded_source(), sample_items(embedded_source().items, 5, seed=3), size=16)
+    gallery = torch.stack([images.image(i) for i in range(len(images))])
+    twin = (gallery[0] + 0.01 * torch.randn(gallery[0].shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    gallery = torch.cat([gallery, twin[None]])  # image 0 has a near copy among the others
+    pairs = [[structural_similarity(gallery[i].permute(1, 2, 0).double().numpy(),
+                                    gallery[j].permute(1, 2, 0).double().numpy(), channel_axis=2, data_range=1.0,
+                                    gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+              for j in range(len(gallery)) if j != i] for i in range(2)]
+    assert sum(s >= 0.9 for s in pairs[0]) == 1 and max(pairs[1]) < 0.9
+    for seed in range(4):  # every other image is a partner here, whatever the seed
+        guess = _random_guess_ssim(gallery[:2], gallery, seed)
+        assert guess.shape == (2, 5)
+        assert float((guess >= 0.9).float().mean()) == pytest.approx(1 / 10)
+        assert float(guess.mean()) == pytest.approx(sum(map(sum, pairs)) / 10, abs=1e-6)
+    many = _random_guess_ssim(gallery[:2], gallery, 0, partners=3)  # a draw of 3 partners, never the image itself
+    assert many.shape == (2, 3) and float(many[0].max()) < 0.999

@@ -364,12 +364,23 @@ def _reidentification(config: AttackRunConfig, dataset: ImageDataset, results: l
     return reidentified(recons, torch.arange(len(recons)), images), images
 
 
-def _random_guess_ssim(originals: torch.Tensor, gallery: torch.Tensor, seed: int) -> torch.Tensor:
-    """SSIM of each original against another image drawn at random from the gallery (never itself)."""
+CHANCE_PARTNERS = 64  # other images of the gallery each original is compared with (all of them in smaller ones)
+
+
+def _random_guess_ssim(originals: torch.Tensor, gallery: torch.Tensor, seed: int,
+                       partners: int = CHANCE_PARTNERS) -> torch.Tensor:
+    """SSIM of each original (index i of the gallery) against other images of the gallery, never itself: every
+    other one, or `partners` of them drawn at random where there are more (n x partners). Their mean, and the
+    share at or above a threshold, are what an attacker answering with a random image of the data reaches; one
+    draw per original left a chance ASR at the mercy of that draw with few images."""
     n, size = len(originals), len(gallery)
     if size < 2:
-        return torch.zeros(n)
+        return torch.zeros(n, 1)
     generator = torch.Generator().manual_seed(seed + 2)
-    other = torch.randint(0, size - 1, (n,), generator=generator)
-    other = other + (other >= torch.arange(n)).long()  # skip the original's own index (index i of the gallery)
-    return ssim(originals, gallery[other])
+    count = min(partners, size - 1)
+    rows = []
+    for i in range(n):
+        other = torch.randperm(size - 1, generator=generator)[:count]
+        other = other + (other >= i).long()  # skip the original's own index
+        rows.append(ssim(originals[i:i + 1].expand(count, *originals.shape[1:]), gallery[other]))
+    return torch.stack(rows)
