@@ -14,6 +14,7 @@ from medpfl.attacks.labels import as_mean_gradient, recover_labels, step_weights
 from medpfl.attacks.update_inversion import UpdateInversion
 from medpfl.data import ImageDataset, sample_items
 from medpfl.data.embedded import embedded_source
+from medpfl.errors import MedPFLError
 from medpfl.experiments.train_run import TrainRunConfig, run_training
 from medpfl.fl.gradients import functional_model, model_params
 from medpfl.fl.local import LocalTraining, local_update
@@ -176,3 +177,20 @@ def test_medpfl_train_attacks_fedavg_rounds_with_update_inversion(tmp_path):
     for a in attacks:
         assert len(a["ssim"]) == len(a["recovered_labels"]) == 3 and not a["diverged"]
         assert 0 <= a["objective"] < 2 and a["evaluations"] == 2 * 6  # 2 restarts x (5 steps + scoring)
+
+
+def test_the_strongest_attacker_on_several_local_steps_is_update_inversion_exactly(tmp_path):
+    """Where a site's update is a weight change of several local steps no gradient attack applies: the strongest
+    attacker runs the attack that unrolls local training (it was refused, leaving FedAvg's default unaudited)."""
+    common = dict(model="lenet-idlg", image_size=16, sites=2, rounds=1, protocol="fedavg", local_epochs=2,
+                  local_batch=2, lr=0.05, attack_rounds=[1], attack_sites=[0], attack_batch=3)
+    alone = TrainRunConfig(**common, attack="update-inversion", attack_settings={"steps": 5, "restarts": 1})
+    strongest = TrainRunConfig(**common, attack="strongest", attack_settings={"steps": 5, "restarts": 1})
+    with pytest.raises(MedPFLError, match="update-inversion"):  # a gradient attack still may not take it
+        run_training(TrainRunConfig(**common, attack="idlg"), tmp_path / "idlg")
+    for config, name in ((alone, "alone"), (strongest, "strongest")):
+        run_training(config, tmp_path / name)
+    a, s = ([json.loads(line) for line in (tmp_path / name / "attacks.jsonl").read_text().splitlines()]
+            for name in ("alone", "strongest"))
+    assert len(a) == len(s) == 1 and s[0]["attacker_pick"] == "update-inversion"
+    assert s[0]["ssim"] == a[0]["ssim"] and s[0]["recovered_labels"] == a[0]["recovered_labels"]

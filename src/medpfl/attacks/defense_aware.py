@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from medpfl.attacks.registry import ATTACKS
+from medpfl.attacks.registry import ATTACKS, unrolling_attacks
 from medpfl.attacks.threat import ObservedUpdate, ServerPayload
 from medpfl.defenses.chain import Chain
 
@@ -30,14 +30,18 @@ def noisy_update(defenses: frozenset[str]) -> bool:
 
 # The robust distance summed over several rounds of one site behind the same images (reconstruct_rounds).
 MULTI_ROUND = "multi-round"
+STRONGEST = "strongest"  # every attack that fits (attacks.strongest)
 
 
-def applicable_attacks(chain: Chain, rounds: int = 1) -> list[str]:
+def applicable_attacks(chain: Chain, rounds: int = 1, weight_change: bool = False) -> list[str]:
     """The attacks `--attack strongest` runs on updates under `chain`: the registered attacks whose entry
     says they fit its defenses (AttackEntry.strongest_when), in the registry's order; those that combine
     rounds only where `rounds` > 1 were observed of each victim behind the same images (each round's noise,
     or stochastic rounding, is an independent draw). GradInversion's BatchNorm prior (invgrad's bn_prior) is
-    not among them: it needs BatchNorm on running statistics, and the LeNets these attacks run on have none."""
+    not among them: it needs BatchNorm on running statistics, and the LeNets these attacks run on have none.
+    A `weight_change` of several FedAvg steps only the attacks that unroll local training invert."""
+    if weight_change:
+        return unrolling_attacks()
     names = frozenset(d.name for d in chain.defenses)
     return [e.name for e in ATTACKS.values() if e.strongest_when is not None and e.strongest_when(names)
             and (rounds > 1 or not e.combines_rounds)]

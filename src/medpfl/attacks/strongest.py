@@ -1,5 +1,8 @@
 """The strongest attacker: every attack that fits the defense on each victim, and the answer it would pick.
 
+A FedAvg weight change of several local steps only the attacks that unroll local training take; there the
+strongest attacker is those.
+
 Which reconstruction is truly best needs the originals, so that choice (the auditor's worst case) is the
 scorer's; here each victim gets every candidate and the one the attacker itself would pick, judged by one
 distance all candidates share: the cosine between the candidate's gradient and the observed update on the
@@ -14,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from medpfl.attacks.defense_aware import applicable_attacks
+from medpfl.attacks.defense_aware import STRONGEST, applicable_attacks
 from medpfl.attacks.gradient_matching import matching_objective
 from medpfl.attacks.registry import AttackEntry, attack_entry, build_attack, register
 from medpfl.attacks.threat import ObservedUpdate, Reconstruction, ServerPayload
@@ -24,12 +27,20 @@ class StrongestAttack:
     """Run every attack `applicable_attacks` names for the payload's defense, each from the same random
     stream a run of that attack alone would get (so each candidate is exactly that attack's answer)."""
 
-    name = "strongest"
+    name = STRONGEST
     takes_checkpoints = False
 
     def __init__(self, **overrides) -> None:
         build_attack("idlg", **overrides)  # every attack it runs takes the L-BFGS attacks' settings
         self.overrides = overrides
+
+    def _settings_of(self, name: str) -> dict:
+        """The overrides that `name` takes: all of them for the L-BFGS attacks; for one that unrolls local
+        training (its own optimiser), those its settings share with them, such as steps and restarts."""
+        if not attack_entry(name).unrolls_local_training:
+            return self.overrides
+        known = type(build_attack(name)).settings_class.__dataclass_fields__
+        return {k: v for k, v in self.overrides.items() if k in known}
 
     def config(self) -> dict:
         return {"attack": self.name, "settings": dict(self.overrides)}
@@ -45,14 +56,21 @@ class StrongestAttack:
         payload, update = payloads[-1], updates[-1]
         initial = generator.get_state()
         candidates: dict[str, Reconstruction] = {}
-        for name in applicable_attacks(payload.defense, len(payloads)):
+        weight_change = payload.local_training.protocol == "fedavg"  # several local steps (one is a gradient)
+        for name in applicable_attacks(payload.defense, len(payloads), weight_change):
             stream = torch.Generator(generator.device)
             stream.set_state(initial)
-            attack = build_attack(name, **self.overrides)
+            attack = build_attack(name, **self._settings_of(name))
             combined = attack_entry(name).combines_rounds
             candidates[name] = (attack.reconstruct_rounds(payloads, updates, stream) if combined
                                 else attack.reconstruct(payload, update, stream))
         names = list(candidates)
+        if len(names) == 1:  # nothing to choose between: the attack's own objective stands
+            only = candidates[names[0]]
+            return Reconstruction(
+                images=only.images, labels=only.labels, objective=only.objective, evaluations=only.evaluations,
+                diverged=only.diverged, seconds=time.perf_counter() - start,
+                extra={"candidates": candidates, "attacker_pick": names * len(only.images)})
         judged = torch.stack([attacker_distance(payload, update, candidates[n]) for n in names], dim=1)  # V x A
         pick = judged.nan_to_num(float("inf")).argmin(1)
         rows = torch.arange(len(pick), device=pick.device)
@@ -80,7 +98,7 @@ def attacker_distance(payload: ServerPayload, update: ObservedUpdate, answer: Re
 
 
 register(AttackEntry(
-    "strongest", StrongestAttack, "every attack that fits the defense on each victim (plain iDLG among them); the "
+    STRONGEST, StrongestAttack, "every attack that fits the defense on each victim (plain iDLG among them); the "
     "report gives per image the best by SSIM and the one the attacker would pick by its own distance",
     "strongest attacker", "runs every attack that fits the defense (plain iDLG among them) on each image; the best "
     "reconstruction per image is the hospital's worst case", default_model="lenet-idlg", combines_rounds=True))

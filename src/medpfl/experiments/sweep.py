@@ -206,9 +206,10 @@ def plan(config: SweepConfig) -> list[dict[str, Any]]:
 def _check_attackable(config: SweepConfig, chains: list[Chain]) -> None:
     """Refuse, before anything runs, a federation whose updates an attack of the grid cannot take as they are."""
     from medpfl.attacks import unrolling_attacks
+    from medpfl.attacks.defense_aware import STRONGEST
 
     steps = max(config.training.steps(n) for n in config.site_sizes())
-    gradient_attacks = [a for a in config.attacks if a not in unrolling_attacks()]
+    gradient_attacks = [a for a in config.attacks if a not in [*unrolling_attacks(), STRONGEST]]
     if steps > 1 and gradient_attacks:
         raise MedPFLError(f"--attacks {gradient_attacks[0]} inverts gradients, but the sweep's FedAvg sites take {steps} "
                           f"local steps per round; attack them with {', '.join(unrolling_attacks())}, or use "

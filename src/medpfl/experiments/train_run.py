@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from medpfl.attacks import ObservedUpdate, ServerPayload, attack_entry, build_attack, unrolling_attacks
-from medpfl.attacks.defense_aware import MULTI_ROUND
+from medpfl.attacks.defense_aware import MULTI_ROUND, STRONGEST
 from medpfl.data import ImageDataset, Skipped, open_verified
 from medpfl.defenses import Chain, parse_defense
 from medpfl.defenses.training import DefendedFederation
@@ -187,18 +187,38 @@ def same_images_every_round(config: TrainRunConfig, n_images: list[int]) -> bool
     return whole and one_step and not _securely_aggregated(config)
 
 
+def _images_attacked(config: TrainRunConfig, n_images: list[int]) -> dict[int, int]:
+    """Site -> the images behind the update the server attacks (its probe's or all of the site's)."""
+    attacked = range(len(n_images)) if _securely_aggregated(config) else config.attack_sites
+    return {s: min(config.attack_batch or n_images[s], n_images[s]) for s in attacked}
+
+
+def several_local_steps(config: TrainRunConfig, n_images: list[int]) -> bool:
+    """Whether an attacked update is a FedAvg weight change of several local steps, not one step's gradient."""
+    used = _images_attacked(config, n_images)
+    return config.protocol == "fedavg" and bool(used) and (config.local_epochs != 1
+                                                           or max(used.values()) > config.local_batch)
+
+
+def unrolls(config: TrainRunConfig, n_images: list[int]) -> bool:
+    """Whether the server's attack takes the sites' weight change and their local training (update-inversion;
+    the strongest attacker on updates of several local steps), rather than a gradient."""
+    return attack_entry(config.attack).unrolls_local_training or (
+        config.attack == STRONGEST and several_local_steps(config, n_images))
+
+
 def _check_attackable(config: TrainRunConfig, n_images: list[int]) -> None:
-    """A gradient attack on FedAvg needs updates of one local step (FedSGD-equivalent), else update-inversion;
-    multi-round needs the same images behind a site's update in every round."""
+    """A gradient attack on FedAvg needs updates of one local step (FedSGD-equivalent), else update-inversion
+    (which the strongest attacker runs there); multi-round needs the same images behind a site's update in
+    every round."""
     if config.attack == MULTI_ROUND and not same_images_every_round(config, n_images):
         raise MedPFLError(f"--attack {MULTI_ROUND} combines rounds of a site behind the same images: use --protocol "
                           "fedsgd (or FedAvg of one local step over all the site's images, without DP-SGD), no "
                           "secure aggregation, and no --attack-batch below the site's image count.")
-    if config.attack is None or attack_entry(config.attack).unrolls_local_training or config.protocol != "fedavg":
+    if config.attack is None or unrolls(config, n_images):
         return
-    attacked = range(len(n_images)) if _securely_aggregated(config) else config.attack_sites
-    used = {s: min(config.attack_batch or n_images[s], n_images[s]) for s in attacked}
-    if config.local_epochs != 1 or max(used.values()) > config.local_batch:
+    if several_local_steps(config, n_images):
+        used = _images_attacked(config, n_images)
         site = max(used, key=used.get)
         raise MedPFLError(f"--attack {config.attack} inverts gradients, but site {site}'s FedAvg update of "
                           f"{config.local_epochs} local epoch(s) over {used[site]} images is several steps; it needs "
@@ -223,6 +243,7 @@ class CuriousServer:
         # A resumed run keeps those since it resumed: each result names the rounds it combined.
         self.keeps_rounds = attack_entry(config.attack).combines_rounds and same_images_every_round(
             config, [len(y) for _, y in sites])
+        self.unrolls = unrolls(config, [len(y) for _, y in sites])
         self.history: dict[int, list[SiteObservation]] = {}
         # The defense the server configured its sites with (DP-SGD as calibrated for this run): what a
         # defense-aware attack may know. Set by run_training once the defended federation is built.
@@ -268,7 +289,7 @@ class CuriousServer:
             update = local_update(self._architecture(seen.weights, tuple(x.shape[1:])), seen.weights, x, y,
                                   self.num_classes, training)
             observed = "probe"
-        if attack_entry(self.config.attack).unrolls_local_training:
+        if self.unrolls:
             # The server configured the sites' local training, so the attack is granted it with the weights.
             return update, {"local_training": training}, x, y, observed
         if training.protocol == "fedavg":  # one local step (checked before training): the update is -lr x gradient
