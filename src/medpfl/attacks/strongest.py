@@ -39,7 +39,7 @@ class StrongestAttack:
         training (its own optimiser), those its settings share with them, such as steps and restarts."""
         if not attack_entry(name).unrolls_local_training:
             return self.overrides
-        known = type(build_attack(name)).settings_class.__dataclass_fields__
+        known = attack_entry(name).build.settings_class.__dataclass_fields__
         return {k: v for k, v in self.overrides.items() if k in known}
 
     def config(self) -> dict:

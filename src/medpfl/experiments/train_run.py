@@ -34,7 +34,7 @@ from medpfl.experiments.victim_models import load_model_state
 from medpfl.fl.gradients import functional_model
 from medpfl.fl.local import local_update
 from medpfl.fl.partition import Federation, federate, keep_per_site
-from medpfl.fl.rounds import AGGREGATE, RoundHooks, SiteObservation, SiteRound, ordered
+from medpfl.fl.rounds import AGGREGATE, RoundHooks, SiteObservation, SiteRound, ordered, received_architecture
 from medpfl.fl.model_check import ModelCheck, ModelRefused, fingerprint
 from medpfl.fl.settings import FederationSettings
 from medpfl.fl.simulation import InProcessFederation
@@ -42,7 +42,6 @@ from medpfl.fl.utility import chance_levels, evaluate
 from medpfl.jsonl import append_jsonl, read_jsonl, rewrite_jsonl
 from medpfl.metrics.intervals import rate_interval, wilson
 from medpfl.metrics.privacy import SUCCESS_SSIM
-from medpfl.models.imprint import imprint_bins, imprinted_architecture
 from medpfl.models.registry import build_model
 from medpfl.report.images import save_png
 from medpfl.report.runs import attacked_png
@@ -286,8 +285,8 @@ class CuriousServer:
         if self.config.attack_batch is not None and self.config.attack_batch < len(y):
             # A probe: the update this site would have sent from only its first K images this round.
             x, y = x[:self.config.attack_batch], y[:self.config.attack_batch]
-            update = local_update(self._architecture(seen.weights, tuple(x.shape[1:])), seen.weights, x, y,
-                                  self.num_classes, training)
+            architecture = received_architecture(self.model, seen.weights, tuple(x.shape[1:]))
+            update = local_update(architecture, seen.weights, x, y, self.num_classes, training)
             observed = "probe"
         if self.unrolls:
             # The server configured the sites' local training, so the attack is granted it with the weights.
@@ -295,11 +294,6 @@ class CuriousServer:
         if training.protocol == "fedavg":  # one local step (checked before training): the update is -lr x gradient
             update = {n: -u / training.lr for n, u in update.items()}
         return update, {}, x, y, observed
-
-    def _architecture(self, sent: dict[str, torch.Tensor], image_shape: tuple[int, int, int]) -> torch.nn.Module:
-        """The architecture of the model the server sent: the global model, or it behind an imprint module."""
-        bins = imprint_bins(sent)
-        return imprinted_architecture(self.model, image_shape, bins) if bins else self.model
 
     def _sites_behind(self, facts: SiteRound) -> list[int]:
         """The sites whose images are behind an observed update: one, or every site behind an aggregate."""
@@ -321,7 +315,8 @@ class CuriousServer:
         granted = y if attack_entry(self.config.attack).threat.knows_labels else None
         weights = {n: torch.stack([g[0].weights[n] for g in group]) for n in group[0][0].weights}
         image_shape = tuple(group[0][3].shape[1:])
-        payload = ServerPayload(self._architecture(group[0][0].weights, image_shape), weights, self.num_classes,
+        architecture = received_architecture(self.model, group[0][0].weights, image_shape)
+        payload = ServerPayload(architecture, weights, self.num_classes,
                                 image_shape, "train", **group[0][2], defense=self.defense)
         return payload, ObservedUpdate({n: torch.stack([g[1][n] for g in group]) for n in group[0][1]}, y.shape[1],
                                        labels=granted)
@@ -605,24 +600,23 @@ def summarise(path: Path, federation: Federation, test_labels: torch.Tensor, num
     return summary
 
 
-REID_GALLERY = 2000  # as `medpfl attack`: at most this many images of the source to re-identify against
-
-
 def reidentification(path: Path, attacks: list[dict[str, Any]], data: str | None, image_size: int, channels: int,
                      seed: int) -> tuple[list[bool], int, torch.Tensor]:
     """Per attacked image of a training run, whether its reconstruction is nearest (SSIM) to its own original
     among the attacked images and others of the source (as `medpfl attack` scores it); the gallery's size; and
     each attacked image's SSIM to another gallery image at random, what an attacker answering at random reaches."""
     from medpfl.data import sample_items
-    from medpfl.experiments.attack_run import _random_guess_ssim
+    from medpfl.experiments.attack_run import AttackRunConfig, _random_guess_ssim
     from medpfl.metrics.privacy import reidentified
     from medpfl.report.images import load_png
 
     source = open_verified(data)[0]
     attacked = [i for a in attacks for i in a["items"]]
     unique = list(dict.fromkeys(attacked))  # an image attacked in the first and last round is one patient
-    others = [it for it in source.items if it.item_id not in set(unique)]
-    extra = sample_items(others, min(max(REID_GALLERY - len(unique), 0), len(others)), seed + 1)
+    seen = set(unique)
+    others = [it for it in source.items if it.item_id not in seen]
+    room = max(AttackRunConfig.reid_gallery - len(unique), 0)  # the gallery's size as `medpfl attack` bounds it
+    extra = sample_items(others, min(room, len(others)), seed + 1)
     by_id = {it.item_id: it for it in source.items}
     gallery_items = [by_id[i] for i in unique] + extra
     dataset = ImageDataset(source, gallery_items, size=image_size, channels=channels)
